@@ -1,0 +1,142 @@
+"""Checkpoints: atomic writes, best/last/periodic files with retention, safe loading.
+
+A checkpoint is a plain dict of tensors and Python primitives so that it loads with
+``torch.load(weights_only=True)``: no pickled classes, nothing that executes on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medseg.errors import DataError
+
+FORMAT_VERSION = 1
+
+
+def plain(value: Any) -> Any:
+    """A deep copy of ``value`` made of dicts, lists and JSON scalars (Sacred's read-only
+    containers and tuples included), so it pickles with the safe loader's allow-list."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` with ``torch.save`` to a temporary file beside ``path``, then rename.
+
+    A crash or a full disk leaves either the previous file or the new one, never half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :class:`CheckpointManager` with the safe unpickler."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise DataError(f"checkpoint {path} could not be read as a medseg checkpoint "
+                        f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    if not isinstance(state, Mapping) or "model" not in state:
+        raise DataError(f"checkpoint {path} has no 'model' entry; expected a file written "
+                        "by medseg (keys: model, optimizer, epoch, ...)")
+    return dict(state)
+
+
+def model_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Only the model's state dict from a checkpoint (for evaluation and prediction)."""
+    return load_checkpoint(path, map_location)["model"]
+
+
+class CheckpointManager:
+    """Decides which files an epoch writes and removes the ones retention lets go.
+
+    - ``best``: written whenever the monitored metric improves;
+    - ``last``: the state after the newest epoch (skipped with ``keep_best_only``);
+    - periodic: every ``save_frequency`` epochs, the newest ``keep_periodic`` kept
+      (``None`` keeps all; skipped with ``keep_best_only``).
+    File names are templates so each pipeline keeps the names its users know.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        save_frequency: int = 0,
+        keep_best_only: bool = False,
+        keep_periodic: int | None = None,
+        best_name: str = "best_model.pth",
+        last_name: str = "last_model.pth",
+        periodic_name: str = "checkpoint_epoch_{epoch}.pth",
+    ) -> None:
+        self.directory = Path(directory)
+        self.save_frequency = save_frequency
+        self.keep_best_only = keep_best_only
+        self.keep_periodic = keep_periodic
+        self.best_name = best_name
+        self.last_name = last_name
+        self.periodic_name = periodic_name
+        self._periodic = self._existing_periodic()
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / self.best_name
+
+    @property
+    def last_path(self) -> Path:
+        return self.directory / self.last_name
+
+    def save(self, state: Mapping[str, Any], *, epoch: int, is_best: bool) -> list[Path]:
+        """Write the files due after ``epoch`` (1-based); return the paths written."""
+        payload = {"format_version": FORMAT_VERSION, **state}
+        written = []
+        if is_best:
+            written.append(atomic_save(payload, self.best_path))
+        if self.keep_best_only:
+            return written
+        written.append(atomic_save(payload, self.last_path))
+        if self.save_frequency and epoch % self.save_frequency == 0:
+            periodic = atomic_save(payload, self.directory / self.periodic_name.format(epoch=epoch))
+            written.append(periodic)
+            self._periodic.append(periodic)
+            self._prune_periodic()
+        return written
+
+    def _existing_periodic(self) -> list[Path]:
+        """Periodic files already in the folder (a resumed run), oldest first, so that
+        retention counts them too."""
+        prefix, _, rest = self.periodic_name.partition("{epoch")
+        suffix = rest.partition("}")[2]
+        pattern = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + "$")
+        found = []
+        for path in self.directory.glob(f"{prefix}*{suffix}"):
+            match = pattern.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found)]
+
+    def _prune_periodic(self) -> None:
+        if self.keep_periodic is None:
+            return
+        while len(self._periodic) > self.keep_periodic:
+            self._periodic.pop(0).unlink(missing_ok=True)

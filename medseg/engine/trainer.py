@@ -1,0 +1,421 @@
+"""The training loop shared by every pipeline.
+
+What differs between pipelines (how a batch becomes a loss, how validation is scored) is a
+:class:`Task`; extras that hook into the loop (EMA weights, BatchNorm calibration, figures)
+are :class:`Callback` objects. The loop itself owns mixed precision, gradient accumulation
+and clipping, the learning-rate schedule, early stopping with best-weight restore,
+checkpoints, NaN detection, memory metrics and progress bars.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medseg.engine.checkpoint import CheckpointManager, load_checkpoint, plain
+from medseg.engine.memory import MemoryMonitor, cleanup_memory
+from medseg.engine.precision import Precision
+from medseg.engine.reporting import Reporter
+from medseg.engine.schedulers import LRSchedule
+from medseg.engine.seeding import capture_rng_state, restore_rng_state
+from medseg.errors import ConfigError, DataError, TrainingDivergedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """One micro-batch: the loss to back-propagate, its named terms (unweighted,
+    detached, for logging) and how many samples it covered."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    batch_size: int
+
+
+class Task(Protocol):
+    """What a pipeline tells the loop: how to train on a batch and how to validate."""
+
+    def metric_names(self) -> Sequence[str]:
+        """Names of the validation metrics :meth:`validate` returns (without ``val_``)."""
+
+    def training_step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput:
+        """Forward one batch (already under autocast) and return its loss."""
+
+    def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
+                 precision: Precision) -> dict[str, float]:
+        """Score the model on ``loader``; the model is in eval mode and gradients are off."""
+
+
+class Callback:
+    """Hooks into the loop; every method is optional."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_optimizer_step(self, trainer: Trainer) -> None:
+        pass
+
+    def model_for_validation(self, trainer: Trainer, model: nn.Module) -> nn.Module:
+        return model
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class TrainerSettings:
+    num_epochs: int
+    gradient_accumulation_steps: int = 1
+    gradient_clip_norm: float = 0.0
+    early_stopping_patience: int = 0
+    monitor: str = "val_loss"
+    monitor_mode: str = "min"
+    memory_cleanup_frequency: int = 0
+    log_frequency: int = 10
+    progress_bar: bool = True
+
+
+@dataclass
+class FitResult:
+    best_epoch: int | None
+    best_metric: float | None
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class EarlyStopping:
+    """Tracks the best value of the monitored metric and the epochs since it improved."""
+
+    def __init__(self, mode: str, patience: int) -> None:
+        if mode not in ("min", "max"):
+            raise ConfigError(f"training.monitor_mode must be 'min' or 'max', got {mode!r}")
+        self.mode = mode
+        self.patience = patience
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.bad_epochs = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        improved = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        optimizer: torch.optim.Optimizer,
+        schedule: LRSchedule,
+        train_loader,
+        val_loader,
+        *,
+        device: torch.device,
+        precision: Precision,
+        settings: TrainerSettings,
+        reporter: Reporter,
+        checkpoints: CheckpointManager | None = None,
+        callbacks: Sequence[Callback] = (),
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.model = model.to(device)
+        self.task = task
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.device = device
+        self.precision = precision
+        self.settings = settings
+        self.reporter = reporter
+        self.checkpoints = checkpoints
+        self.callbacks = list(callbacks)
+        self.config = plain(dict(config or {}))
+        self.scaler = precision.grad_scaler()
+        self.early_stopping = EarlyStopping(settings.monitor_mode, settings.early_stopping_patience)
+        self.memory = MemoryMonitor(device)
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, float]] = []
+        self._best_weights: dict[str, torch.Tensor] | None = None
+        self._check_monitor()
+
+    def _check_monitor(self) -> None:
+        available = [f"val_{name}" for name in self.task.metric_names()]
+        if self.settings.monitor not in available:
+            raise ConfigError(f"training.monitor={self.settings.monitor!r} is not a metric this "
+                              f"pipeline reports; choose one of {', '.join(available)}")
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, scaler, early-stopping
+        state, callbacks, epoch and step counters, and the random generators."""
+        state = load_checkpoint(path, map_location=self.device)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise DataError(f"checkpoint {path} does not fit this model "
+                            f"({str(error).splitlines()[0]}); was it written with another "
+                            "model config?") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
+        for callback, callback_state in zip(self.callbacks, state.get("callbacks", [])):
+            callback.load_state_dict(callback_state)
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state.get("history", []))
+        restore_rng_state(state["rng"])
+        # The data order of every later epoch derives from this seed, not from the new run's.
+        if state.get("data_seed") is not None and hasattr(self.train_loader, "seed"):
+            self.train_loader.seed = state["data_seed"]
+        self._best_weights = self._best_weights_beside(Path(path))
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
+
+    def _best_weights_beside(self, path: Path) -> dict[str, torch.Tensor] | None:
+        if self.checkpoints is None:
+            return None
+        best_file = path.parent / self.checkpoints.best_name
+        if not best_file.is_file():
+            return None
+        best = load_checkpoint(best_file, map_location="cpu")
+        return best["model"] if best.get("epoch") == self.early_stopping.best_epoch else None
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> FitResult:
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
+        stopped_early = False
+        try:
+            for epoch in range(self.epoch + 1, self.settings.num_epochs + 1):
+                metrics = self._run_epoch(epoch)
+                for callback in self.callbacks:
+                    callback.on_epoch_end(self, epoch, metrics)
+                if self.early_stopping.should_stop:
+                    log.info("early stopping at epoch %d: %s did not improve for %d epochs "
+                             "(best %.4f at epoch %s)", epoch, self.settings.monitor,
+                             self.early_stopping.bad_epochs, self.early_stopping.best,
+                             self.early_stopping.best_epoch)
+                    stopped_early = True
+                    break
+        finally:
+            self.reporter.set_info("best_epoch", self.early_stopping.best_epoch)
+            self.reporter.set_info("best_metric", self.early_stopping.best)
+            self.reporter.set_info("monitor", self.settings.monitor)
+        self._restore_best_weights()
+        return FitResult(self.early_stopping.best_epoch, self.early_stopping.best,
+                         self.epoch, stopped_early, list(self.history))
+
+    def _restore_best_weights(self) -> None:
+        if self._best_weights is None:
+            log.warning("best weights are not available (resumed without the best checkpoint); "
+                        "keeping the weights of the last epoch")
+            return
+        self.model.load_state_dict(self._best_weights)
+        log.info("restored the weights of epoch %s (%s=%.4f)", self.early_stopping.best_epoch,
+                 self.settings.monitor, self.early_stopping.best)
+
+    def _run_epoch(self, epoch: int) -> dict[str, float]:
+        self.epoch = epoch
+        self.memory.start_epoch()
+        started = time.perf_counter()
+        train_metrics = self._train_epoch(epoch)
+        samples = train_metrics.pop("samples")
+        trained = time.perf_counter()
+        val_metrics = self._validate()
+        finished = time.perf_counter()
+
+        monitored = val_metrics[self.settings.monitor]
+        improved = self.early_stopping.update(monitored, epoch)
+        if improved:
+            self._best_weights = {k: v.detach().to("cpu", copy=True)
+                                  for k, v in self.model.state_dict().items()}
+        metrics = {
+            **train_metrics,
+            **val_metrics,
+            "lr": self.schedule.current_lr(),
+            "epoch_time_s": finished - started,
+            "train_time_s": trained - started,
+            "val_time_s": finished - trained,
+            "samples_per_s": samples / max(trained - started, 1e-9),
+            **self.memory.epoch_metrics(),
+        }
+        self.schedule.after_epoch(monitored)
+        for name, value in metrics.items():
+            self.reporter.log_scalar(name, value, epoch)
+        self.history.append({"epoch": epoch, **metrics})
+        self._save_checkpoints(epoch, improved, monitored)
+        log.info("epoch %d/%d  %s", epoch, self.settings.num_epochs, _summary(metrics))
+        return metrics
+
+    def _save_checkpoints(self, epoch: int, improved: bool, monitored: float) -> None:
+        if self.checkpoints is None:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "monitor": self.settings.monitor,
+            "monitor_value": monitored,
+            "early_stopping": self.early_stopping.state_dict(),
+            "callbacks": [callback.state_dict() for callback in self.callbacks],
+            "history": plain(self.history),
+            "rng": capture_rng_state(),
+            "data_seed": getattr(self.train_loader, "seed", None),
+            "config": self.config,
+        }
+        self.checkpoints.save(state, epoch=epoch, is_best=improved)
+
+    # ------------------------------------------------------------------ training
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        settings = self.settings
+        self.model.train()
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        accumulation = settings.gradient_accumulation_steps
+        num_batches = len(self.train_loader)
+        window = _LossWindow(self.device)
+        epoch_totals = _LossWindow(self.device)
+        samples = 0
+        bar = tqdm(self.train_loader, total=num_batches, desc=f"epoch {epoch}/{settings.num_epochs}",
+                   disable=not settings.progress_bar, leave=True, mininterval=2.0,
+                   file=sys.stderr, dynamic_ncols=False, ncols=100)
+        self.optimizer.zero_grad(set_to_none=True)
+        for index, batch in enumerate(bar):
+            group_start = index - index % accumulation
+            group_size = min(accumulation, num_batches - group_start)
+            with self.precision.autocast():
+                output = self.task.training_step(self.model, batch, self.device)
+            self.scaler.scale(output.loss / group_size).backward()
+            window.add(output)
+            epoch_totals.add(output)
+            samples += output.batch_size
+            if index - group_start + 1 < group_size:
+                continue
+            grad_norm = self._optimizer_step()
+            if grad_norm is not None:
+                window.add_value("grad_norm", grad_norm)
+            if self.global_step % settings.log_frequency == 0:
+                means = window.drain(epoch, self.global_step)
+                for name, value in means.items():
+                    self.reporter.log_scalar(f"train_{name}", value, self.global_step)
+                bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+            if settings.memory_cleanup_frequency and self.global_step % settings.memory_cleanup_frequency == 0:
+                cleanup_memory(self.device)
+        bar.close()
+        totals = epoch_totals.drain(epoch, self.global_step)
+        return {"train_loss_epoch": totals.pop("loss"),
+                **{f"train_{name}_epoch": value for name, value in totals.items()},
+                "samples": samples}
+
+    def _optimizer_step(self) -> torch.Tensor | None:
+        grad_norm = None
+        if self.settings.gradient_clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                       self.settings.gradient_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.after_optimizer_step()
+        self.global_step += 1
+        for callback in self.callbacks:
+            callback.on_optimizer_step(self)
+        return grad_norm
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> dict[str, float]:
+        model = self.model
+        for callback in self.callbacks:
+            model = callback.model_for_validation(self, model)
+        model.eval()
+        with torch.no_grad():
+            metrics = self.task.validate(model, self.val_loader, self.device, self.precision)
+        self.model.train()
+        monitored = self.settings.monitor.removeprefix("val_")
+        if not math.isfinite(float(metrics[monitored])):
+            raise TrainingDivergedError(
+                f"validation after epoch {self.epoch} gave {self.settings.monitor}="
+                f"{metrics[monitored]}; the model has diverged")
+        # Metrics undefined for this epoch (a structure absent from every case) are left out.
+        return {f"val_{name}": float(value) for name, value in metrics.items()
+                if math.isfinite(float(value))}
+
+
+class _LossWindow:
+    """Sums loss terms on the device and reads them back once per logging interval: one
+    host-device synchronisation per interval instead of one per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, output: StepOutput) -> None:
+        self.add_value("loss", output.loss)
+        for name, value in output.terms.items():
+            self.add_value(f"loss_{name}", value)
+
+    def add_value(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def drain(self, epoch: int, step: int) -> dict[str, float]:
+        if not self.sums:
+            return {"loss": float("nan")}
+        names = list(self.sums)
+        values = torch.stack([self.sums[n] for n in names]).tolist()
+        means = {n: v / self.counts[n] for n, v in zip(names, values)}
+        self.sums.clear()
+        self.counts.clear()
+        bad = {n: v for n, v in means.items() if not math.isfinite(v) and n != "grad_norm"}
+        if bad:
+            shown = ", ".join(f"{n}={v}" for n, v in bad.items())
+            raise TrainingDivergedError(
+                f"training diverged at epoch {epoch}, optimizer step {step}: {shown}. "
+                "Lower training.learning_rate, raise training.gradient_clip_norm protection "
+                "or check the data for NaN values")
+        return means
+
+
+def _summary(metrics: Mapping[str, float]) -> str:
+    keys = [k for k in metrics if k.startswith("val_") and "_" not in k[4:]]
+    keys = ["train_loss_epoch", *keys[:4], "lr", "epoch_time_s"]
+    return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)

@@ -1,0 +1,20 @@
+"""Errors a user can fix: each message names the file, key or value and what was expected."""
+
+
+class MedsegError(Exception):
+    """Bad input: a wrong config value, a missing or malformed file.
+
+    Entry points print the message alone (no traceback) and exit non-zero.
+    """
+
+
+class ConfigError(MedsegError):
+    """A config entry has the wrong type or value, or names something that does not exist."""
+
+
+class DataError(MedsegError):
+    """A data file or folder is missing or does not have the documented layout."""
+
+
+class TrainingDivergedError(MedsegError):
+    """The loss became NaN or infinite; training stopped before it corrupted more state."""

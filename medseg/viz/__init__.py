@@ -1,0 +1,5 @@
+"""Figures saved as PNG (matplotlib's Agg backend: no display needed)."""
+
+import matplotlib
+
+matplotlib.use("Agg")

@@ -1,0 +1,42 @@
+"""Training curves from the per-epoch history the trainer keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+
+def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | Path,
+                         monitor: str | None = None) -> Path:
+    """Loss (train and validation), the monitored metric and the learning rate per epoch."""
+    path = Path(path)
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    _plot(axes[0], epochs, history, ["train_loss_epoch", "val_loss"], "loss")
+    metric = monitor if monitor and monitor != "val_loss" else _first_metric(history)
+    if metric:
+        _plot(axes[1], epochs, history, [metric], metric)
+    _plot(axes[2], epochs, history, ["lr"], "learning rate")
+    axes[2].set_yscale("log")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _first_metric(history: Sequence[Mapping[str, float]]) -> str | None:
+    names = [k for k in history[0] if k.startswith("val_") and k != "val_loss"] if history else []
+    return names[0] if names else None
+
+
+def _plot(axis, epochs, history, names, title) -> None:
+    for name in names:
+        values = [row.get(name, float("nan")) for row in history]
+        axis.plot(epochs, values, marker="o", markersize=3, label=name)
+    axis.set_title(title)
+    axis.set_xlabel("epoch")
+    axis.grid(alpha=0.3)
+    axis.legend()
