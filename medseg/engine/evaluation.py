@@ -10,5 +10,7 @@ from typing import Any
 @dataclass
 class EvaluationReport:
     metrics: dict[str, float]
+    headline: list[str]
+    """The few metrics that summarise the evaluation (the run's result shows these)."""
     artifacts: list[Path] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)

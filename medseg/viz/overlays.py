@@ -19,10 +19,10 @@ def _label_map(masks: np.ndarray) -> np.ndarray:
 
 
 def _overlay(axis, image: np.ndarray, masks: np.ndarray, title: str) -> None:
-    axis.imshow(image.T, cmap="gray", origin="lower")
+    axis.imshow(image, cmap="gray")
     labels = np.ma.masked_equal(_label_map(masks), 0)
-    axis.imshow(labels.T, cmap=colormaps["tab20"], vmin=1, vmax=20, alpha=0.5,
-                origin="lower", interpolation="nearest")
+    axis.imshow(labels, cmap=colormaps["tab20"], vmin=1, vmax=20, alpha=0.5,
+                interpolation="nearest")
     axis.set_title(title, fontsize=9)
     axis.axis("off")
 
@@ -37,7 +37,8 @@ def central_slice(volume: np.ndarray, masks: np.ndarray | None = None) -> int:
 def plot_segmentation_panel(image: np.ndarray, true_masks: np.ndarray, pred_masks: np.ndarray,
                             path: str | Path, *, attention: np.ndarray | None = None,
                             structure_names: Sequence[str] = (), title: str = "") -> Path:
-    """One case: image, ground truth, prediction and (optionally) the attention maps.
+    """One case: image, ground truth, prediction and (optionally) the attention maps; axis 0
+    of a slice runs down the page (anterior at the top for the generated data).
 
     ``image`` [H, W, D]; masks and attention [S, H, W, D]; the slice with most foreground.
     """
@@ -45,13 +46,13 @@ def plot_segmentation_panel(image: np.ndarray, true_masks: np.ndarray, pred_mask
     k = central_slice(image, true_masks)
     columns = 3 + (1 if attention is not None else 0)
     figure, axes = plt.subplots(1, columns, figsize=(4 * columns, 4.2))
-    axes[0].imshow(image[..., k].T, cmap="gray", origin="lower")
+    axes[0].imshow(image[..., k], cmap="gray")
     axes[0].set_title(f"image (slice {k})", fontsize=9)
     axes[0].axis("off")
     _overlay(axes[1], image[..., k], true_masks[..., k], "ground truth")
     _overlay(axes[2], image[..., k], pred_masks[..., k], "prediction")
     if attention is not None:
-        axes[3].imshow(attention[..., k].max(axis=0).T, cmap="magma", origin="lower", vmin=0, vmax=1)
+        axes[3].imshow(attention[..., k].max(axis=0), cmap="magma", vmin=0, vmax=1)
         axes[3].set_title("attention (max over structures)", fontsize=9)
         axes[3].axis("off")
     if title:
@@ -77,8 +78,8 @@ def plot_attention_maps(attention: np.ndarray, path: str | Path, structure_names
         if index >= count:
             continue
         if image is not None:
-            axis.imshow(image[..., k].T, cmap="gray", origin="lower")
-        axis.imshow(attention[index, ..., k].T, cmap="magma", origin="lower", vmin=0, vmax=1,
+            axis.imshow(image[..., k], cmap="gray")
+        axis.imshow(attention[index, ..., k], cmap="magma", vmin=0, vmax=1,
                     alpha=0.6 if image is not None else 1.0)
         name = structure_names[index] if index < len(structure_names) else str(index)
         axis.set_title(name, fontsize=8)

@@ -1,0 +1,53 @@
+"""Ingredients declared as fields: each config entry with its default, its check and a line
+of documentation.
+
+Ingredients are built per experiment (``OptimizerIngredient(learning_rate=...)``) rather
+than shared as module-level singletons: each pipeline has its own defaults and only the
+entries it uses, and a singleton would have to carry every pipeline's entries, most of which
+would change nothing in a given experiment.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sacred import Ingredient
+
+from medseg.config import Check, validate
+
+
+@dataclass(frozen=True)
+class Field:
+    default: Any
+    check: Check
+    doc: str
+
+
+class FieldIngredient(Ingredient):
+    """A Sacred ingredient whose config is a set of :class:`Field`."""
+
+    def __init__(self, path: str, fields: Mapping[str, Field], defaults: Mapping[str, Any],
+                 ingredients=()) -> None:
+        unknown = sorted(set(defaults) - set(fields))
+        if unknown:
+            raise TypeError(f"{path} has no entries {unknown}; it has {sorted(fields)}")
+        module_globals = sys.modules[type(self).__module__].__dict__
+        super().__init__(path, ingredients=ingredients, _caller_globals=module_globals)
+        self.fields = dict(fields)
+        self.defaults = {name: copy.deepcopy(defaults.get(name, field.default))
+                         for name, field in self.fields.items()}
+        self.add_config(copy.deepcopy(self.defaults))
+
+    def validate(self, config: Mapping[str, Any]) -> None:
+        """Check this ingredient's part of a merged config (raises ConfigError)."""
+        validate(config[self.path], {n: f.check for n, f in self.fields.items()},
+                 prefix=f"{self.path}.")
+
+    def describe(self) -> list[tuple[str, Any, str]]:
+        """``(key, default, doc)`` rows, for documentation tables."""
+        return [(f"{self.path}.{name}", self.defaults[name], field.doc)
+                for name, field in self.fields.items()]

@@ -1,0 +1,32 @@
+"""``loss_weights`` ingredients: the weight of each loss term (0 switches a term off)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ingredients.fields import Field, FieldIngredient
+from medseg import config as c
+from medseg.losses.sadaan import SADAANLoss
+
+WEIGHT = c.number(minimum=0)
+
+SADAAN_FIELDS = {
+    "segmentation": Field(1.0, WEIGHT, "Base segmentation loss (voxel-wise BCE)"),
+    "dice": Field(2.0, WEIGHT, "Dice coefficient loss"),
+    "focal_seg": Field(1.0, WEIGHT, "Focal loss for hard examples"),
+    "absence": Field(1.0, WEIGHT, "Absence detection loss"),
+    "attention_supervision": Field(0.5, WEIGHT, "Attention map supervision"),
+    "false_positive_suppression": Field(0.5, WEIGHT, "FP reduction on absent structures"),
+    "confidence": Field(0.1, WEIGHT, "Confidence regularization"),
+}
+
+
+class SADAANLossWeightsIngredient(FieldIngredient):
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("loss_weights", SADAAN_FIELDS, defaults)
+
+        @self.capture
+        def make_loss(_config) -> SADAANLoss:
+            return SADAANLoss(**_config)
+
+        self.make_loss = make_loss

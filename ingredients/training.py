@@ -1,0 +1,86 @@
+"""The ``training`` ingredient: the engine's settings (batch size, epochs, learning rate,
+accumulation, clipping, warm-up, early stopping, precision, device) and the factories that
+turn them into a device, loaders and a :class:`~medseg.engine.trainer.Trainer`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ingredients.fields import Field, FieldIngredient
+from medseg import config as c
+from medseg.data.loaders import EpochLoader
+from medseg.engine.precision import MODES, Precision, resolve_device, resolve_precision
+from medseg.engine.trainer import TrainerSettings
+from medseg.errors import ConfigError
+
+FIELDS = {
+    "batch_size": Field(4, c.integer(minimum=1), "Training batch size"),
+    "learning_rate": Field(5e-4, c.number(above=0), "Initial learning rate"),
+    "num_epochs": Field(100, c.integer(minimum=1), "Maximum training epochs"),
+    "early_stopping_patience": Field(20, c.integer(minimum=0),
+                                     "Epochs without improvement of `monitor` before stopping (0: never)"),
+    "gradient_clip_norm": Field(0.5, c.number(minimum=0), "Gradient clipping threshold (0: off)"),
+    "num_workers": Field(2, c.integer(minimum=0), "DataLoader worker processes"),
+    "warmup_epochs": Field(5, c.number(minimum=0), "Linear learning-rate warm-up, in epochs"),
+    "gradient_accumulation_steps": Field(2, c.integer(minimum=1), "Batches per optimizer update"),
+    "memory_cleanup_frequency": Field(10, c.integer(minimum=0),
+                                      "Optimizer steps between garbage collection and CUDA cache "
+                                      "clearing (0: never)"),
+    "mixed_precision": Field("auto", c.choice(*MODES),
+                             "'auto' (fp16 on CUDA, fp32 on CPU), 'none', 'fp16' (CUDA), 'bf16'"),
+    "device": Field("auto", c.text(), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    "monitor": Field("val_loss", c.text(),
+                     "Validation metric for best checkpoint, early stopping and plateau schedule"),
+    "monitor_mode": Field("min", c.choice("min", "max"), "Whether `monitor` improves downwards or upwards"),
+}
+
+
+class TrainingIngredient(FieldIngredient):
+    def __init__(self, extra_fields: dict[str, Field] | None = None, **defaults: Any) -> None:
+        super().__init__("training", {**FIELDS, **(extra_fields or {})}, defaults)
+
+        @self.capture
+        def device_and_precision(device: str, mixed_precision: str) -> tuple[torch.device, Precision]:
+            resolved = resolve_device(device)
+            return resolved, resolve_precision(mixed_precision, resolved)
+
+        @self.capture
+        def make_loader(dataset, train: bool, batch_size: int, num_workers: int, _seed: int,
+                        device: str) -> EpochLoader:
+            """Shuffled, seeded batches for training; one case at a time, in order, for
+            validation (cases may differ in size and are scored one by one)."""
+            return EpochLoader(dataset, batch_size=batch_size if train else 1, shuffle=train,
+                               num_workers=num_workers, seed=_seed,
+                               pin_memory=resolve_device(device).type == "cuda")
+
+        @self.capture
+        def settings(log_frequency: int, progress_bar: bool, num_epochs: int,
+                     gradient_accumulation_steps: int, gradient_clip_norm: float,
+                     early_stopping_patience: int, monitor: str, monitor_mode: str,
+                     memory_cleanup_frequency: int) -> TrainerSettings:
+            return TrainerSettings(
+                num_epochs=num_epochs, gradient_accumulation_steps=gradient_accumulation_steps,
+                gradient_clip_norm=gradient_clip_norm,
+                early_stopping_patience=early_stopping_patience, monitor=monitor,
+                monitor_mode=monitor_mode, memory_cleanup_frequency=memory_cleanup_frequency,
+                log_frequency=log_frequency, progress_bar=progress_bar)
+
+        self.device_and_precision = device_and_precision
+        self.make_loader = make_loader
+        self.settings = settings
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        training = config[self.path]
+        if training["warmup_epochs"] >= training["num_epochs"] and training["warmup_epochs"] > 0:
+            raise ConfigError(f"training.warmup_epochs ({training['warmup_epochs']}) must be "
+                              f"smaller than training.num_epochs ({training['num_epochs']})")
+        resolve_precision(training["mixed_precision"], resolve_device(training["device"]))
+
+
+def image_size_field(default: list[int]) -> Field:
+    """``training.image_size``: the size volumes are resampled to before the model."""
+    return Field(default, c.sequence(c.integer(minimum=16), min_length=2),
+                 "Image size the model sees; data of another size is resampled to it")
