@@ -1,0 +1,1 @@
+"""Speed, memory and quality measurements (``make bench``); not tests: they report figures."""
