@@ -75,7 +75,7 @@ ex.add_named_config("demo", dataset_path="data/sadaan_demo", eval_split="test",
 def dataset_exists(config, command_name):
     if command_name in ("main", "evaluate"):
         splits = ("train", "val") if command_name == "main" else (config["eval_split"],)
-        dataset.check_splits(config["dataset_path"], splits)
+        dataset.check_splits(config["dataset_path"], splits, config["model"]["in_channels"])
 
 
 @ex.command
@@ -85,13 +85,16 @@ def generate_data(dataset_path):
     print(f"wrote {path}")
 
 
+def _task(config, structure_names):
+    return SADAANTask(loss_weights.make_loss(), structure_names,
+                      presence_threshold=config["model"]["presence_threshold"])
+
+
 def _pipeline(_run, config):
     metadata = dataset.check_splits(config["dataset_path"], ())
     pipeline = PipelineRun(_run, training, optimizer, checkpoint)
     net = model.make_model(num_structures=metadata["num_structures"])
-    task = SADAANTask(loss_weights.make_loss(), metadata["structure_names"],
-                      presence_threshold=config["model"]["presence_threshold"])
-    return pipeline, metadata, net, task
+    return pipeline, metadata, net, _task(config, metadata["structure_names"])
 
 
 def _split(config, split, train):

@@ -18,6 +18,7 @@ from medseg.data.hdf5 import (
     validate_split,
 )
 from medseg.data.synthetic.sadaan import generate_sadaan_dataset
+from medseg.errors import ConfigError
 
 HDF5_FIELDS = {
     "num_train": Field(160, c.integer(minimum=1), "generate_data: training cases"),
@@ -55,11 +56,15 @@ class HDF5DatasetIngredient(FieldIngredient):
         self.generate = generate
 
     @staticmethod
-    def check_splits(dataset_path: str, splits: tuple[str, ...]) -> dict[str, Any]:
+    def check_splits(dataset_path: str, splits: tuple[str, ...],
+                     in_channels: int | None = None) -> dict[str, Any]:
         """Metadata and per-split layout, checked before a run starts (raises DataError)."""
         metadata = read_metadata(dataset_path)
         for split in splits:
-            validate_split(dataset_path, split, metadata)
+            info = validate_split(dataset_path, split, metadata)
+            if in_channels is not None and info.num_channels != in_channels:
+                raise ConfigError(f"model.in_channels={in_channels} but {info.path} has images "
+                                  f"with {info.num_channels} channel(s)")
         return metadata
 
     @staticmethod

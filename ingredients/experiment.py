@@ -8,17 +8,18 @@ progress bars in the captured output; (4) prints bad input as one line and exits
 
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from sacred import Experiment
-from sacred.utils import apply_backspaces_and_linefeeds
+from sacred.utils import ConfigAddedError, NamedConfigNotFoundError, apply_backspaces_and_linefeeds
 
 from ingredients.fields import FieldIngredient
 from ingredients.tracking import choose_observer
-from medseg.errors import MedsegError
+from medseg.errors import ConfigError, MedsegError
 
 Validator = Callable[[Mapping[str, Any], str], None]
 
@@ -66,14 +67,48 @@ class MedsegExperiment(Experiment):
             logging.getLogger("medseg").info(line)
         return run
 
-    def run(self, *args, **kwargs):
+    def run(self, command_name=None, config_updates=None, named_configs=(), info=None,
+            meta_info=None, options=None):
         try:
-            return super().run(*args, **kwargs)
+            try:
+                return super().run(command_name, config_updates, named_configs, info, meta_info,
+                                   options)
+            except ConfigAddedError as error:
+                raise ConfigError(self._unknown_entries(error.__conflicting_configs__)) from None
+            except NamedConfigNotFoundError:
+                raise ConfigError(self._unknown_named_configs(named_configs)) from None
         except MedsegError as error:
             if not self.__dict__.get("_from_command_line"):
                 raise
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+
+    def known_entries(self) -> list[str]:
+        """Every config key a user can set, dotted (``training.batch_size``)."""
+        keys = []
+        for ingredient, _ in self.traverse_ingredients():
+            if isinstance(ingredient, FieldIngredient):
+                keys += [f"{ingredient.path}.{name}" for name in ingredient.fields]
+        for scope in self.configurations:
+            keys += [k for k in scope() if k != "seed"]
+        return sorted(set(keys) | {"seed"})
+
+    def _unknown_entries(self, entries) -> str:
+        known = self.known_entries()
+        parts = []
+        for entry in entries:
+            close = difflib.get_close_matches(entry, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            parts.append(f"{entry}{hint}")
+        return (f"unknown config entr{'y' if len(parts) == 1 else 'ies'} {', '.join(parts)}; "
+                f"`print_config` lists them all")
+
+    def _unknown_named_configs(self, requested) -> str:
+        available = [name for name, _ in self.gather_named_configs()]
+        missing = [n for n in requested if n not in available and not n.endswith(
+            (".json", ".yaml", ".yml", ".pickle"))]
+        return (f"unknown named config {', '.join(map(repr, missing))}; "
+                f"this experiment has {', '.join(available)}")
 
     def run_commandline(self, argv=None):
         self._from_command_line = True

@@ -97,6 +97,8 @@ class SADAAN(nn.Module):
         prior_grid: grid (H, W, D) of the learnable position prior of each structure; coarse,
             because anatomy varies between patients and the prior only says roughly where to look.
         dropout: dropout probability in the convolution blocks.
+        foreground_prior: share of a structure's voxels expected at initialisation; sets the
+            starting bias of the mask logits (structures are small: ~0.1-4% of a volume).
 
     The attention is computed on the decoder features of level ``min(2, num_levels - 2)``
     (quarter resolution by default) and upsampled to the input size.
@@ -114,10 +116,13 @@ class SADAAN(nn.Module):
         num_levels: int = 5,
         prior_grid: Sequence[int] = (8, 8, 4),
         dropout: float = 0.0,
+        foreground_prior: float = 0.01,
     ) -> None:
         super().__init__()
         _check_arguments(in_channels, num_structures, base_channels, num_levels, prior_grid,
                          dropout)
+        if not 0 < foreground_prior < 1:
+            raise ValueError(f"foreground_prior must be in (0, 1), got {foreground_prior}")
         self.in_channels = in_channels
         self.num_structures = num_structures
         self.num_levels = num_levels
@@ -138,6 +143,12 @@ class SADAAN(nn.Module):
         width = channels[self.attention_level]
         self.attention = AnatomicalAttention(width, num_structures, prior_grid)
         self.mask_head = UnetOutBlock(3, channels[0], num_structures)
+        # Start every mask at the foreground rate rather than at 50%: otherwise the first
+        # hundred steps only push all voxels to background, and Dice gets no gradient until
+        # then (the prior-probability initialisation of focal-loss detectors). log 2 offsets
+        # the gate below, which adds log(0.5) while the attention is undecided.
+        nn.init.constant_(self.mask_head.conv.conv.bias,
+                          math.log(foreground_prior / (1 - foreground_prior)) + math.log(2.0))
         # Through softplus: starts at 1 (each structure fully gated by its attention) and stays
         # >= 0, so more attention never lowers a mask logit.
         self.gate_strength = nn.Parameter(torch.full((num_structures,), math.log(math.expm1(1.0))))

@@ -128,3 +128,12 @@ def test_eval_mode_is_deterministic():
     with torch.no_grad():
         first, second = model(image), model(image)
     torch.testing.assert_close(first.segmentation, second.segmentation)
+
+
+@pytest.mark.parametrize("prior", [0.01, 0.1])
+def test_masks_start_at_the_foreground_prior(prior):
+    torch.manual_seed(0)
+    model = SADAAN(num_structures=3, base_channels=4, num_levels=3, foreground_prior=prior).eval()
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(torch.randn(2, 1, 16, 16, 16)).segmentation)
+    assert prior / 3 < float(probabilities.mean()) < prior * 3
