@@ -3,12 +3,17 @@
 On top of Sacred it (1) validates the merged config before a run starts, so a wrong type,
 value or path stops with one message and leaves no run in the database; (2) picks the
 observer from the ``tracking`` config for each run; (3) keeps only the final state of
-progress bars in the captured output; (4) prints bad input as one line and exits with 2.
+progress bars in the captured output and bounds its size; (4) adds a top-level ``tags``
+entry (omniboard shows and filters runs by ``config.tags``; notes come from ``-c``);
+(5) prints bad input as one line and exits with 2.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,28 +22,59 @@ from sacred import Experiment
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from ingredients.fields import FieldIngredient
-from ingredients.tracking import choose_observer
+from ingredients.tracking import TRACKING_FIELDS, choose_observer
+from medseg import config as c
 from medseg.errors import MedsegError
 
 Validator = Callable[[Mapping[str, Any], str], None]
 
 #: Captured output beyond this many characters keeps its head and tail only, so a long run
-#: stays far below MongoDB's 16 MB document limit.
-CAPTURED_OUTPUT_LIMIT = 1_000_000
+#: stays far below MongoDB's 16 MB document limit (``tracking.max_output_mb`` overrides it).
+CAPTURED_OUTPUT_LIMIT = int(TRACKING_FIELDS["max_output_mb"].default * 1_000_000)
+_LEFT_OUT = re.compile(r"\n\[\.\.\. (\d+) characters left out \.\.\.\]\n")
+_TAGS = c.sequence(c.text())
 
 
-def filter_captured_output(text: str) -> str:
-    """Collapse carriage-return updates (tqdm) to their final state and cap the size."""
-    text = apply_backspaces_and_linefeeds(text)
-    if len(text) <= CAPTURED_OUTPUT_LIMIT:
+def collapse_terminal_updates(text: str) -> str:
+    """Interpret carriage returns and backspaces as a terminal would (a tqdm bar keeps its
+    final state only). Only lines that contain them are rewritten, which keeps this fast on
+    megabytes of output."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines[:-1]):
+        if "\r" in line or "\b" in line:
+            lines[index] = apply_backspaces_and_linefeeds(line + "\n")[:-1]
+    # The last line may be a bar still moving; a trailing \r is kept for the next chunk.
+    lines[-1] = apply_backspaces_and_linefeeds(lines[-1])
+    return "\n".join(lines)
+
+
+def filter_captured_output(text: str, limit: int = CAPTURED_OUTPUT_LIMIT) -> str:
+    """Collapse carriage-return updates (tqdm) and keep at most ``limit`` characters: the
+    first tenth and the end, with a line saying how much was left out in between."""
+    text = collapse_terminal_updates(text)
+    if len(text) <= limit:
         return text
-    head = text[: CAPTURED_OUTPUT_LIMIT // 10]
-    tail = text[-(CAPTURED_OUTPUT_LIMIT - len(head)):]
-    return f"{head}\n[... {len(text) - len(head) - len(tail)} characters left out ...]\n{tail}"
+    head_size = limit // 10
+    earlier = _LEFT_OUT.search(text, 0, head_size + 200)
+    if earlier is not None:  # cut before: keep the same head, add up what is left out
+        head, left_out, rest = text[:earlier.start()], int(earlier.group(1)), text[earlier.end():]
+    else:
+        head, left_out, rest = text[:head_size], 0, text[head_size:]
+    keep = max(limit - len(head), 0)
+    left_out += len(rest) - keep
+    return f"{head}\n[... {left_out} characters left out ...]\n{rest[len(rest) - keep:]}"
+
+
+def _labels():
+    tags = []  # noqa: F841  (labels for this run: omniboard shows them and filters by them)
 
 
 class MedsegExperiment(Experiment):
     """Use exactly like :class:`sacred.Experiment`; add checks with :meth:`config_validator`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.config(_labels)
 
     def config_validator(self, function: Validator) -> Validator:
         """Register ``function(config, command_name)``; it raises ConfigError or DataError."""
@@ -46,6 +82,7 @@ class MedsegExperiment(Experiment):
         return function
 
     def validate_config(self, config: Mapping[str, Any], command_name: str) -> None:
+        _TAGS("tags", config["tags"])
         for ingredient, _ in self.traverse_ingredients():
             if isinstance(ingredient, FieldIngredient):
                 ingredient.validate(config)
@@ -54,16 +91,23 @@ class MedsegExperiment(Experiment):
 
     def _create_run(self, command_name=None, config_updates=None, named_configs=(), info=None,
                     meta_info=None, options=None):
-        if self.captured_out_filter is None:
-            self.captured_out_filter = filter_captured_output
         run = super()._create_run(command_name, config_updates, named_configs, info, meta_info,
                                   options)
         self.validate_config(run.config, run.meta_info["command"])
-        if not run.observers and not run.unobserved and "tracking" in run.config:
-            observer, line = choose_observer(run.config["tracking"])
+        # Where relative paths in the config were meant from (``medseg runs rerun``).
+        run.meta_info["working_dir"] = os.getcwd()
+        tracking = run.config.get("tracking")
+        if tracking is not None and self.captured_out_filter is None:
+            run.captured_out_filter = functools.partial(
+                filter_captured_output, limit=int(tracking["max_output_mb"] * 1_000_000))
+        elif run.captured_out_filter is None:
+            run.captured_out_filter = filter_captured_output
+        if not run.observers and not run.unobserved and tracking is not None:
+            resume = (run.config.get("checkpoint") or {}).get("resume")
+            observer, line, level = choose_observer(tracking, resume=resume)
             if observer is not None:
                 run.observers.append(observer)
-            logging.getLogger("medseg").info(line)
+            logging.getLogger("medseg").log(level, line)
         return run
 
     def run(self, *args, **kwargs):
