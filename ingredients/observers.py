@@ -423,7 +423,8 @@ class MongoRunObserver(RunObserver):
         started = time.monotonic()
         if self._flush():
             shutil.rmtree(self.journal_root, ignore_errors=True)
-            _remove_if_empty(self.journal_root.parent)
+            _remove_if_empty(self.journal_root.parent)  # unsynced/
+            _remove_if_empty(self.file_dir)
             return
         log.warning("tracking: MongoDB at %s did not take the last records of run %s within "
                     "%.0f s; the complete run is kept in %s — load it with `medseg db import %s`",

@@ -192,6 +192,19 @@ def stop_process(pid: int, wait_s: float, process: subprocess.Popen | None = Non
         process.wait(timeout=wait_s)
 
 
+def start_on_free_port(directory: Path, *, auth: bool = False, attempts: int = 3) -> LocalServer:
+    """A server on a free port keeping its data in ``directory/data`` (tests, notebooks);
+    tried again on another port if the chosen one was taken in the meantime."""
+    for attempt in range(attempts):
+        server = LocalServer(free_port(), directory / "data", directory / "server.log", auth=auth)
+        try:
+            server.start()
+            return server
+        except MedsegError:
+            if attempt + 1 == attempts:
+                raise
+
+
 @dataclass
 class ServerState:
     pid: int
