@@ -15,10 +15,12 @@ import logging
 import os
 import re
 import sys
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from sacred import Experiment
+from sacred.config import ConfigScope
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from ingredients.fields import FieldIngredient
@@ -65,16 +67,29 @@ def filter_captured_output(text: str, limit: int = CAPTURED_OUTPUT_LIMIT) -> str
     return f"{head}\n[... {left_out} characters left out ...]\n{rest[len(rest) - keep:]}"
 
 
+def _read_captured_output(run) -> None:
+    """Sacred's ``Run._get_captured_output``, except that the output written after the last
+    heartbeat is kept when the run fails or is interrupted: Sacred closes the capture before
+    the final heartbeat and then skips reading what the closed capture still holds, so a
+    failed run lost its last lines (often the ones that explain the failure)."""
+    capture = run._output_file
+    if capture.closed and capture.final is None:
+        return
+    text = capture.get()
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = run.captured_out + text
+    if run.captured_out_filter is not None:
+        text = run.captured_out_filter(text)
+    run.captured_out = text
+
+
 def _labels():
-    tags = []  # noqa: F841  (labels for this run: omniboard shows them and filters by them)
+    tags = []  # labels for this run: omniboard shows them and filters by them
 
 
 class MedsegExperiment(Experiment):
     """Use exactly like :class:`sacred.Experiment`; add checks with :meth:`config_validator`."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.config(_labels)
 
     def config_validator(self, function: Validator) -> Validator:
         """Register ``function(config, command_name)``; it raises ConfigError or DataError."""
@@ -91,9 +106,14 @@ class MedsegExperiment(Experiment):
 
     def _create_run(self, command_name=None, config_updates=None, named_configs=(), info=None,
                     meta_info=None, options=None):
+        if _labels not in [getattr(scope, "_func", None) for scope in self.configurations]:
+            # First, so that an experiment's own config can give default tags. (Added here,
+            # not in __init__: Sacred finds the experiment's file from its caller's frame.)
+            self.configurations.insert(0, ConfigScope(_labels))
         run = super()._create_run(command_name, config_updates, named_configs, info, meta_info,
                                   options)
         self.validate_config(run.config, run.meta_info["command"])
+        run._get_captured_output = types.MethodType(_read_captured_output, run)
         # Where relative paths in the config were meant from (``medseg runs rerun``).
         run.meta_info["working_dir"] = os.getcwd()
         tracking = run.config.get("tracking")

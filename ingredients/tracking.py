@@ -105,7 +105,7 @@ def choose_observer(tracking: dict[str, Any], resume: str | None = None):
             return _fallback(tracking, f"the local database server could not start: {error}")
     try:
         connection.check_database(url, tracking["db_name"], source,
-                                  timeout_s=0.5 if implicit else 2.0)
+                                  timeout_s=1.0 if implicit else 5.0)
     except connection.DatabaseUnreachable as error:
         if implicit and mode == "auto":
             return _fallback(tracking, "no database configured and `medseg db` is not running",

@@ -74,7 +74,7 @@ def client(url: str, timeout_s: float = 5.0, **options: Any):
                                **options)
 
 
-def check_database(url: str, db_name: str, source: str, timeout_s: float = 2.0) -> None:
+def check_database(url: str, db_name: str, source: str, timeout_s: float = 5.0) -> None:
     """Make sure runs can be written to ``db_name`` at ``url``.
 
     Raises :class:`DatabaseUnreachable` when nothing answers and ConfigError when the

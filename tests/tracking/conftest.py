@@ -4,7 +4,6 @@ tests read."""
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,8 @@ import pymongo
 import pytest
 
 from medseg.data.synthetic.sadaan import generate_sadaan_dataset
-from tests.tracking.support import (SADAAN, Database, command, environment, interrupt_when,
-                                    open_database, run_experiment, sadaan_updates)
+from tests.tracking.support import (SADAAN, Database, environment, interrupt_when, open_database,
+                                    run_experiment, sadaan_updates, start_experiment)
 
 
 @pytest.fixture
@@ -62,8 +61,7 @@ def recorded_runs(mongo_server, sadaan_data, tmp_path_factory) -> RecordedRuns:
 
     interrupted_updates = sadaan_updates(sadaan_data, database, "training.num_epochs=30",
                                          "checkpoint.save_frequency=1")
-    process = subprocess.Popen(command(SADAAN, *interrupted_updates), cwd=workdir, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_experiment(SADAAN, *interrupted_updates, cwd=workdir, env=env)
     run_id = completed.started_id() + 1
     checkpoint = workdir / "checkpoints" / "sadaan" / str(run_id) / "last_model.pth"
     interrupt_when(process, checkpoint.exists)

@@ -110,6 +110,14 @@ def sadaan_updates(data: Path, database: Database, *extra: str) -> list[str]:
     return [f"dataset_path={data}", *TINY_SADAAN, *database.tracking(), *extra]
 
 
+def start_experiment(script: Path, *updates: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """The run in the background, output piped; Ctrl-C (SIGINT) reaches it as it would from a
+    terminal even when the tests themselves run with SIGINT ignored (a background job)."""
+    return subprocess.Popen(command(script, *updates), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def interrupt_when(process: subprocess.Popen, ready, timeout: float = 300) -> None:
     """Send Ctrl-C (SIGINT) to ``process`` once ``ready()`` is true."""
     deadline = time.monotonic() + timeout

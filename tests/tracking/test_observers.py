@@ -34,12 +34,14 @@ def test_completed_run_is_in_the_database_and_its_local_copy_is_gone(tmp_path, d
 
 @pytest.mark.parametrize("stop, status", [("fail_at=7", "FAILED"), ("interrupt_at=7", "INTERRUPTED")])
 def test_failed_and_interrupted_runs_keep_everything_up_to_the_stop(tmp_path, database, stop, status):
-    done = run_experiment(PROBE, *database.tracking(), "points=40", stop, cwd=tmp_path,
-                          env=environment(MEDSEG_MONGO_URL=database.url))
+    done = run_experiment(PROBE, *database.tracking(), "points=40", "output_lines=3", stop,
+                          cwd=tmp_path, env=environment(MEDSEG_MONGO_URL=database.url))
     assert done.returncode != 0
     run = database.run(done.started_id())
     assert run["status"] == status
     assert_complete_metrics(database.metrics(run["_id"]), 7)
+    # Output after the last heartbeat is kept too (Sacred alone drops it for such runs).
+    assert "line 0000002" in run["captured_out"]
     if status == "FAILED":
         assert "failing on purpose after 7 points" in "".join(run["fail_trace"])
 
