@@ -243,15 +243,16 @@ class MongoRunObserver(RunObserver):
             raise ConfigError(f"MongoDB at {db.redact(self.url)} refused to record the run: "
                               f"{str(error).split(', full error')[0]}") from None
         stamp = start_time.strftime("%Y%m%dT%H%M%S")
-        self.journal = FileRunObserver(self.file_dir / "unsynced" / f"{self.db_name}-{self.run_id}-{stamp}",
-                                       self.max_metric_points)
+        journal_root = self.file_dir / "unsynced" / f"{self.db_name}-{self.run_id}-{stamp}"
+        self.journal = FileRunObserver(journal_root, self.max_metric_points)
         self.journal.started_event(copy.deepcopy(ex_info), command, host_info, start_time, config,
                                    meta_info, str(self.run_id))
-        self.journal.save_json({"db_name": self.db_name, "server": connection.server_address(self.url),
-                                "run_id": self.run_id,
+        prior_artifacts = [{"name": a["name"], "file_id": str(a["file_id"])}
+                           for a in self._entry["artifacts"]]
+        self.journal.save_json({"db_name": self.db_name, "run_id": self.run_id,
+                                "server": connection.server_address(self.url),
                                 "start_time": self._entry["start_time"].isoformat(),
-                                "prior_artifacts": [{"name": a["name"], "file_id": str(a["file_id"])}
-                                                    for a in self._entry["artifacts"]]}, SYNC_MARKER)
+                                "prior_artifacts": prior_artifacts}, SYNC_MARKER)
         if self._series:
             self.journal.write_metrics(self._series)
         self._worker = threading.Thread(target=self._work, name="medseg-mongo-sync", daemon=True)
@@ -263,7 +264,8 @@ class MongoRunObserver(RunObserver):
 
         self._client = connection.client(self.url, timeout_s=5.0)
         database = self._client[self.db_name]
-        self._runs, self._metrics, self._fs = database["runs"], database["metrics"], gridfs.GridFS(database)
+        self._runs, self._metrics = database["runs"], database["metrics"]
+        self._fs = gridfs.GridFS(database)
         entry = {"experiment": dict(ex_info), "format": "MongoObserver-0.7.0", "command": command,
                  "host": dict(host_info), "start_time": _to_millisecond(start_time),
                  "config": flatten(config), "meta": meta_info, "status": "RUNNING",
@@ -310,15 +312,19 @@ class MongoRunObserver(RunObserver):
             log.warning("tracking: %s; recording the resumed training as a new run", reason)
             return None
         prior_info = {k: v for k, v in previous.get("info", {}).items() if k != "metrics"}
-        resume = {"time": entry["start_time"], "checkpoint": str(target.checkpoint),
+        changes = config_changes(previous.get("config", {}), entry["config"])
+        # Plain JSON values only: incense reads info through json.dumps.
+        resume = {"time": entry["start_time"].isoformat(), "checkpoint": str(target.checkpoint),
                   "previous_status": previous.get("status"),
+                  # A list, not a mapping: dotted keys do not belong in MongoDB field names.
                   "config_changes": [{"key": key, "before": before, "after": after}
-                                     for key, (before, after)
-                                     in config_changes(previous.get("config", {}), entry["config"]).items()]}
+                                     for key, (before, after) in changes.items()]}
         self._prior_info = {**prior_info, "resumes": [*prior_info.get("resumes", []), resume]}
         self._prior_out = (f"{previous.get('captured_out', '')}\n[medseg: resumed "
-                           f"{entry['start_time']:%Y-%m-%d %H:%M:%S} UTC from {target.checkpoint}]\n")
-        meta = {**previous.get("meta", {}), **{k: v for k, v in entry["meta"].items() if v is not None}}
+                           f"{entry['start_time']:%Y-%m-%d %H:%M:%S} UTC "
+                           f"from {target.checkpoint}]\n")
+        given = {k: v for k, v in entry["meta"].items() if v is not None}
+        meta = {**previous.get("meta", {}), **given}
         self._entry = {**{k: v for k, v in previous.items()
                           if k not in ("stop_time", "result", "fail_trace")},
                        **entry, "_id": target.run_id, "start_time": previous["start_time"],
@@ -341,11 +347,12 @@ class MongoRunObserver(RunObserver):
             return self.fallback.heartbeat_event(info, captured_out, beat_time, result)
         info = {**self._prior_info, **snapshot(info)}
         with self._lock:
-            self._entry.update(info=info, captured_out=self._prior_out + captured_out,
-                               heartbeat=beat_time, result=flatten(result))
+            output = self._prior_out + captured_out
+            self._entry.update(info=info, captured_out=output, heartbeat=beat_time,
+                               result=flatten(result))
             self._entry_version += 1
             self._write_journal(lambda: (
-                self.journal.heartbeat_event(info, self._prior_out + captured_out, beat_time, result),
+                self.journal.heartbeat_event(info, output, beat_time, result),
                 self.journal.write_metrics(self._series)))
         self._wake.set()
 
@@ -476,7 +483,8 @@ class MongoRunObserver(RunObserver):
                 self._failing_since = time.monotonic()
                 log.warning("tracking: MongoDB at %s does not answer (%s); run %s goes on, its "
                             "records wait in %s and are sent when it answers again",
-                            db.redact(self.url), type(error).__name__, self.run_id, self.journal_root)
+                            db.redact(self.url), type(error).__name__, self.run_id,
+                            self.journal_root)
             return False
         if self._failing_since is not None:
             log.info("tracking: MongoDB answers again after %.0f s; run %s is up to date there",
@@ -534,8 +542,9 @@ class MongoRunObserver(RunObserver):
                 return
             version = self._entry_version
             document = {key: value for key, value in self._entry.items() if key != "_id"}
-            document["info"] = {**document.get("info", {}), "metrics": [
-                {"name": name, "id": str(object_id)} for name, object_id in self._metric_ids.items()]}
+            references = [{"name": name, "id": str(object_id)}
+                          for name, object_id in self._metric_ids.items()]
+            document["info"] = {**document.get("info", {}), "metrics": references}
         self._runs.update_one({"_id": self.run_id}, {"$set": _storable(document)})
         with self._lock:
             self._saved_version = max(self._saved_version, version)
@@ -579,5 +588,6 @@ def _storable(document: dict) -> dict:
     for key in by_size:
         if len(bson.encode(dict(document, info=info))) <= DOCUMENT_LIMIT:
             break
-        info[key] = f"(left out: {len(bson.encode({'v': info[key]}))} bytes, too large for the run document)"
+        size = len(bson.encode({"v": info[key]}))
+        info[key] = f"(left out: {size} bytes, too large for the run document)"
     return dict(document, info=info)

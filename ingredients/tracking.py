@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ingredients.fields import Field, FieldIngredient
-from ingredients.observers import ContinueRun, FileRunObserver, MongoRunObserver, report_missing_artifact
+from ingredients.observers import (ContinueRun, FileRunObserver, MongoRunObserver,
+                                   report_missing_artifact)
 from medseg import config as c
 from medseg import db
 from medseg.errors import ConfigError, MedsegError
@@ -34,10 +35,12 @@ URL_VARIABLE = connection.URL_VARIABLE
 RUN_LINK = "sacred_run.json"
 
 LOGGING_FIELDS = {
-    "log_frequency": Field(10, c.integer(minimum=1), "Optimizer steps between logged training losses"),
+    "log_frequency": Field(10, c.integer(minimum=1),
+                           "Optimizer steps between logged training losses"),
     "visualize_predictions": Field(False, c.boolean(),
                                    "Save a prediction overlay PNG after each validation"),
-    "progress_bar": Field(True, c.boolean(), "Show tqdm progress bars (only final lines are stored)"),
+    "progress_bar": Field(True, c.boolean(),
+                          "Show tqdm progress bars (only final lines are stored)"),
 }
 
 TRACKING_FIELDS = {
@@ -179,7 +182,8 @@ class SacredReporter:
     def __init__(self, run) -> None:
         self.run = run
         tracking = run.config.get("tracking", {})
-        self.max_info_bytes = int(tracking.get("max_info_kb", TRACKING_FIELDS["max_info_kb"].default) * 1024)
+        max_info_kb = tracking.get("max_info_kb", TRACKING_FIELDS["max_info_kb"].default)
+        self.max_info_bytes = int(max_info_kb * 1024)
 
     def log_scalar(self, name: str, value: float, step: int) -> None:
         self.run.log_scalar(name, float(value), step)
@@ -204,4 +208,3 @@ class SacredReporter:
             self.run.add_artifact(str(path), name=name)
         self.run.info[key] = {"stored_as_artifact": name, "size_kb": round(len(text) / 1024, 1)}
         log.info("info %r takes %.0f kB; stored as artifact %s", key, len(text) / 1024, name)
-

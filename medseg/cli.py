@@ -46,7 +46,8 @@ def _db_status(args: argparse.Namespace) -> int:
     client = connection.client(url, timeout_s=2.0)
     try:
         counts = {name: client[name]["runs"].count_documents({})
-                  for name in client.list_database_names() if "runs" in client[name].list_collection_names()}
+                  for name in client.list_database_names()
+                  if "runs" in client[name].list_collection_names()}
     finally:
         client.close()
     owner = f" (pid {state.pid}, data in {state.storage})" if state else ""
@@ -113,7 +114,8 @@ def _runs_rerun(args: argparse.Namespace) -> int:
     summary = load_summaries([args.run], lambda: _database(args))[0]
     with tempfile.TemporaryDirectory(prefix="medseg-rerun-") as folder:
         plan = plan_rerun(summary, Path(folder) / "config.json")
-        print(f"re-running {summary.label} ({summary.experiment} {summary.command}): {plan.describe()}")
+        print(f"re-running {summary.label} ({summary.experiment} {summary.command}): "
+              f"{plan.describe()}")
         if args.dry_run:
             return 0
         return subprocess.run(plan.argv, cwd=plan.cwd).returncode

@@ -228,7 +228,8 @@ def read_state() -> ServerState | None:
         return None
 
 
-def start(port: int | None = None, storage: Path | None = None, wait_s: float = 30.0) -> ServerState:
+def start(port: int | None = None, storage: Path | None = None,
+          wait_s: float = 30.0) -> ServerState:
     """Start the user's background server unless it already answers; return its state."""
     port = port or default_port()
     state = read_state()

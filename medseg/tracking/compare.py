@@ -47,14 +47,16 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
-def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+def config_changes(before: Mapping[str, Any],
+                   after: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Entries whose value differs, as ``key -> (before, after)`` (missing -> None)."""
     old, new = flatten_config(before), flatten_config(after)
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key)}
 
 
-def summary_from_document(document: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]]) -> RunSummary:
+def summary_from_document(document: Mapping[str, Any],
+                          metrics: Sequence[Mapping[str, Any]]) -> RunSummary:
     meta = document.get("meta") or {}
     return RunSummary(
         label=f"run {document['_id']}", experiment=document.get("experiment", {}).get("name", "?"),
@@ -147,7 +149,8 @@ def compare_table(summaries: Sequence[RunSummary], *, all_config: bool = False) 
         ("experiment", [s.experiment for s in summaries]),
         ("command", [s.command for s in summaries]),
         ("status", [s.status for s in summaries]),
-        ("started", [s.start_time.strftime("%Y-%m-%d %H:%M") if s.start_time else "-" for s in summaries]),
+        ("started", [f"{s.start_time:%Y-%m-%d %H:%M}" if s.start_time else "-"
+                     for s in summaries]),
         ("duration", [_duration(s) for s in summaries]),
         ("comment", [s.comment or "-" for s in summaries]),
         ("best_epoch", [_show(s.info.get("best_epoch")) for s in summaries]),

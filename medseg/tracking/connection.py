@@ -70,8 +70,8 @@ def client(url: str, timeout_s: float = 5.0, **options: Any):
 
     milliseconds = int(timeout_s * 1000)
     return pymongo.MongoClient(url, serverSelectionTimeoutMS=milliseconds,
-                               connectTimeoutMS=milliseconds, socketTimeoutMS=max(milliseconds, 20000),
-                               **options)
+                               connectTimeoutMS=milliseconds,
+                               socketTimeoutMS=max(milliseconds, 20000), **options)
 
 
 def check_database(url: str, db_name: str, source: str, timeout_s: float = 5.0) -> None:

@@ -61,8 +61,8 @@ def import_run(stored: StoredRun, database) -> ImportResult:
     status = stored.run.get("status", "?")
     verb = "imported as run" if action == "imported" else "completed database run"
     notes = "".join(f"; {problem}" for problem in stored.problems)
-    return ImportResult(stored.path, run_id, action,
-                        f"{verb} {run_id} ({status}, {counts[0]} metrics, {counts[1]} artifacts){notes}")
+    detail = f"{verb} {run_id} ({status}, {counts[0]} metrics, {counts[1]} artifacts){notes}"
+    return ImportResult(stored.path, run_id, action, detail)
 
 
 def import_key(stored: StoredRun) -> str:

@@ -49,7 +49,8 @@ def install(directory: Path | None = None) -> Path:
                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if done.returncode != 0 or not executable.exists():
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-5:])
-            raise MedsegError(f"npm could not install omniboard@{VERSION} (see {log_path}):\n{tail}")
+            raise MedsegError(f"npm could not install omniboard@{VERSION} "
+                              f"(see {log_path}):\n{tail}")
     return executable
 
 

@@ -90,7 +90,8 @@ def read_run(path: str | Path) -> StoredRun:
     metrics = {}
     for name, data in _read_json(path / "metrics.json", default={}).items():
         try:
-            metrics[name] = Series([int(s) for s in data["steps"]], [float(v) for v in data["values"]],
+            metrics[name] = Series([int(s) for s in data["steps"]],
+                                   [float(v) for v in data["values"]],
                                    [parse_time(t) for t in data["timestamps"]])
         except (KeyError, TypeError, ValueError):
             problems.append(f"metric {name!r} in {path / 'metrics.json'} is malformed; left out")

@@ -76,7 +76,8 @@ def recorded_runs(mongo_server, sadaan_data, tmp_path_factory) -> RecordedRuns:
     assert resumed.returncode == 0, resumed.output[-3000:]
     return RecordedRuns(database, workdir, sadaan_data, completed.started_id(),
                         resumed.started_id(), interrupted_document, interrupted_val_steps,
-                        checkpoint, {"completed": completed.output, "interrupted": interrupted_output,
+                        checkpoint, {"completed": completed.output,
+                                     "interrupted": interrupted_output,
                                      "resumed": resumed.output})
 
 

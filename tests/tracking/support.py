@@ -110,7 +110,8 @@ def sadaan_updates(data: Path, database: Database, *extra: str) -> list[str]:
     return [f"dataset_path={data}", *TINY_SADAAN, *database.tracking(), *extra]
 
 
-def start_experiment(script: Path, *updates: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+def start_experiment(script: Path, *updates: str, cwd: Path,
+                     env: dict[str, str]) -> subprocess.Popen:
     """The run in the background, output piped; Ctrl-C (SIGINT) reaches it as it would from a
     terminal even when the tests themselves run with SIGINT ignored (a background job)."""
     return subprocess.Popen(command(script, *updates), cwd=cwd, env=env, stdout=subprocess.PIPE,

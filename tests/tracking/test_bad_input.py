@@ -13,7 +13,8 @@ from tests.tracking.support import PROBE, environment, run_experiment
 
 
 def lines_about_tracking(output: str) -> list[str]:
-    return [line for line in output.splitlines() if "tracking:" in line or line.startswith("error:")]
+    return [line for line in output.splitlines()
+            if "tracking:" in line or line.startswith("error:")]
 
 
 def assert_nothing_recorded(cwd) -> None:

@@ -64,7 +64,8 @@ def test_omniboard_lists_runs_metrics_and_artifacts(recorded_runs, tmp_path):
         assert completed["status"] == resumed["status"] == "COMPLETED"
         assert completed["config"]["tags"] == ["baseline", "tiny"]  # omniboard's tags column
         assert completed["meta"]["comment"] == "first baseline"  # omniboard's notes column
-        assert completed["info"]["best_epoch"] == database.run(recorded_runs.completed)["info"]["best_epoch"]
+        stored = database.run(recorded_runs.completed)
+        assert completed["info"]["best_epoch"] == stored["info"]["best_epoch"]
         assert "baseline" in get(f"{api}/Runs?distinct=config.tags")
 
         query = urllib.parse.quote(json.dumps({"run_id": str(recorded_runs.resumed)}))
@@ -146,4 +147,5 @@ def test_notebook_runs_against_the_recorded_runs(notebook, recorded_runs, tmp_pa
 
 def test_both_notebooks_are_there():
     """The parametrised test above runs whatever notebooks exist; these two must."""
-    assert {p.stem for p in (REPO / "notebooks").glob("*.ipynb")} >= {"compare_runs", "pipeline_report"}
+    names = {path.stem for path in (REPO / "notebooks").glob("*.ipynb")}
+    assert names >= {"compare_runs", "pipeline_report"}

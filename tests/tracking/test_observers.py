@@ -32,8 +32,10 @@ def test_completed_run_is_in_the_database_and_its_local_copy_is_gone(tmp_path, d
     assert not (tmp_path / "sacred_runs").exists()
 
 
-@pytest.mark.parametrize("stop, status", [("fail_at=7", "FAILED"), ("interrupt_at=7", "INTERRUPTED")])
-def test_failed_and_interrupted_runs_keep_everything_up_to_the_stop(tmp_path, database, stop, status):
+@pytest.mark.parametrize("stop, status",
+                         [("fail_at=7", "FAILED"), ("interrupt_at=7", "INTERRUPTED")])
+def test_failed_and_interrupted_runs_keep_everything_up_to_the_stop(tmp_path, database, stop,
+                                                                    status):
     done = run_experiment(PROBE, *database.tracking(), "points=40", "output_lines=3", stop,
                           cwd=tmp_path, env=environment(MEDSEG_MONGO_URL=database.url))
     assert done.returncode != 0
@@ -57,8 +59,8 @@ def test_file_observer_records_final_status_and_all_points(tmp_path):
 
 def test_eight_concurrent_runs_get_unique_ids_and_complete_metrics(tmp_path, database):
     env = environment(MEDSEG_MONGO_URL=database.url)
-    processes = [subprocess.Popen(command(PROBE, *database.tracking(), "points=300", "pause_s=0.005"),
-                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    argv = command(PROBE, *database.tracking(), "points=300", "pause_s=0.005")
+    processes = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for _ in range(8)]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs
@@ -75,7 +77,8 @@ def test_database_gone_at_the_end_costs_a_bounded_wait_then_import_completes_the
     server = db.start_on_free_port(tmp_path / "server")
     database = open_database(server.url, "gone_at_end")
     process = subprocess.Popen(
-        command(PROBE, *database.tracking(), "points=60", "pause_s=0.05", "tracking.flush_timeout_s=3"),
+        command(PROBE, *database.tracking(), "points=60", "pause_s=0.05",
+                "tracking.flush_timeout_s=3"),
         cwd=tmp_path, env=environment(MEDSEG_MONGO_URL=server.url), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:
@@ -87,7 +90,8 @@ def test_database_gone_at_the_end_costs_a_bounded_wait_then_import_completes_the
         output += process.communicate(timeout=120)[0]
         waited = time.monotonic() - started
         assert process.returncode == 0, output
-        assert waited < 3 + 3 + 15  # the rest of the run, the bounded wait, slack for a loaded machine
+        # The rest of the run, the bounded wait, and slack for a loaded machine.
+        assert waited < 3 + 3 + 15
         [kept] = [line for line in output.splitlines() if "did not take the last records" in line]
         journal = next((tmp_path / "sacred_runs" / "unsynced").iterdir())
         assert f"load it with `medseg db import {journal.relative_to(tmp_path)}`" in kept
@@ -102,14 +106,15 @@ def test_database_gone_at_the_end_costs_a_bounded_wait_then_import_completes_the
         assert run["status"] == "COMPLETED" and run["result"] == {"points": 60}
         assert_complete_metrics(database.metrics(1), 60)
         assert database.artifact_bytes(1, "figure_1.png").startswith(b"\x89PNG")
-        files = database.db["fs.files"].count_documents({"filename": {"$regex": "^artifact://"}})
+        artifact_files = {"filename": {"$regex": "^artifact://"}}
+        files = database.db["fs.files"].count_documents(artifact_files)
 
         again = medseg_cli("db", "import", "sacred_runs", "--url", server.url,
                            "--db-name", database.name, cwd=tmp_path)
         assert again.returncode == 0, again.output
         assert database.db.runs.count_documents({}) == 1
         assert database.db.metrics.count_documents({}) == 2
-        assert database.db["fs.files"].count_documents({"filename": {"$regex": "^artifact://"}}) == files
+        assert database.db["fs.files"].count_documents(artifact_files) == files
     finally:
         database.client.close()
         server.stop()

@@ -67,8 +67,8 @@ def test_database_away_for_30_s_mid_run_loses_nothing(tmp_path, sadaan_data):
         names = [a["name"] for a in run["artifacts"]]
         assert [n for n in names if n.startswith("predictions_epoch_")] == [
             f"predictions_epoch_{epoch:03d}.png" for epoch in range(1, EPOCHS + 1)]
-        for name in ("training_curves.png", "best_model.pth", "last_model.pth", "test_metrics.json"):
-            assert name in names
+        assert {"training_curves.png", "best_model.pth", "last_model.pth",
+                "test_metrics.json"} <= set(names)
         assert database.artifact_bytes(1, "predictions_epoch_012.png") == (
             first_epoch.parent / "predictions_epoch_012.png").read_bytes()
         assert "epoch 12/12" in run["captured_out"]

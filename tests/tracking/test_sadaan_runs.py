@@ -46,8 +46,9 @@ def test_completed_run_holds_config_metrics_artifacts_output_and_info(recorded_r
     for expected in ["predictions_epoch_001.png", "predictions_epoch_002.png",
                      "training_curves.png", "best_model.pth", "test_metrics.json"]:
         assert expected in names
-    local = recorded_runs.workdir / "checkpoints" / "sadaan" / str(run_id) / "predictions_epoch_002.png"
-    assert database.artifact_bytes(run_id, "predictions_epoch_002.png") == local.read_bytes()
+    local = recorded_runs.workdir / "checkpoints" / "sadaan" / str(run_id)
+    assert database.artifact_bytes(run_id, "predictions_epoch_002.png") == (
+        local / "predictions_epoch_002.png").read_bytes()
     files = gridfs.GridFS(database.db)
     png = next(a for a in run["artifacts"] if a["name"] == "training_curves.png")
     assert files.get(png["file_id"]).content_type == "image/png"
@@ -207,7 +208,8 @@ def test_rerun_repeats_a_run_with_its_exact_config(recorded_runs, tmp_path):
     assert re.search(r"config \(entries that differ\)\s*\n\s+\(none\)", same.stdout)
     different = medseg_cli("runs", "compare", str(original), str(recorded_runs.resumed),
                            "--db-name", database.name, env=env)
-    rows = {line.split()[0]: line.split()[1:] for line in different.stdout.splitlines() if line.strip()}
+    rows = {line.split()[0]: line.split()[1:]
+            for line in different.stdout.splitlines() if line.strip()}
     assert rows["training.num_epochs"] == ["2", "3"]
     assert rows["status"] == ["COMPLETED", "COMPLETED"]
     last, _, best = rows["val_dice"][:3]  # "last / best" of the first run
