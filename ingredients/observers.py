@@ -421,6 +421,8 @@ class MongoRunObserver(RunObserver):
                 self._journal_problem_reported = True
 
     def _finish(self, changes: dict, journal_event) -> None:
+        if self.journal is None:  # the run failed to start: nothing was recorded
+            return
         with self._lock:
             self._entry.update(changes)
             self._entry_version += 1

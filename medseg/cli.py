@@ -94,9 +94,10 @@ def _db_omniboard(args: argparse.Namespace) -> int:
     process = omniboard.start(executable, url, args.db_name, args.port)
     try:
         return process.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the user stopped it, as the line above says to
         process.terminate()
-        return process.wait()
+        process.wait()
+        return 0
 
 
 def _runs_compare(args: argparse.Namespace) -> int:

@@ -75,7 +75,8 @@ def environment(url: str, db_name: str, port: int) -> dict[str, str]:
 
 
 def start(executable: Path, url: str, db_name: str, port: int, log=None) -> subprocess.Popen:
-    """omniboard in the background (the tests); ``medseg db omniboard`` runs it in front."""
+    """Start omniboard; with ``log`` (a file) its output goes there, else to the terminal,
+    where Ctrl-C stops it together with ``medseg db omniboard``."""
     return subprocess.Popen([str(executable)], env=environment(url, db_name, port),
                             stdout=log, stderr=subprocess.STDOUT if log else None,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL)

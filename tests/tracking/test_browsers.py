@@ -2,6 +2,7 @@
 omniboard (npm), sacredboard (its own pinned environment) and the incense notebooks."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from nbclient import NotebookClient
 
 from medseg import db
 from medseg.tracking import omniboard
-from tests.tracking.support import REPO
+from tests.tracking.support import REPO, environment
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("recorded_runs")]
 
@@ -29,7 +30,7 @@ def get(url: str, timeout: float = 10):
     return json.loads(body) if response.headers.get_content_type() == "application/json" else body
 
 
-def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 120):
+def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -50,12 +51,17 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def test_omniboard_lists_runs_metrics_and_artifacts(recorded_runs, tmp_path):
+    """`medseg db omniboard` as a user starts it: npm-installed on first use (kept in
+    ~/.cache/medseg/omniboard for the next time), stopped with Ctrl-C."""
     database = recorded_runs.database
-    executable = omniboard.install()  # kept in ~/.cache/medseg/omniboard between test runs
     port = db.free_port()
     log_path = tmp_path / "omniboard.log"
     with open(log_path, "w") as log:
-        process = omniboard.start(executable, database.url, database.name, port, log=log)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "medseg.cli", "db", "omniboard", "--port", str(port),
+             "--url", database.url, "--db-name", database.name], cwd=REPO, env=environment(),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     api = f"http://127.0.0.1:{port}/sacred/api/v1"
     try:
         runs = wait_for(f"{api}/Runs?select=_id,status,config,meta,info", process, log_path)
@@ -80,7 +86,13 @@ def test_omniboard_lists_runs_metrics_and_artifacts(recorded_runs, tmp_path):
         preview = get(f"{api}/files/preview/{png['_id']}")
         assert preview == database.artifact_bytes(recorded_runs.completed, "training_curves.png")
     finally:
-        stop(process)
+        process.send_signal(signal.SIGINT)
+        stopped = process.wait(timeout=30)
+    assert stopped == 0
+    assert f"omniboard {omniboard.VERSION}: http://127.0.0.1:{port} shows database" in (
+        log_path.read_text())
+    with pytest.raises(urllib.error.URLError):
+        get(f"{api}/Runs", timeout=3)
 
 
 def sacredboard_environment() -> Path:
@@ -128,7 +140,6 @@ def test_notebook_runs_against_the_recorded_runs(notebook, recorded_runs, tmp_pa
     monkeypatch.setenv("MEDSEG_DB_NAME", recorded_runs.database.name)
     monkeypatch.setenv("MEDSEG_EXPERIMENT", "sadaan")
     monkeypatch.setenv("MEDSEG_RUN_ID", str(recorded_runs.resumed))
-    monkeypatch.setenv("MPLBACKEND", "agg")
     nb = nbformat.read(notebook, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
