@@ -8,6 +8,7 @@ account is wrong (:class:`~medseg.errors.ConfigError`: stop before anything star
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from medseg import db
@@ -83,6 +84,8 @@ def check_database(url: str, db_name: str, source: str, timeout_s: float = 5.0) 
     from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
     check_url(url, source)
+    if not _anything_listens(url, timeout_s):
+        raise DatabaseUnreachable(f"no MongoDB answers at {db.redact(url)} (from {source})")
     where = f"MongoDB at {db.redact(url)} (from {source})"
     mongo = client(url, timeout_s)
     try:
@@ -110,6 +113,22 @@ def check_database(url: str, db_name: str, source: str, timeout_s: float = 5.0) 
         raise ConfigError(f"{where}: {_first_sentence(error)}") from None
     finally:
         mongo.close()
+
+
+def _anything_listens(url: str, timeout_s: float) -> bool:
+    """Whether any host of the URL accepts a TCP connection. A refused connection is known at
+    once, where the driver would keep trying for the whole timeout."""
+    if url.startswith("mongodb+srv://"):
+        return True
+    from pymongo import uri_parser
+
+    for host, port in uri_parser.parse_uri(url)["nodelist"]:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def _is_authentication_failure(error: Exception) -> bool:
