@@ -106,29 +106,40 @@ class MedsegExperiment(Experiment):
 
     def _create_run(self, command_name=None, config_updates=None, named_configs=(), info=None,
                     meta_info=None, options=None):
-        if _labels not in [getattr(scope, "_func", None) for scope in self.configurations]:
-            # First, so that an experiment's own config can give default tags. (Added here,
-            # not in __init__: Sacred finds the experiment's file from its caller's frame.)
-            self.configurations.insert(0, ConfigScope(_labels))
+        self._add_labels()
         run = super()._create_run(command_name, config_updates, named_configs, info, meta_info,
                                   options)
         self.validate_config(run.config, run.meta_info["command"])
-        run._get_captured_output = types.MethodType(_read_captured_output, run)
         # Where relative paths in the config were meant from (``medseg runs rerun``).
         run.meta_info["working_dir"] = os.getcwd()
-        tracking = run.config.get("tracking")
-        if tracking is not None and self.captured_out_filter is None:
-            run.captured_out_filter = functools.partial(
-                filter_captured_output, limit=int(tracking["max_output_mb"] * 1_000_000))
-        elif run.captured_out_filter is None:
-            run.captured_out_filter = filter_captured_output
-        if not run.observers and not run.unobserved and tracking is not None:
-            resume = (run.config.get("checkpoint") or {}).get("resume")
-            observer, line, level = choose_observer(tracking, resume=resume)
-            if observer is not None:
-                run.observers.append(observer)
-            logging.getLogger("medseg").log(level, line)
+        self._bound_captured_output(run)
+        self._attach_observer(run)
         return run
+
+    def _add_labels(self) -> None:
+        # First, so that an experiment's own config can give default tags. (Added here, not
+        # in __init__: Sacred finds the experiment's file from the caller of __init__.)
+        if _labels not in [getattr(scope, "_func", None) for scope in self.configurations]:
+            self.configurations.insert(0, ConfigScope(_labels))
+
+    def _bound_captured_output(self, run) -> None:
+        run._get_captured_output = types.MethodType(_read_captured_output, run)
+        if self.captured_out_filter is not None:  # the experiment chose its own
+            return
+        tracking = run.config.get("tracking")
+        limit = int(tracking["max_output_mb"] * 1_000_000) if tracking else CAPTURED_OUTPUT_LIMIT
+        run.captured_out_filter = functools.partial(filter_captured_output, limit=limit)
+
+    @staticmethod
+    def _attach_observer(run) -> None:
+        tracking = run.config.get("tracking")
+        if run.observers or run.unobserved or tracking is None:
+            return
+        resume = (run.config.get("checkpoint") or {}).get("resume")
+        observer, line, level = choose_observer(tracking, resume=resume)
+        if observer is not None:
+            run.observers.append(observer)
+        logging.getLogger("medseg").log(level, line)
 
     def run(self, *args, **kwargs):
         try:
