@@ -3,39 +3,90 @@
 On top of Sacred it (1) validates the merged config before a run starts, so a wrong type,
 value or path stops with one message and leaves no run in the database; (2) picks the
 observer from the ``tracking`` config for each run; (3) keeps only the final state of
-progress bars in the captured output; (4) prints bad input as one line and exits with 2.
+progress bars in the captured output and bounds its size; (4) adds a top-level ``tags``
+entry (omniboard shows and filters runs by ``config.tags``; notes come from ``-c``);
+(5) prints bad input as one line and exits with 2.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
+import os
+import re
 import sys
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from sacred import Experiment
+from sacred.config import ConfigScope
 from sacred.utils import ConfigAddedError, NamedConfigNotFoundError, apply_backspaces_and_linefeeds
 
 from ingredients.fields import FieldIngredient
-from ingredients.tracking import choose_observer
+from ingredients.tracking import TRACKING_FIELDS, choose_observer
+from medseg import config as c
 from medseg.errors import ConfigError, MedsegError
 
 Validator = Callable[[Mapping[str, Any], str], None]
 
 #: Captured output beyond this many characters keeps its head and tail only, so a long run
-#: stays far below MongoDB's 16 MB document limit.
-CAPTURED_OUTPUT_LIMIT = 1_000_000
+#: stays far below MongoDB's 16 MB document limit (``tracking.max_output_mb`` overrides it).
+CAPTURED_OUTPUT_LIMIT = int(TRACKING_FIELDS["max_output_mb"].default * 1_000_000)
+_LEFT_OUT = re.compile(r"\n\[\.\.\. (\d+) characters left out \.\.\.\]\n")
+_TAGS = c.sequence(c.text())
 
 
-def filter_captured_output(text: str) -> str:
-    """Collapse carriage-return updates (tqdm) to their final state and cap the size."""
-    text = apply_backspaces_and_linefeeds(text)
-    if len(text) <= CAPTURED_OUTPUT_LIMIT:
+def collapse_terminal_updates(text: str) -> str:
+    """Interpret carriage returns and backspaces as a terminal would (a tqdm bar keeps its
+    final state only). Only lines that contain them are rewritten, which keeps this fast on
+    megabytes of output."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines[:-1]):
+        if "\r" in line or "\b" in line:
+            lines[index] = apply_backspaces_and_linefeeds(line + "\n")[:-1]
+    # The last line may be a bar still moving; a trailing \r is kept for the next chunk.
+    lines[-1] = apply_backspaces_and_linefeeds(lines[-1])
+    return "\n".join(lines)
+
+
+def filter_captured_output(text: str, limit: int = CAPTURED_OUTPUT_LIMIT) -> str:
+    """Collapse carriage-return updates (tqdm) and keep at most ``limit`` characters: the
+    first tenth and the end, with a line saying how much was left out in between."""
+    text = collapse_terminal_updates(text)
+    if len(text) <= limit:
         return text
-    head = text[: CAPTURED_OUTPUT_LIMIT // 10]
-    tail = text[-(CAPTURED_OUTPUT_LIMIT - len(head)):]
-    return f"{head}\n[... {len(text) - len(head) - len(tail)} characters left out ...]\n{tail}"
+    head_size = limit // 10
+    earlier = _LEFT_OUT.search(text, 0, head_size + 200)
+    if earlier is not None:  # cut before: keep the same head, add up what is left out
+        head, left_out, rest = text[:earlier.start()], int(earlier.group(1)), text[earlier.end():]
+    else:
+        head, left_out, rest = text[:head_size], 0, text[head_size:]
+    keep = max(limit - len(head), 0)
+    left_out += len(rest) - keep
+    return f"{head}\n[... {left_out} characters left out ...]\n{rest[len(rest) - keep:]}"
+
+
+def _read_captured_output(run) -> None:
+    """Sacred's ``Run._get_captured_output``, except that the output written after the last
+    heartbeat is kept when the run fails or is interrupted: Sacred closes the capture before
+    the final heartbeat and then skips reading what the closed capture still holds, so a
+    failed run lost its last lines (often the ones that explain the failure)."""
+    capture = run._output_file
+    if capture.closed and capture.final is None:
+        return
+    text = capture.get()
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = run.captured_out + text
+    if run.captured_out_filter is not None:
+        text = run.captured_out_filter(text)
+    run.captured_out = text
+
+
+def _labels():
+    tags = []  # labels for this run: omniboard shows them and filters by them
 
 
 class MedsegExperiment(Experiment):
@@ -47,7 +98,12 @@ class MedsegExperiment(Experiment):
         return function
 
     def validate_config(self, config: Mapping[str, Any], command_name: str) -> None:
-        for ingredient, _ in self.traverse_ingredients():
+        _TAGS("tags", config["tags"])
+        # The traversal is finished before any check can raise: Sacred's traversal generator
+        # resets its "traversing" flag only when exhausted, so leaving it early would make
+        # every later run in this process fail with a CircularDependencyError.
+        ingredients = [ingredient for ingredient, _ in self.traverse_ingredients()]
+        for ingredient in ingredients:
             if isinstance(ingredient, FieldIngredient):
                 ingredient.validate(config)
         for validator in self.__dict__.get("_validators", []):
@@ -55,17 +111,40 @@ class MedsegExperiment(Experiment):
 
     def _create_run(self, command_name=None, config_updates=None, named_configs=(), info=None,
                     meta_info=None, options=None):
-        if self.captured_out_filter is None:
-            self.captured_out_filter = filter_captured_output
+        self._add_labels()
         run = super()._create_run(command_name, config_updates, named_configs, info, meta_info,
                                   options)
         self.validate_config(run.config, run.meta_info["command"])
-        if not run.observers and not run.unobserved and "tracking" in run.config:
-            observer, line = choose_observer(run.config["tracking"])
-            if observer is not None:
-                run.observers.append(observer)
-            logging.getLogger("medseg").info(line)
+        # Where relative paths in the config were meant from (``medseg runs rerun``).
+        run.meta_info["working_dir"] = os.getcwd()
+        self._bound_captured_output(run)
+        self._attach_observer(run)
         return run
+
+    def _add_labels(self) -> None:
+        # First, so that an experiment's own config can give default tags. (Added here, not
+        # in __init__: Sacred finds the experiment's file from the caller of __init__.)
+        if _labels not in [getattr(scope, "_func", None) for scope in self.configurations]:
+            self.configurations.insert(0, ConfigScope(_labels))
+
+    def _bound_captured_output(self, run) -> None:
+        run._get_captured_output = types.MethodType(_read_captured_output, run)
+        if self.captured_out_filter is not None:  # the experiment chose its own
+            return
+        tracking = run.config.get("tracking")
+        limit = int(tracking["max_output_mb"] * 1_000_000) if tracking else CAPTURED_OUTPUT_LIMIT
+        run.captured_out_filter = functools.partial(filter_captured_output, limit=limit)
+
+    @staticmethod
+    def _attach_observer(run) -> None:
+        tracking = run.config.get("tracking")
+        if run.observers or run.unobserved or tracking is None:
+            return
+        resume = (run.config.get("checkpoint") or {}).get("resume")
+        observer, line, level = choose_observer(tracking, resume=resume)
+        if observer is not None:
+            run.observers.append(observer)
+        logging.getLogger("medseg").log(level, line)
 
     def run(self, command_name=None, config_updates=None, named_configs=(), info=None,
             meta_info=None, options=None):
@@ -85,6 +164,7 @@ class MedsegExperiment(Experiment):
 
     def known_entries(self) -> list[str]:
         """Every config key a user can set, dotted (``training.batch_size``)."""
+        self._add_labels()
         keys = []
         for ingredient, _ in self.traverse_ingredients():
             if isinstance(ingredient, FieldIngredient):

@@ -19,7 +19,7 @@ from torch import nn
 
 from ingredients.checkpoint import CheckpointIngredient
 from ingredients.optimizer import OptimizerIngredient
-from ingredients.tracking import SacredReporter
+from ingredients.tracking import SacredReporter, link_checkpoint_directory, read_run_link
 from ingredients.training import TrainingIngredient
 from medseg.engine.checkpoint import model_weights
 from medseg.engine.evaluation import EvaluationReport
@@ -58,6 +58,7 @@ class PipelineRun:
         self.device, self.precision = training.device_and_precision()
         self.checkpoints = checkpoint.make_manager()
         self.output_dir = self.checkpoints.directory
+        link_checkpoint_directory(run, self.output_dir)
         self.reporter.set_info("device", device_info(self.device))
         self.reporter.set_info("precision", self.precision.name)
         self.reporter.set_info("output_dir", str(self.output_dir))
@@ -100,7 +101,8 @@ class PipelineRun:
         resume = self.config["checkpoint"]["resume"]
         if resume:
             trainer.resume(resume)
-            self.reporter.set_info("resumed_from", {"path": str(resume), "epoch": trainer.epoch})
+            self.reporter.set_info("resumed_from", {"path": str(resume), "epoch": trainer.epoch,
+                                                    "run": read_run_link(resume)})
         try:
             result = trainer.fit()
         finally:

@@ -1,24 +1,34 @@
-"""``medseg`` command line: the embedded database and other tools around the experiments.
+"""``medseg`` command line: the embedded database, recorded runs, and tools around them.
 
-    medseg db start [--port P]   start the MongoDB-compatible server on 127.0.0.1
-    medseg db stop               stop it
-    medseg db status             say whether it runs, where, and how many runs it holds
+    medseg db start [--port P]        start the MongoDB-compatible server on 127.0.0.1
+    medseg db stop                    stop it
+    medseg db status                  say whether it runs, where, and how many runs it holds
+    medseg db import PATH             load file-observer runs (PATH: a run or a folder of runs)
+    medseg db omniboard [--port P]    browse the runs with omniboard (installed with npm once)
+    medseg runs compare REF REF ...   config differences and metrics side by side
+    medseg runs rerun REF             run a recorded run again with exactly its config
+
+REF is a run id in the database or a file-observer run folder. The database is
+--url, else $MEDSEG_MONGO_URL, else the server of `medseg db start`.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from medseg import db
 from medseg.errors import MedsegError
+from medseg.tracking import connection
 
 
 def _db_start(args: argparse.Namespace) -> int:
     state = db.start(port=args.port)
     print(f"database server running: {state.url} (pid {state.pid}, data in {state.storage})")
-    print(f"experiments record their runs there; browse them with "
-          f"`npx omniboard -m 127.0.0.1:{state.port}:medseg`")
+    print("experiments record their runs there; browse them with `medseg db omniboard`")
     return 0
 
 
@@ -33,12 +43,11 @@ def _db_status(args: argparse.Namespace) -> int:
     if not db.ping(url, timeout_s=1.0):
         print(f"no database server answers at {url}; start one with `medseg db start`")
         return 1
-    import pymongo
-
-    client = pymongo.MongoClient(url, serverSelectionTimeoutMS=2000)
+    client = connection.client(url, timeout_s=2.0)
     try:
         counts = {name: client[name]["runs"].count_documents({})
-                  for name in client.list_database_names() if "runs" in client[name].list_collection_names()}
+                  for name in client.list_database_names()
+                  if "runs" in client[name].list_collection_names()}
     finally:
         client.close()
     owner = f" (pid {state.pid}, data in {state.storage})" if state else ""
@@ -46,6 +55,77 @@ def _db_status(args: argparse.Namespace) -> int:
     for name, count in sorted(counts.items()):
         print(f"  database {name!r}: {count} runs")
     return 0
+
+
+def _database(args: argparse.Namespace):
+    """The database the command works on, checked so that problems read as one line."""
+    url, source = connection.resolve_url(args.url)
+    if args.url:
+        source = "--url"
+    try:
+        connection.check_database(url, args.db_name, source)
+    except connection.DatabaseUnreachable as error:
+        raise MedsegError(f"{error}; start it with `medseg db start` or give --url") from None
+    return connection.client(url)[args.db_name]
+
+
+def _db_import(args: argparse.Namespace) -> int:
+    from medseg.tracking.importer import import_path
+    from medseg.tracking.rundir import find_runs
+
+    find_runs(args.path)  # a wrong path is reported before the database is asked anything
+    results = import_path(args.path, _database(args))
+    for result in results:
+        print(result.line())
+    imported = sum(r.action != "skipped" for r in results)
+    print(f"{imported} of {len(results)} runs loaded into database {args.db_name!r}")
+    return 0
+
+
+def _db_omniboard(args: argparse.Namespace) -> int:
+    from medseg.tracking import omniboard
+
+    database = _database(args)
+    url = connection.resolve_url(args.url)[0]
+    database.client.close()
+    executable = omniboard.install()
+    print(f"omniboard {omniboard.VERSION}: http://127.0.0.1:{args.port} shows database "
+          f"{args.db_name!r} at {db.redact(url)} (Ctrl-C stops it)")
+    process = omniboard.start(executable, url, args.db_name, args.port)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # the user stopped it, as the line above says to
+        process.terminate()
+        process.wait()
+        return 0
+
+
+def _runs_compare(args: argparse.Namespace) -> int:
+    from medseg.tracking.compare import compare_table, load_summaries
+
+    summaries = load_summaries(args.runs, lambda: _database(args))
+    print(compare_table(summaries, all_config=args.all_config))
+    return 0
+
+
+def _runs_rerun(args: argparse.Namespace) -> int:
+    from medseg.tracking.compare import load_summaries
+    from medseg.tracking.rerun import plan_rerun
+
+    summary = load_summaries([args.run], lambda: _database(args))[0]
+    with tempfile.TemporaryDirectory(prefix="medseg-rerun-") as folder:
+        plan = plan_rerun(summary, Path(folder) / "config.json")
+        print(f"re-running {summary.label} ({summary.experiment} {summary.command}): "
+              f"{plan.describe()}")
+        if args.dry_run:
+            return 0
+        return subprocess.run(plan.argv, cwd=plan.cwd).returncode
+
+
+def _add_database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None,
+                        help=f"MongoDB URL (default ${connection.URL_VARIABLE}, then medseg db)")
+    parser.add_argument("--db-name", default="medseg", help="database name (default medseg)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_parser("stop", help="stop the server").set_defaults(handler=_db_stop)
     actions.add_parser("status", help="is it running, and what does it hold").set_defaults(
         handler=_db_status)
+    load = actions.add_parser("import", help="load file-observer runs into the database")
+    load.add_argument("path", help="a run folder (with run.json) or a folder of them, "
+                                   "e.g. sacred_runs")
+    _add_database_options(load)
+    load.set_defaults(handler=_db_import)
+    board = actions.add_parser("omniboard", help="browse the runs with omniboard")
+    board.add_argument("--port", type=int, default=9000, help="HTTP port (default 9000)")
+    _add_database_options(board)
+    board.set_defaults(handler=_db_omniboard)
+
+    runs = commands.add_parser("runs", help="recorded runs")
+    run_actions = runs.add_subparsers(dest="action", required=True)
+    compare = run_actions.add_parser("compare", help="config differences and metrics of runs")
+    compare.add_argument("runs", nargs="+", metavar="REF", help="run id or run folder")
+    compare.add_argument("--all-config", action="store_true",
+                         help="list every config entry, not only those that differ")
+    _add_database_options(compare)
+    compare.set_defaults(handler=_runs_compare)
+    rerun = run_actions.add_parser("rerun", help="run a recorded run again with its config")
+    rerun.add_argument("run", metavar="REF", help="run id or run folder")
+    rerun.add_argument("--dry-run", action="store_true", help="print the command only")
+    _add_database_options(rerun)
+    rerun.set_defaults(handler=_runs_rerun)
     return parser
 
 

@@ -1,0 +1,34 @@
+"""Fixtures for every suite.
+
+- No test reaches a developer's own database: ``MEDSEG_MONGO_URL`` is removed, the default
+  local port is one nothing listens on, and ``medseg db`` keeps its state in a temporary
+  folder. Tests that run experiments still set ``tracking.observer`` explicitly.
+- ``mongo_server``: the URL of a real MongoDB-compatible server (PyPI ``secantusdb``) that
+  the session starts on a free 127.0.0.1 port with temporary storage, and stops (by its
+  PID, waiting for the exit) at the end. Each test that writes to it uses its own database
+  name, so tests do not see each other's runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from medseg import db
+
+#: Nothing listens on port 1 of 127.0.0.1; the "local server" of auto mode is never found.
+UNUSED_PORT = "1"
+
+
+@pytest.fixture(autouse=True)
+def _no_personal_database(monkeypatch, tmp_path_factory):
+    monkeypatch.delenv("MEDSEG_MONGO_URL", raising=False)
+    monkeypatch.setenv("MEDSEG_DB_PORT", UNUSED_PORT)
+    monkeypatch.setenv("MEDSEG_DB_DIR", str(tmp_path_factory.getbasetemp() / "medseg-db-state"))
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory) -> str:
+    """``mongodb://127.0.0.1:PORT`` of the session's database server."""
+    server = db.start_on_free_port(tmp_path_factory.mktemp("mongo-server"))
+    yield server.url
+    server.stop()

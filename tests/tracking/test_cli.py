@@ -1,0 +1,101 @@
+"""The `medseg` command line around the database and recorded runs (fast: the probe
+experiment and file-observer runs)."""
+
+import json
+
+import pytest
+
+from medseg import db
+from tests.tracking.support import PROBE, environment, medseg_cli, run_experiment
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("mongodb://user:s3cret@host:27017/?authSource=admin",
+     "mongodb://user:***@host:27017/?authSource=admin"),
+    ("mongodb://user:s3cret@host:notaport", "mongodb://user:***@host:notaport"),
+    ("mongodb://user:p@ss:w0rd@host", "mongodb://user:***@host"),
+    ("mongodb://host:27017/db", "mongodb://host:27017/db"),
+    ("mongodb://user@host", "mongodb://user@host"),
+])
+def test_redact_hides_the_password_even_in_malformed_urls(url, shown):
+    assert db.redact(url) == shown
+
+
+def test_db_start_status_stop(tmp_path):
+    port = db.free_port()
+    env = environment(MEDSEG_DB_DIR=str(tmp_path / "state"), MEDSEG_DB_PORT=str(port))
+    started = medseg_cli("db", "start", env=env)
+    try:
+        assert started.returncode == 0, started.output
+        assert started.stdout.startswith(
+            f"database server running: mongodb://127.0.0.1:{port} (pid ")
+        # Auto mode finds the local server.
+        run_experiment(PROBE, "tracking.db_name=medseg", cwd=tmp_path, env=env)
+        status = medseg_cli("db", "status", env=env)
+        assert status.returncode == 0
+        assert f"database server answers at mongodb://127.0.0.1:{port}" in status.stdout
+        assert "database 'medseg': 1 runs" in status.stdout
+    finally:
+        stopped = medseg_cli("db", "stop", env=env)
+    assert stopped.stdout.strip() == "database server stopped"
+    after = medseg_cli("db", "status", env=env)
+    assert after.returncode == 1
+    assert "no database server answers" in after.stdout
+
+
+def test_import_of_a_missing_folder_is_one_line(tmp_path):
+    done = medseg_cli("db", "import", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == (f"error: {tmp_path / 'nowhere'} does not exist; expected a "
+                           "file-observer run folder (with run.json) or a folder of them\n")
+
+
+def test_import_when_no_database_answers_says_how_to_get_one(tmp_path):
+    run_experiment(PROBE, "tracking.observer=file", cwd=tmp_path)
+    url = f"mongodb://127.0.0.1:{db.free_port()}"
+    done = medseg_cli("db", "import", "sacred_runs", "--url", url, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == (f"error: no MongoDB answers at {url} (from --url); start it with "
+                           "`medseg db start` or give --url\n")
+
+
+def test_compare_file_runs_shows_config_differences_and_metrics(tmp_path):
+    for points in (10, 30):
+        assert run_experiment(PROBE, "tracking.observer=file", f"points={points}", "seed=1",
+                              cwd=tmp_path).returncode == 0
+    done = medseg_cli("runs", "compare", "sacred_runs/1", "sacred_runs/2", cwd=tmp_path)
+    assert done.returncode == 0, done.output
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:]
+            if line.strip()}
+    assert rows["points"] == ["10", "30"]
+    assert "seed" not in rows  # equal in both: not a difference
+    assert rows["loss"] == ["8.5", "/", "4", "18.5", "/", "4"]  # last / best (lowest)
+    assert rows["score"] == ["9.5", "/", "-", "19.5", "/", "-"]  # no direction, no "best"
+    assert rows["status"] == ["COMPLETED", "COMPLETED"]
+
+
+def test_compare_unknown_run_is_one_line(tmp_path, database):
+    done = medseg_cli("runs", "compare", "999", "--url", database.url, "--db-name", database.name)
+    assert done.returncode == 2
+    assert done.stderr == f"error: there is no run 999 in database '{database.name}'\n"
+
+
+def test_rerun_dry_run_prints_the_command_with_the_stored_config(tmp_path):
+    run_experiment(PROBE, "tracking.observer=file", "points=7", cwd=tmp_path)
+    done = medseg_cli("runs", "rerun", "sacred_runs/1", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 0, done.output
+    assert done.stdout.startswith(
+        f"re-running sacred_runs/1 (metrics_probe main): (in {tmp_path}) ")
+    assert f"{PROBE} main with " in done.stdout and "-c rerun of sacred_runs/1" in done.stdout
+    assert json.loads((tmp_path / "sacred_runs" / "1" / "config.json").read_text())["points"] == 7
+
+
+def test_rerun_of_a_file_run_runs_again_with_the_same_config(tmp_path):
+    run_experiment(PROBE, "tracking.observer=file", "points=7", cwd=tmp_path)
+    done = medseg_cli("runs", "rerun", "sacred_runs/1", cwd=tmp_path)
+    assert done.returncode == 0, done.output
+    first, second = (json.loads((tmp_path / "sacred_runs" / str(i) / "config.json").read_text())
+                     for i in (1, 2))
+    assert first == second
+    meta = json.loads((tmp_path / "sacred_runs" / "2" / "run.json").read_text())["meta"]
+    assert meta["comment"] == "rerun of sacred_runs/1"
