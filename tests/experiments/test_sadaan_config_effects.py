@@ -2,7 +2,9 @@
 
 ``EFFECTS`` maps each entry to ``(probe, base, alternative)``: the probe's observation with
 ``base`` updates must differ from the one with ``base`` plus ``alternative``. A new entry
-without a row here fails ``test_every_entry_has_an_effect_row``.
+without a row here fails ``test_every_entry_has_an_effect_row``. The shared tracking entries
+(``tracking.*`` and ``tags``) are shown once for all experiments by
+tests/tracking/test_tracking_config.py.
 """
 
 from __future__ import annotations
@@ -111,13 +113,6 @@ def probe_precision(config):
     return str(device), precision.name
 
 
-def probe_observer(config):
-    from ingredients.tracking import choose_observer
-
-    observer, line = choose_observer(config["tracking"])
-    return type(observer).__name__, line
-
-
 def probe_generate(config):
     target = Path(config["dataset_path"])
     try:
@@ -162,14 +157,12 @@ RUN_PROBES = {
     "result_keys": lambda run, tmp: sorted(run.result),
     "result": lambda run, tmp: {k: round(v, 6) for k, v in run.result.items()},
     "dataset_info": lambda run, tmp: probe_run_summary(run, tmp)[2]["dataset"]["splits"],
-    "run_dirs": lambda run, tmp: sorted(str(p.relative_to(tmp)) for p in tmp.glob("*/*/run.json")),
-    "checkpoint_info": lambda run, tmp: "checkpoint_paths" in probe_run_summary(run, tmp)[2],
 }
 
 BUILD_PROBES = {
     "loader": probe_loader, "schedule": probe_schedule, "model": probe_model,
     "presence_gate": probe_presence_gate, "transform": probe_transform, "loss": probe_loss,
-    "precision": probe_precision, "observer": probe_observer, "generate": probe_generate,
+    "precision": probe_precision, "generate": probe_generate,
 }
 
 SCHEDULE = {"training.num_epochs": 8}
@@ -179,7 +172,6 @@ SGD, COSINE, PLATEAU, ONECYCLE = ({**SCHEDULE, "optimizer.type": "sgd"},
                                   {**SCHEDULE, "optimizer.lr_scheduler": "onecycle"})
 STALL = {"training.num_epochs": 3, "training.learning_rate": 1e-12, "training.monitor": "val_loss",
          "training.monitor_mode": "min"}
-AUTO = {"tracking.observer": "auto"}
 GENERATE = {"dataset.num_train": 2, "dataset.num_val": 1, "dataset.num_test": 1,
             "dataset.image_size": [32, 32, 16], "dataset.num_structures": 2}
 
@@ -253,17 +245,15 @@ EFFECTS = {
                                  {"checkpoint.keep_periodic": 1}),
     "checkpoint.resume": ("run:resumed", {"training.num_epochs": 2},
                           {"checkpoint.resume": "CHECKPOINT_1"}),
-    "tracking.observer": ("run:run_dirs", {}, {"tracking.observer": "none"}),
-    "tracking.url": ("observer", AUTO, {"tracking.url": "mongodb://127.0.0.1:9"}),
-    "tracking.db_name": ("observer", {**AUTO, "tracking.url": "MONGO_URL"},
-                         {"tracking.db_name": "other"}),
-    "tracking.file_dir": ("run:run_dirs", {}, {"tracking.file_dir": "TMP/other_runs"}),
-    "tracking.max_artifact_mb": ("run:checkpoint_info", {}, {"tracking.max_artifact_mb": 0}),
 }
 
 
+def shared_tracking_entry(key: str) -> bool:
+    return key.startswith("tracking.") or key == "tags"
+
+
 def test_every_entry_has_an_effect_row():
-    assert sorted(EFFECTS) == sorted(ex.known_entries())
+    assert sorted(EFFECTS) == sorted(k for k in ex.known_entries() if not shared_tracking_entry(k))
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +295,6 @@ def observe(probe, dotted, tmp, data, substitutions, monkeypatch):
 
 
 def _observe(probe, dotted, tmp, data, substitutions, monkeypatch):
-    monkeypatch.delenv("MEDSEG_MONGO_URL", raising=False)
     dotted = {k: substitute(v, tmp, substitutions) for k, v in dotted.items()}
     updates = quick_updates(data, tmp, dotted)
     kind, _, name = probe.partition(":")
@@ -336,12 +325,10 @@ def substitute(value, tmp, substitutions):
 @pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(EFFECTS))
 def test_entry_changes_what_the_user_observes(key, sadaan_data, tmp_path, checkpoints,
-                                              other_dataset, monkeypatch, request):
+                                              other_dataset, monkeypatch):
     probe, base, alternative = EFFECTS[key]
     substitutions = {"CHECKPOINT_1": checkpoints[0], "CHECKPOINT_2": checkpoints[1],
                      "OTHER_DATASET": other_dataset}
-    if "MONGO_URL" in base.values():
-        substitutions["MONGO_URL"] = request.getfixturevalue("mongo_server")
     default = observe(probe, base, tmp_path / "base", sadaan_data, substitutions, monkeypatch)
     changed = observe(probe, {**base, **alternative}, tmp_path / "changed", sadaan_data,
                       substitutions, monkeypatch)
