@@ -13,7 +13,6 @@ from medseg import config as c
 from medseg.data.loaders import EpochLoader
 from medseg.engine.precision import MODES, Precision, resolve_device, resolve_precision
 from medseg.engine.trainer import TrainerSettings
-from medseg.errors import ConfigError
 
 FIELDS = {
     "batch_size": Field(4, c.integer(minimum=1), "Training batch size"),
@@ -74,9 +73,6 @@ class TrainingIngredient(FieldIngredient):
     def validate(self, config) -> None:
         super().validate(config)
         training = config[self.path]
-        if training["warmup_epochs"] >= training["num_epochs"] and training["warmup_epochs"] > 0:
-            raise ConfigError(f"training.warmup_epochs ({training['warmup_epochs']}) must be "
-                              f"smaller than training.num_epochs ({training['num_epochs']})")
         resolve_precision(training["mixed_precision"], resolve_device(training["device"]))
 
 

@@ -7,6 +7,7 @@ its rising phase) and ``none``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -20,6 +21,19 @@ from torch.optim.lr_scheduler import (
 from medseg.errors import ConfigError
 
 SCHEDULERS = ("none", "cosine_annealing", "reduce_on_plateau", "onecycle")
+
+log = logging.getLogger(__name__)
+
+
+def _leave_one_epoch(warmup_epochs: float, num_epochs: int) -> float:
+    """A warm-up as long as the run (the seed's 5-epoch debug run keeps the 5-epoch default
+    warm-up) is shortened so the last epoch trains at the full rate under the schedule."""
+    longest = max(num_epochs - 1, 0)
+    if warmup_epochs > longest:
+        log.warning("training.warmup_epochs=%s shortened to %s: the run has %s epochs",
+                    warmup_epochs, longest, num_epochs)
+        return longest
+    return warmup_epochs
 
 
 class LRSchedule:
@@ -49,6 +63,7 @@ class LRSchedule:
                               f"{', '.join(repr(s) for s in SCHEDULERS)}, got {name!r}")
         self.name = name
         self.optimizer = optimizer
+        warmup_epochs = _leave_one_epoch(warmup_epochs, num_epochs)
         total_steps = max(1, num_epochs * steps_per_epoch)
         self.warmup_steps = 0 if name == "onecycle" else int(round(warmup_epochs * steps_per_epoch))
         self.steps_taken = 0

@@ -71,3 +71,12 @@ def test_state_dict_round_trip_continues_the_same_curve():
 def test_unknown_scheduler_is_named():
     with pytest.raises(ConfigError, match=r"optimizer.lr_scheduler must be one of .*'cosine'"):
         LRSchedule(optimizer(), "cosine", num_epochs=1, steps_per_epoch=1)
+
+
+def test_a_warmup_as_long_as_the_run_leaves_the_last_epoch_at_full_rate():
+    """The seed's debug recipe: 5 epochs with the default 5-epoch warm-up."""
+    schedule = LRSchedule(optimizer(), "cosine_annealing", num_epochs=5, steps_per_epoch=2,
+                          warmup_epochs=5)
+    lrs = run_epochs(schedule, 5, 2)
+    assert lrs[:4] == sorted(lrs[:4]) and lrs[3] == pytest.approx(1.0)
+    assert schedule.warmup_steps == 8

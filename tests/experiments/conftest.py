@@ -23,7 +23,7 @@ def sadaan_quick(sadaan_data, tmp_path):
         "training": {"image_size": [32, 32, 16], "num_epochs": 1, "warmup_epochs": 0,
                      "num_workers": 0, "batch_size": 2, "gradient_accumulation_steps": 1},
         "model": {"base_channels": 4},
-        "logging": {"progress_bar": False},
+        "logging": {"progress_bar": False, "log_frequency": 1},
         "checkpoint": {"save_dir": str(tmp_path / "checkpoints" / "{run_id}")},
         "tracking": {"observer": "file", "file_dir": str(tmp_path / "runs")},
     }

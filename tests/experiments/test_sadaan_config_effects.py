@@ -224,7 +224,7 @@ EFFECTS = {
     "training.num_workers": ("loader", {}, {"training.num_workers": 1}),
     "training.warmup_epochs": ("schedule", SCHEDULE, {"training.warmup_epochs": 2}),
     "training.gradient_accumulation_steps": ("run:optimizer_steps", {},
-                                             {"training.gradient_accumulation_steps": 2}),
+                                             {"training.gradient_accumulation_steps": 4}),
     "training.memory_cleanup_frequency": ("run:cleanups", {}, {"training.memory_cleanup_frequency": 1}),
     "training.mixed_precision": ("precision", {}, {"training.mixed_precision": "bf16"}),
     "training.device": ("precision", {}, {"training.device": "cuda" if not torch.cuda.is_available()
@@ -280,6 +280,7 @@ def quick_updates(data, tmp, dotted):
         "seed": 0, "dataset_path": str(data), "training.image_size": [32, 32, 16],
         "training.num_epochs": 1, "training.warmup_epochs": 0, "training.num_workers": 0,
         "training.batch_size": 2, "model.base_channels": 4, "logging.progress_bar": False,
+        "logging.log_frequency": 1,
         "checkpoint.save_dir": str(tmp / "checkpoints" / "{run_id}"),
         "tracking.observer": "file", "tracking.file_dir": str(tmp / "runs"),
     }
