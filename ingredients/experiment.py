@@ -46,7 +46,11 @@ class MedsegExperiment(Experiment):
         return function
 
     def validate_config(self, config: Mapping[str, Any], command_name: str) -> None:
-        for ingredient, _ in self.traverse_ingredients():
+        # The traversal is finished before any check can raise: Sacred's traversal generator
+        # resets its "traversing" flag only when exhausted, so leaving it early would make
+        # every later run in this process fail with a CircularDependencyError.
+        ingredients = [ingredient for ingredient, _ in self.traverse_ingredients()]
+        for ingredient in ingredients:
             if isinstance(ingredient, FieldIngredient):
                 ingredient.validate(config)
         for validator in self.__dict__.get("_validators", []):
