@@ -58,3 +58,26 @@ def write_cubes_dir(root: Path, *, per_fold: tuple[int, int] = (2, 2), shape=SHA
                     write_cube(fold_folder(root, fold) / f"{kind}_{series}_0.npz", volume, mask,
                                label=int(kind == "pos"), fold=fold)
     return root
+
+
+def write_volumes(folder: Path, *, positives: int = 5, negatives: int = 2,
+                  shape_xyz=(40, 40, 20), spacing_xyz=(1.0, 1.0, 2.0)) -> Path:
+    """NIfTI volumes with one bright ball each in the first ``positives`` series, and the
+    centres CSV (voxel coordinates) that `prepare` reads."""
+    import nibabel as nib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ball = (14, 20, 10)
+    rows = ["series_id,x,y,z"]
+    for index in range(positives + negatives):
+        rng = np.random.default_rng(index)
+        data = rng.normal(30, 5, shape_xyz)
+        if index < positives:
+            i, j, k = np.meshgrid(*[np.arange(n) for n in shape_xyz], indexing="ij")
+            near = sum(((a - b) * s) ** 2 for a, b, s in zip((i, j, k), ball, spacing_xyz)) <= 9
+            data[near] = 300
+            rows.append(f"9.8.{index},{ball[0]},{ball[1]},{ball[2]}")
+        nib.save(nib.Nifti1Image(data.astype(np.int16), np.diag([*spacing_xyz, 1.0])),
+                 folder / f"9.8.{index}.nii.gz")
+    (folder / "aneurysm_centres.csv").write_text("\n".join(rows) + "\n")
+    return folder
