@@ -154,6 +154,12 @@ def _inspect_cached(path_text: str, size: int, mtime_ns: int, fold: int,
                       index=int(match["index"]), shape=volume_shape, mask_max=mask_max)
 
 
+def forget_inspections() -> None:
+    """Drop the cached checks (they are keyed by path, size and mtime, so this is needed only
+    to measure how long checking takes)."""
+    _inspect_cached.cache_clear()
+
+
 def _array_header(npz, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one NPZ member from its header, without reading its data."""
     with npz.zip.open(f"{key}.npy") as handle:

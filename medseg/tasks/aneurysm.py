@@ -59,6 +59,7 @@ class CubeResult:
     label: int
     score: float
     max_probability: float
+    fraction_above_pos_thr: float
     predicted: bool
     dice: float
     loss: float
@@ -134,8 +135,10 @@ class AneurysmTask:
         if label == 1:
             dice = float(per_structure_dice(probability > MASK_THRESHOLD, mask > 0.5)[0, 0])
         return CubeResult(name=name, label=label, score=score,
-                          max_probability=float(probability.max()), predicted=predicted,
-                          dice=dice, loss=loss)
+                          max_probability=float(probability.max()),
+                          fraction_above_pos_thr=volume_score(probability, "fraction",
+                                                              self.pos_thr),
+                          predicted=predicted, dice=dice, loss=loss)
 
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
                  precision: Precision) -> dict[str, float]:

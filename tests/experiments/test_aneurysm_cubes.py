@@ -455,7 +455,8 @@ EFFECTS: dict[str, Check] = {
     "seed": on_trainer(7, sacred_seed),
     # dataset
     "dataset.cube_shape": on_outcome("prepare", [8, 24, 24], cubes_written, setup=with_volumes,
-                                     **{k: v for k, v in PREPARE.items() if k != "dataset.cube_shape"}),
+                                     **{k: v for k, v in PREPARE.items()
+                                        if k != "dataset.cube_shape"}),
     "dataset.label_threshold": on_trainer(0.6, mask_voxels_of_last_val_cube),
     "dataset.small_dataset": on_trainer(True, lambda t: records(t.train_loader)),
     "dataset.small_dataset_fraction": on_trainer(0.7, lambda t: records(t.train_loader),
@@ -503,22 +504,26 @@ EFFECTS: dict[str, Check] = {
     "model.norm_name": on_trainer("batch", lambda t: sorted({type(m).__name__
                                                              for m in t.model.modules()})),
     "model.res_block": on_trainer(True, param_count),
+    "model.initial_foreground_probability": on_trainer(
+        None, lambda t: round(t.model.output_block.conv.conv.bias.item(), 4)),
     # loss
     "loss_weights.pos_weight": on_trainer(1.0, loss_on_fixed_input),
     "loss_weights.dice": on_trainer(0.0, loss_on_fixed_input),
     "loss_weights.ce": on_trainer(0.0, loss_on_fixed_input),
     # augmentation
     "augmentation.enabled": on_trainer(False, transform_steps),
-    "augmentation.crop_size": on_trainer([8, 8, 8], lambda t: (t.task.roi_size,
-                                                               t.train_loader.dataset[0]["image"].shape)),
+    "augmentation.crop_size": on_trainer(
+        [8, 8, 8], lambda t: (t.task.roi_size, t.train_loader.dataset[0]["image"].shape)),
     "augmentation.rotate_probability": on_trainer(0.0, transform_steps),
     "augmentation.flip_probability": on_trainer(0.0, transform_steps),
     # optimizer
     "optimizer.type": on_trainer("sgd", lambda t: type(t.optimizer).__name__),
-    "optimizer.weight_decay": on_trainer(1e-3, lambda t: t.optimizer.param_groups[0]["weight_decay"]),
+    "optimizer.weight_decay": on_trainer(1e-3,
+                                         lambda t: t.optimizer.param_groups[0]["weight_decay"]),
     "optimizer.momentum": on_trainer(0.5, lambda t: t.optimizer.param_groups[0]["momentum"],
                                      **{"optimizer.type": "sgd"}),
-    "optimizer.lr_scheduler": on_trainer("cosine_annealing", lambda t: type(t.schedule.main).__name__),
+    "optimizer.lr_scheduler": on_trainer("cosine_annealing",
+                                         lambda t: type(t.schedule.main).__name__),
     "optimizer.min_lr": on_trainer(1e-5, lambda t: t.schedule.main.min_lrs),
     "optimizer.plateau_factor": on_trainer(0.2, lambda t: t.schedule.main.factor),
     "optimizer.plateau_patience": on_trainer(2, lambda t: t.schedule.main.patience),
@@ -585,7 +590,8 @@ def created_config(*named, **updates) -> dict:
 def test_presets_set_what_the_seed_documents():
     default = created_config()
     assert (default["training"]["learning_rate"], default["training"]["num_epochs"]) == (1e-4, 200)
-    assert default["training"]["batch_size"] == 4 and default["dataset"]["cube_shape"] == [32, 128, 128]
+    assert default["training"]["batch_size"] == 4
+    assert default["dataset"]["cube_shape"] == [32, 128, 128]
     assert (default["loss_weights"]["pos_weight"], default["dataset"]["label_threshold"],
             default["pos_thr"]) == (128.0, 0.1, 0.1)
     assert default["model"]["filters"] == [32, 64, 128, 256]
@@ -680,10 +686,12 @@ def test_predict_names_bad_inputs(env, tmp_path):
     checkpoints = checkpoint_paths(env)
     (tmp_path / "scan.txt").write_text("not a volume")
     with pytest.raises(DataError, match=r"scan\.txt: expected an NPZ cube \(\.npz\) or a NIfTI"):
-        env.run("predict", predict_checkpoints=checkpoints, predict_input=str(tmp_path / "scan.txt"))
+        env.run("predict", predict_checkpoints=checkpoints,
+                predict_input=str(tmp_path / "scan.txt"))
     np.savez(tmp_path / "cube.npz", image=np.zeros((4, 4, 4), np.uint8))
     with pytest.raises(DataError, match=r"cube\.npz has no 'volume'"):
-        env.run("predict", predict_checkpoints=checkpoints, predict_input=str(tmp_path / "cube.npz"))
+        env.run("predict", predict_checkpoints=checkpoints,
+                predict_input=str(tmp_path / "cube.npz"))
 
 
 def test_prepare_and_generate_refuse_to_overwrite(env, tmp_path):
@@ -706,7 +714,7 @@ def test_training_lowers_the_loss_and_raises_dice(trained):
     losses = [row["train_loss_epoch"] for row in history]
     dice = [row["val_dice"] for row in history]
     assert losses[-1] < 0.85 * losses[0] and losses[-1] == min(losses)
-    assert dice[-1] > dice[0] + 0.2
+    assert dice[-1] > dice[0] + 0.1 and dice[-1] > 0.6
     result = trained.run.result
     assert set(result) >= {"best_epoch", "fold_dice", "fold_auc", "fold_pos_accuracy",
                            "fold_neg_accuracy", "test_dice", "test_auc", "checkpoint"}
