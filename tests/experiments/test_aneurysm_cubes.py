@@ -415,7 +415,7 @@ def check_val_fold_range(env: Env, key: str) -> None:
 
 
 def sacred_seed(trainer):
-    return trainer.train_loader.seed, round(float(next(trainer.model.parameters()).sum()), 6)
+    return trainer.train_loader.seed, round(next(trainer.model.parameters()).sum().item(), 6)
 
 
 def score_of(trainer):
