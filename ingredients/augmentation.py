@@ -6,7 +6,9 @@ from typing import Any
 
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
+from medseg.data.cube_transforms import cube_transforms
 from medseg.data.transforms import sadaan_transforms
+from medseg.errors import ConfigError
 
 SADAAN_FIELDS = {
     "enabled": Field(True, c.boolean(), "Enable data augmentation"),
@@ -33,3 +35,37 @@ class SADAANAugmentationIngredient(FieldIngredient):
                                      flip_probability=flip_probability)
 
         self.make_transform = make_transform
+
+
+CUBES_FIELDS = {
+    "enabled": Field(True, c.boolean(), "Random axial 90-degree rotations and flips along z and y"),
+    "crop_size": Field([16, 64, 64], c.sequence(c.integer(minimum=1), length=3),
+                       "Random training crop D, H, W (also the sliding-window size)"),
+    "rotate_probability": Field(0.5, c.number(minimum=0, maximum=1),
+                                "Probability of a random 90/180/270-degree axial rotation"),
+    "flip_probability": Field(0.5, c.number(minimum=0, maximum=1),
+                              "Probability of a flip, for each of the z and y axes"),
+}
+
+
+class CubeAugmentationIngredient(FieldIngredient):
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("augmentation", CUBES_FIELDS, defaults)
+
+        @self.capture
+        def make_transform(train: bool, enabled: bool, crop_size, rotate_probability: float,
+                           flip_probability: float):
+            return cube_transforms(train=train, crop_size=crop_size, augment=enabled,
+                                   rotate_probability=rotate_probability,
+                                   flip_probability=flip_probability)
+
+        self.make_transform = make_transform
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        augmentation = config[self.path]
+        crop = augmentation["crop_size"]
+        rotating = augmentation["enabled"] and augmentation["rotate_probability"] > 0
+        if rotating and crop[1] != crop[2]:
+            raise ConfigError(f"augmentation.crop_size {crop} must have H == W for axial 90-degree "
+                              "rotations (or set augmentation.rotate_probability=0)")

@@ -17,6 +17,25 @@ from medseg.data.hdf5 import (
     read_metadata,
     validate_split,
 )
+from medseg.data.npz_cubes import (
+    NUM_FOLDS,
+    TEST_FOLD,
+    CubeIndex,
+    CubeRecord,
+    NpzCubeDataset,
+    cube_statistics,
+    scan_cubes,
+    select_records,
+)
+from medseg.data.prepare_cubes import (
+    CENTRES_FILE,
+    PrepareSummary,
+    find_volumes,
+    prepare_cubes,
+    read_centres,
+)
+from medseg.data.staging import refuse_to_overwrite
+from medseg.data.synthetic.aneurysm import generate_aneurysm_volumes
 from medseg.data.synthetic.sadaan import generate_sadaan_dataset
 from medseg.errors import ConfigError
 
@@ -78,3 +97,148 @@ class HDF5DatasetIngredient(FieldIngredient):
     @staticmethod
     def open_split(dataset_path: str, split: str, transform=None) -> HDF5SegmentationDataset:
         return HDF5SegmentationDataset(Path(dataset_path) / f"{split}.h5", transform=transform)
+
+
+# Aneurysm cubes: NPZ folds in the folder named by the experiment's ``cubes_dir``, cut by the
+# ``prepare`` command from NIfTI volumes in ``volumes_dir`` (which ``generate_volumes`` can
+# fill with synthetic head CT angiographies).
+
+CUBES_FIELDS = {
+    "cube_shape": Field([32, 128, 128], c.sequence(c.integer(minimum=4), length=3),
+                        "Cube size D, H, W: what `prepare` cuts and every cube must have"),
+    "label_threshold": Field(0.1, c.number(minimum=0, maximum=0.999),
+                             "Mask values above this are aneurysm voxels (binarises the "
+                             "Gaussian masks)"),
+    "small_dataset": Field(False, c.boolean(),
+                           "Use `small_dataset_fraction` of each fold's positives and negatives"),
+    "small_dataset_fraction": Field(0.1, c.number(above=0, maximum=1),
+                                    "Share of the cubes kept by `small_dataset`"),
+    "only_positive": Field(False, c.boolean(), "Train on positive cubes only"),
+    "only_positive_val": Field(False, c.boolean(), "Validate on positive cubes only"),
+}
+
+
+class AneurysmCubesDatasetIngredient(FieldIngredient):
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("dataset", CUBES_FIELDS, defaults)
+
+        @self.capture
+        def scan(cubes_dir: str, cube_shape: list[int], label_threshold: float) -> CubeIndex:
+            """Every cube of ``cubes_dir``, validated (raises DataError naming the file)."""
+            return scan_cubes(cubes_dir, cube_shape=cube_shape, label_threshold=label_threshold)
+
+        @self.capture
+        def split(index: CubeIndex, val_fold: int, small_dataset: bool,
+                  small_dataset_fraction: float, only_positive: bool,
+                  only_positive_val: bool) -> tuple[list[CubeRecord], list[CubeRecord]]:
+            """Training cubes (every fold but ``val_fold``) and validation cubes."""
+            fraction = small_dataset_fraction if small_dataset else 1.0
+            train_folds = [fold for fold in range(NUM_FOLDS) if fold != val_fold]
+            return (select_records(index.records(train_folds), only_positive=only_positive,
+                                   fraction=fraction),
+                    select_records(index.records([val_fold]), only_positive=only_positive_val,
+                                   fraction=fraction))
+
+        @self.capture
+        def test_records(index: CubeIndex, small_dataset: bool,
+                         small_dataset_fraction: float) -> list[CubeRecord]:
+            fraction = small_dataset_fraction if small_dataset else 1.0
+            return select_records(index.records([TEST_FOLD]), fraction=fraction)
+
+        @self.capture
+        def open_cubes(records, transform, label_threshold: float) -> NpzCubeDataset:
+            return NpzCubeDataset(records, label_threshold=label_threshold, transform=transform)
+
+        @self.capture
+        def statistics(index: CubeIndex, label_threshold: float) -> dict[str, Any]:
+            return cube_statistics(index, label_threshold=label_threshold)
+
+        self.scan = scan
+        self.split = split
+        self.test_records = test_records
+        self.open_cubes = open_cubes
+        self.statistics = statistics
+
+
+PREPARE_FIELDS = {
+    "centres_csv": Field(None, c.optional(c.text()),
+                         "CSV of aneurysm centres (null: volumes_dir/aneurysm_centres.csv)"),
+    "negatives_per_series": Field(1, c.integer(minimum=0), "Negative cubes cut per series"),
+    "mask_sigma_mm": Field(2.0, c.number(above=0),
+                           "Standard deviation of the Gaussian mask around each centre (mm)"),
+    "intensity_window": Field(None, c.optional(c.number_range()),
+                              "[low, high] mapped to 0-255 (e.g. [-100, 700] HU); null: each "
+                              "volume's 0.5-99.5 percentiles"),
+    "target_spacing": Field(None, c.optional(c.sequence(c.number(above=0), length=3)),
+                            "Resample volumes to this z, y, x spacing (mm) first (null: keep)"),
+    "positive_jitter": Field(0.25, c.number(minimum=0, maximum=0.49),
+                             "Largest shift of a positive cube's centre from its aneurysm, as a "
+                             "share of the cube size"),
+    "test_fraction": Field(0.15, c.number(minimum=0, maximum=0.9),
+                           "Share of series held out in test/ (scored by the fold ensemble)"),
+    "compress": Field(False, c.boolean(), "Write compressed NPZ (smaller, slower to read)"),
+    "seed": Field(0, c.integer(minimum=0), "Seed of fold assignment, jitter and negatives"),
+    "overwrite": Field(False, c.boolean(), "Replace an existing cubes folder"),
+}
+
+
+class AneurysmPrepareIngredient(FieldIngredient):
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("prepare", PREPARE_FIELDS, defaults)
+
+        @self.capture
+        def run(volumes_dir: str, cubes_dir: str, cube_shape: list[int], centres_csv,
+                negatives_per_series: int, mask_sigma_mm: float, intensity_window,
+                target_spacing, positive_jitter: float, test_fraction: float, compress: bool,
+                seed: int, overwrite: bool) -> PrepareSummary:
+            return prepare_cubes(
+                volumes_dir, cubes_dir, centres_csv=centres_csv, cube_shape=cube_shape,
+                negatives_per_series=negatives_per_series, mask_sigma_mm=mask_sigma_mm,
+                intensity_window=intensity_window, target_spacing=target_spacing,
+                positive_jitter=positive_jitter, test_fraction=test_fraction,
+                compress=compress, seed=seed, overwrite=overwrite)
+
+        @self.capture
+        def check_inputs(volumes_dir: str, cubes_dir: str, centres_csv, overwrite: bool) -> None:
+            """Everything `prepare` reads exists and its output may be written."""
+            volumes = find_volumes(volumes_dir)
+            read_centres(centres_csv or Path(volumes_dir) / CENTRES_FILE, list(volumes))
+            refuse_to_overwrite(cubes_dir, overwrite, "aneurysm cubes")
+
+        self.run = run
+        self.check_inputs = check_inputs
+
+
+SYNTHETIC_FIELDS = {
+    "num_series": Field(100, c.integer(minimum=1), "generate_volumes: series (NIfTI volumes)"),
+    "volume_shape": Field([64, 192, 192], c.sequence(c.integer(minimum=8), length=3),
+                          "generate_volumes: volume size z, y, x (voxels)"),
+    "spacing": Field([1.0, 0.9, 0.9], c.sequence(c.number(above=0), length=3),
+                     "generate_volumes: voxel size z, y, x (mm)"),
+    "aneurysm_fraction": Field(0.5, c.number(minimum=0, maximum=1),
+                               "generate_volumes: share of series with aneurysms"),
+    "noise_std": Field(15.0, c.number(minimum=0), "generate_volumes: noise (HU)"),
+    "seed": Field(0, c.integer(minimum=0), "generate_volumes: random seed"),
+    "overwrite": Field(False, c.boolean(), "generate_volumes: replace an existing folder"),
+}
+
+
+class AneurysmVolumesIngredient(FieldIngredient):
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("synthetic", SYNTHETIC_FIELDS, defaults)
+
+        @self.capture
+        def generate(volumes_dir: str, num_series: int, volume_shape: list[int], spacing,
+                     aneurysm_fraction: float, noise_std: float, seed: int,
+                     overwrite: bool) -> Path:
+            return generate_aneurysm_volumes(
+                volumes_dir, num_series=num_series, volume_shape=tuple(volume_shape),
+                spacing=tuple(spacing), aneurysm_fraction=aneurysm_fraction,
+                noise_std=noise_std, seed=seed, overwrite=overwrite)
+
+        @self.capture
+        def check_output(volumes_dir: str, overwrite: bool) -> None:
+            refuse_to_overwrite(volumes_dir, overwrite, "synthetic volumes")
+
+        self.generate = generate
+        self.check_output = check_output

@@ -6,6 +6,8 @@ from typing import Any
 
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
+from medseg.errors import ConfigError
+from medseg.losses.aneurysm import WeightedDiceCELoss
 from medseg.losses.sadaan import SADAANLoss
 
 WEIGHT = c.number(minimum=0)
@@ -30,3 +32,29 @@ class SADAANLossWeightsIngredient(FieldIngredient):
             return SADAANLoss(**_config)
 
         self.make_loss = make_loss
+
+
+CUBES_FIELDS = {
+    "pos_weight": Field(128.0, c.number(above=0),
+                        "Weight of positive (aneurysm) voxels in the cross-entropy"),
+    "dice": Field(1.0, WEIGHT, "Dice loss term"),
+    "ce": Field(1.0, WEIGHT, "Binary cross-entropy term"),
+}
+
+
+class CubeLossWeightsIngredient(FieldIngredient):
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("loss_weights", CUBES_FIELDS, defaults)
+
+        @self.capture
+        def make_loss(pos_weight: float, dice: float, ce: float) -> WeightedDiceCELoss:
+            return WeightedDiceCELoss(pos_weight=pos_weight, dice=dice, ce=ce)
+
+        self.make_loss = make_loss
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        weights = config[self.path]
+        if weights["dice"] == 0 and weights["ce"] == 0:
+            raise ConfigError("loss_weights.dice and loss_weights.ce are both 0; at least one "
+                              "loss term must count")

@@ -1,0 +1,52 @@
+"""Writing a whole output folder or nothing: files go to a hidden sibling folder that is
+renamed into place once complete, so an interrupted or failed run leaves no half-written
+dataset behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from medseg.errors import DataError
+
+
+def refuse_to_overwrite(output_dir: str | Path, overwrite: bool, what: str) -> None:
+    """Stop unless ``output_dir`` is missing, an empty folder, or ``overwrite`` is set."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataError(f"{output_dir} exists and is not a folder; expected a folder (or "
+                        f"nothing) to write the {what} into")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise DataError(f"{output_dir} already contains files; expected an empty or missing "
+                        f"folder for the {what} (set overwrite=True to replace it)")
+
+
+@contextlib.contextmanager
+def staged_directory(output_dir: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``output_dir``; on success it replaces
+    ``output_dir`` (an old one is removed only afterwards), on failure it is deleted."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial",
+                                    dir=output_dir.parent))
+    try:
+        yield staging
+        _move_into_place(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old",
+                                    dir=output_dir.parent))
+    os.replace(output_dir, retired / output_dir.name)
+    os.replace(staging, output_dir)
+    shutil.rmtree(retired, ignore_errors=True)
