@@ -113,7 +113,7 @@ TOP_LEVEL = {
     "predict_output_dir": Field("outputs/aneurysm_predictions", c.text(),
                                 "predict: folder of the probability NIfTI and score JSON"),
 }
-ex.add_config({name: field.default for name, field in TOP_LEVEL.items()})
+ex.add_fields(TOP_LEVEL)
 
 # The seed's presets: `--test --viz` is `with test viz`.
 ex.add_named_config("test", training={"num_epochs": 1}, dataset={"small_dataset": True})
@@ -137,7 +137,6 @@ ex.add_named_config(
 
 @ex.config_validator
 def check_config(config, command_name):
-    c.validate(config, {name: field.check for name, field in TOP_LEVEL.items()})
     if command_name in ("main", "cross_validate", "predict"):
         _check_crop(config)
     if command_name in ("main", "cross_validate"):

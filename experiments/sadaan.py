@@ -15,12 +15,15 @@ from ingredients.augmentation import SADAANAugmentationIngredient  # noqa: E402
 from ingredients.checkpoint import CheckpointIngredient  # noqa: E402
 from ingredients.dataset import HDF5DatasetIngredient  # noqa: E402
 from ingredients.experiment import MedsegExperiment  # noqa: E402
+from ingredients.fields import Field  # noqa: E402
 from ingredients.loss_weights import SADAANLossWeightsIngredient  # noqa: E402
 from ingredients.model import SADAANModelIngredient  # noqa: E402
 from ingredients.optimizer import OptimizerIngredient  # noqa: E402
 from ingredients.pipeline import PipelineRun  # noqa: E402
 from ingredients.tracking import LoggingIngredient, TrackingIngredient  # noqa: E402
 from ingredients.training import TrainingIngredient, image_size_field  # noqa: E402
+from medseg import config as c  # noqa: E402
+from medseg.data.hdf5 import SPLITS  # noqa: E402
 from medseg.tasks.sadaan import SADAANTask, evaluate_sadaan  # noqa: E402
 
 dataset = HDF5DatasetIngredient()
@@ -39,11 +42,13 @@ ex = MedsegExperiment("sadaan", ingredients=[dataset, model, loss_weights, augme
                                              optimizer, checkpoint, training, logging_, tracking])
 
 
-@ex.config
-def config():
-    dataset_path = "./synthetic_medical_dataset_hdf5"  # metadata.json, train.h5, val.h5, test.h5
-    eval_split = "test"  # split scored by `evaluate` and after training
-    eval_checkpoint = None  # checkpoint scored by `evaluate`
+ex.add_fields({
+    "dataset_path": Field("./synthetic_medical_dataset_hdf5", c.text(),
+                          "Folder with metadata.json, train.h5, val.h5 (and test.h5)"),
+    "eval_split": Field("test", c.choice(*SPLITS),
+                        "Split scored after training (when its file exists) and by `evaluate`"),
+    "eval_checkpoint": Field(None, c.optional(c.text()), "Checkpoint scored by `evaluate`"),
+})
 
 
 # The seed's documented recipes, by name: `python experiments/sadaan.py with debug`.

@@ -10,6 +10,7 @@ entry (omniboard shows and filters runs by ``config.tags``; notes come from ``-c
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import logging
@@ -24,7 +25,7 @@ from sacred import Experiment
 from sacred.config import ConfigScope
 from sacred.utils import ConfigAddedError, NamedConfigNotFoundError, apply_backspaces_and_linefeeds
 
-from ingredients.fields import FieldIngredient
+from ingredients.fields import Field, FieldIngredient
 from ingredients.tracking import TRACKING_FIELDS, choose_observer
 from medseg import config as c
 from medseg.errors import ConfigError, MedsegError
@@ -92,6 +93,11 @@ def _labels():
 class MedsegExperiment(Experiment):
     """Use exactly like :class:`sacred.Experiment`; add checks with :meth:`config_validator`."""
 
+    def add_fields(self, fields: Mapping[str, Field]) -> None:
+        """Top-level config entries declared like an ingredient's: default, check, doc."""
+        self.__dict__.setdefault("top_level_fields", {}).update(fields)
+        self.add_config({name: copy.deepcopy(field.default) for name, field in fields.items()})
+
     def config_validator(self, function: Validator) -> Validator:
         """Register ``function(config, command_name)``; it raises ConfigError or DataError."""
         self.__dict__.setdefault("_validators", []).append(function)
@@ -106,6 +112,8 @@ class MedsegExperiment(Experiment):
         for ingredient in ingredients:
             if isinstance(ingredient, FieldIngredient):
                 ingredient.validate(config)
+        c.validate(config, {name: field.check
+                            for name, field in self.__dict__.get("top_level_fields", {}).items()})
         for validator in self.__dict__.get("_validators", []):
             validator(config, command_name)
 
@@ -164,14 +172,26 @@ class MedsegExperiment(Experiment):
 
     def known_entries(self) -> list[str]:
         """Every config key a user can set, dotted (``training.batch_size``)."""
+        return sorted(key for key, _, _ in self.describe_entries())
+
+    def describe_entries(self) -> list[tuple[str, Any, str]]:
+        """``(key, default, doc)`` of every config entry, the experiment's own first."""
         self._add_labels()
-        keys = []
-        for ingredient, _ in self.traverse_ingredients():
-            if isinstance(ingredient, FieldIngredient):
-                keys += [f"{ingredient.path}.{name}" for name in ingredient.fields]
+        rows = {"seed": (None, "Sacred's random seed (random unless given): weights, data "
+                               "order, augmentation")}
         for scope in self.configurations:
-            keys += [k for k in scope() if k != "seed"]
-        return sorted(set(keys) | {"seed"})
+            values = scope()
+            docs = getattr(values, "docs", {})
+            fields = self.__dict__.get("top_level_fields", {})
+            for key, value in values.items():
+                doc = fields[key].doc if key in fields else docs.get(key, "")
+                rows.setdefault(key, (value, doc))
+        described = [(key, default, doc) for key, (default, doc) in rows.items()]
+        ingredients = [ingredient for ingredient, _ in self.traverse_ingredients()]
+        for ingredient in ingredients:
+            if isinstance(ingredient, FieldIngredient):
+                described += ingredient.describe()
+        return described
 
     def _unknown_entries(self, entries) -> str:
         known = self.known_entries()

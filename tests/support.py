@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_experiment(name: str):
-    """The module ``experiments/<name>.py`` (imported once per test process)."""
-    module_name = f"medseg_experiment_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, ROOT / "experiments" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    """The module ``experiments/<name>.py``, imported as ``experiments.<name>`` (the same
+    module object a test gets with ``from experiments import <name>``)."""
+    return importlib.import_module(f"experiments.{name}")
 
 
 def file_runs(directory: Path) -> list[dict]:
@@ -36,3 +30,9 @@ def merge(base: dict, updates: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def shared_tracking_entry(key: str) -> bool:
+    """Entries of the shared tracking ingredient (and ``tags``), whose effects
+    tests/tracking/test_tracking_config.py shows once for every experiment."""
+    return key.startswith("tracking.") or key == "tags"

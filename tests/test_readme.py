@@ -1,20 +1,28 @@
-"""The README documents every config entry and named config of every experiment."""
+"""The documentation covers every experiment: the README's set-up commands, a link to each
+generated config reference, and references that match the code."""
 
 import pytest
 
+from ingredients import reference
 from support import ROOT, load_experiment
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py"))
 README = (ROOT / "README.md").read_text()
 
 
+@pytest.mark.parametrize("path, text", sorted(reference.pages().items()))
+def test_config_reference_is_up_to_date(path, text):
+    assert path.is_file(), f"{path.name} missing: run python -m ingredients.reference"
+    assert path.read_text() == text, f"{path.name} is stale: run python -m ingredients.reference"
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_entry_and_named_config_is_documented(name):
-    ex = load_experiment(name).ex
-    missing = [key for key in ex.known_entries() if f"`{key}`" not in README]
-    assert not missing, f"README lacks {name} entries: {missing}"
-    named = [n for n, _ in ex.gather_named_configs() if f"`{n}`" not in README]
-    assert not named, f"README lacks {name} named configs: {named}"
+def test_every_entry_is_explained_and_the_reference_is_linked(name):
+    undocumented = [key for key, _, doc in load_experiment(name).ex.describe_entries()
+                    if not doc.strip()]
+    assert not undocumented, f"{name}: entries without a doc line: {undocumented}"
+    assert f"docs/config/{name}.md" in README
+    assert f"experiments/{name}.py" in README
 
 
 def test_readme_has_exactly_the_two_setup_commands():

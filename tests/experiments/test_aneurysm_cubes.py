@@ -21,11 +21,11 @@ from torch import nn
 
 from experiments import aneurysm_cubes as exp
 from ingredients import pipeline as pipeline_module
-from ingredients import tracking as tracking_module
 from ingredients.pipeline import PredictionSnapshots
 from medseg.data.npz_cubes import TEST_FOLD, fold_folder
 from medseg.engine.reporting import RecordingReporter
 from medseg.errors import ConfigError, DataError, MedsegError
+from support import shared_tracking_entry
 from tests.cube_factory import SHAPE, write_cube, write_cubes_dir, write_volumes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,29 +226,6 @@ def window_batches(trainer):
     recorder = Recorder()
     output = trainer.task.infer(recorder, torch.zeros(1, 1, *SHAPE), trainer.precision)
     return recorder.batches, np.round(output.flatten()[::97].numpy(), 4).tolist()
-
-
-def observers(run):
-    """What records the run: observer type, file folder or Mongo database."""
-    found = []
-    for observer in run.observers:
-        mongo = getattr(observer, "_covered_observer", None)
-        found.append((type(observer).__name__, getattr(observer, "basedir", None),
-                      mongo.runs.database.name if mongo is not None else None))
-    return found
-
-
-def on_observers(alternative, ping_answers=None, **base) -> Check:
-    """The entry changes the observers of the run `main` would start (runs are not started,
-    so nothing is written); ``ping_answers`` is the one MongoDB URL that answers."""
-    def check(env: Env, key: str) -> None:
-        env.monkeypatch.setattr(tracking_module.db, "ping",
-                                lambda url, timeout_s: url == ping_answers)
-        value = alternative(env) if callable(alternative) else alternative
-        before = observers(env.created(**base))
-        after = observers(env.created(**{**base, key: value}))
-        assert before != after, f"{key}={value!r} changed nothing ({before!r})"
-    return check
 
 
 def mask_voxels_of_last_val_cube(trainer):
@@ -557,18 +534,13 @@ EFFECTS: dict[str, Check] = {
     "logging.log_frequency": on_trainer(3, lambda t: t.settings.log_frequency),
     "logging.visualize_predictions": check_visualize_predictions,
     "logging.progress_bar": on_trainer(True, lambda t: t.settings.progress_bar),
-    "tracking.observer": on_observers("file"),
-    "tracking.url": on_observers("mongodb://127.0.0.1:1", ping_answers="mongodb://127.0.0.1:1",
-                                 **{"tracking.observer": "auto"}),
-    "tracking.db_name": on_observers("aneurysm_project", ping_answers="mongodb://127.0.0.1:1",
-                                     **{"tracking.observer": "mongo",
-                                        "tracking.url": "mongodb://127.0.0.1:1"}),
-    "tracking.file_dir": on_observers(lambda env: str(env.tmp.mktemp("runs")),
-                                      **{"tracking.observer": "file"}),
     "tracking.max_artifact_mb": check_max_artifact_mb,
 }
 
-CONFIG_KEYS = experiment_config_keys()
+# The other shared tracking entries are shown once for every experiment by
+# tests/tracking/test_tracking_config.py.
+CONFIG_KEYS = [key for key in experiment_config_keys()
+               if not shared_tracking_entry(key) or key in EFFECTS]
 
 
 def test_every_config_entry_has_an_effect_check():

@@ -21,7 +21,7 @@ from medseg.engine import trainer as trainer_module
 from medseg.errors import MedsegError
 from medseg.models.sadaan import SADAANOutput
 
-from support import file_runs, load_experiment, merge
+from support import file_runs, load_experiment, merge, shared_tracking_entry
 
 sadaan = load_experiment("sadaan")
 ex = sadaan.ex
@@ -246,10 +246,6 @@ EFFECTS = {
     "checkpoint.resume": ("run:resumed", {"training.num_epochs": 2},
                           {"checkpoint.resume": "CHECKPOINT_1"}),
 }
-
-
-def shared_tracking_entry(key: str) -> bool:
-    return key.startswith("tracking.") or key == "tags"
 
 
 def test_every_entry_has_an_effect_row():
