@@ -1,4 +1,5 @@
-"""``loss_weights`` ingredients: the weight of each loss term (0 switches a term off)."""
+"""``loss_weights`` ingredients: the weight of each loss term (0 switches a term off); and
+``loss``, for pipelines whose seed chooses its loss by name."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
+from medseg.losses.dice_bce import LOSS_TYPES, build_loss
 from medseg.losses.sadaan import SADAANLoss
 
 WEIGHT = c.number(minimum=0)
@@ -28,5 +30,25 @@ class SADAANLossWeightsIngredient(FieldIngredient):
         @self.capture
         def make_loss(_config) -> SADAANLoss:
             return SADAANLoss(**_config)
+
+        self.make_loss = make_loss
+
+
+# ----------------------------------------------------------------------------- lung tumour
+LOSS_FIELDS = {
+    "type": Field("dice_bce", c.choice(*LOSS_TYPES),
+                  "'dice_bce' (balanced CE + Dice), 'dice' (foreground Dice), 'ce', 'balanced_ce'"),
+}
+
+
+class LossIngredient(FieldIngredient):
+    """``loss``: the loss by name (the seed's ``loss.type``) rather than term weights."""
+
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("loss", LOSS_FIELDS, defaults)
+
+        @self.capture
+        def make_loss(deep_supervision: bool, type: str):
+            return build_loss(type, deep_supervision=deep_supervision)
 
         self.make_loss = make_loss
