@@ -28,6 +28,7 @@ from ingredients.optimizer import OptimizerIngredient  # noqa: E402
 from ingredients.pipeline import PipelineRun  # noqa: E402
 from ingredients.tracking import LoggingIngredient, SacredReporter, TrackingIngredient  # noqa: E402
 from ingredients.training import (  # noqa: E402
+    OverfitIngredient,
     TrainingIngredient,
     ema_fields,
     image_size_field,
@@ -65,11 +66,13 @@ training = TrainingIngredient(
     batch_size=4, gradient_accumulation_steps=8, learning_rate=5e-5, num_epochs=100,
     early_stopping_patience=30, warmup_epochs=0, gradient_clip_norm=0.0,
     memory_cleanup_frequency=0, monitor="val_tumor_dice", monitor_mode="max")
+sanity_check = OverfitIngredient(samples=4, steps=300, learning_rate=1e-3, target_dice=0.95)
 logging_ = LoggingIngredient()
 tracking = TrackingIngredient()
 
 ex = MedsegExperiment("lung_tumor", ingredients=[dataset, model, loss, augmentation, optimizer,
-                                                 checkpoint, training, logging_, tracking])
+                                                 checkpoint, training, sanity_check, logging_,
+                                                 tracking])
 
 
 @ex.config
@@ -82,12 +85,6 @@ def config():
     threshold = 0.5  # predict: tumour probability above which a pixel is tumour
     save_overlay = False  # predict: also write overlay images
     predict_dir = "runs/predict"  # predict: where masks and overlays are written
-    overfit = {  # the overfit sanity check: train on a few slices, no augmentation
-        "slices": 4,  # tumour slices trained on (from different volumes where possible)
-        "steps": 300,  # most optimizer steps
-        "learning_rate": 1e-3,  # higher than training's: the point is memorising quickly
-        "target_dice": 0.95,  # Dice on those slices that counts as passed
-    }
 
 
 TOP_LEVEL_CHECKS = {
@@ -95,10 +92,6 @@ TOP_LEVEL_CHECKS = {
     "weights": c.optional(c.text()), "source": c.optional(c.text()),
     "threshold": c.number(above=0, maximum=0.999), "save_overlay": c.boolean(),
     "predict_dir": c.text(),
-}
-OVERFIT_CHECKS = {
-    "slices": c.integer(minimum=1), "steps": c.integer(minimum=1),
-    "learning_rate": c.number(above=0), "target_dice": c.number(above=0, maximum=1),
 }
 
 # A few minutes on a laptop CPU: small generated volumes, trained at 128 x 128 with a narrower
@@ -120,7 +113,6 @@ ex.add_named_config("debug", training={"num_epochs": 2, "batch_size": 2,
 @ex.config_validator
 def check_inputs(config, command_name):
     c.validate(config, TOP_LEVEL_CHECKS)
-    c.validate(config["overfit"], OVERFIT_CHECKS, prefix="overfit.")
     multiple = model.input_multiple(config)
     size = config["training"]["image_size"]
     if any(s % multiple for s in size):
@@ -185,14 +177,14 @@ def _task(config) -> LungTumorTask:
 
 @ex.command
 def overfit(_run, _config, dataset_path, overfit):
-    """Train on a few tumour slices without augmentation and report whether their Dice
-    reaches overfit.target_dice (the seed's overfit_test.py)."""
+    """Train on overfit.samples tumour slices without augmentation and report whether their
+    Dice reaches overfit.target_dice (the seed's overfit_test.py)."""
     device, precision = training.device_and_precision()
     slices = PNGSliceDataset(scan_slices(dataset_path),
                              augmentation.make_transform(_config["training"]["image_size"],
                                                          train=False))
-    chosen = [i for i in choose_examples(slices, overfit["slices"] + 1)
-              if slices.records[i].tumour_pixels][:overfit["slices"]]
+    chosen = [i for i in choose_examples(slices, overfit["samples"] + 1)
+              if slices.records[i].tumour_pixels][:overfit["samples"]]
     if not chosen:
         raise DataError(f"{dataset_path} has no slice with tumour to overfit on")
     samples = [slices[i] for i in chosen]

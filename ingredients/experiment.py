@@ -115,12 +115,14 @@ class MedsegExperiment(Experiment):
         return run
 
     def known_entries(self) -> list[str]:
-        """Every config entry of the experiment, dotted (``training.batch_size``)."""
-        keys = [key for scope in self.configurations for key in scope()]
+        """Every config key a user can set, dotted (``training.batch_size``)."""
+        keys = []
         for ingredient, _ in self.traverse_ingredients():
             if isinstance(ingredient, FieldIngredient):
                 keys += [f"{ingredient.path}.{name}" for name in ingredient.fields]
-        return keys
+        for scope in self.configurations:
+            keys += [k for k in scope() if k != "seed"]
+        return sorted(set(keys) | {"seed"})
 
     def _unknown_entries(self, keys, named_configs) -> str:
         """One line naming the unknown entries, the file that set each, and near names."""

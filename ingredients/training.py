@@ -102,3 +102,21 @@ def ema_fields(*, enabled: bool = False, decay: float = 0.9999, ramp_steps: floa
         "ema_ramp_steps": Field(ramp_steps, c.number(minimum=0),
                                 "EMA decay ramp: decay * (1 - exp(-updates / ramp_steps)); 0: none"),
     }
+
+
+OVERFIT_FIELDS = {
+    "samples": Field(4, c.integer(minimum=1),
+                     "overfit: cases trained on (with foreground, from different volumes where possible)"),
+    "steps": Field(300, c.integer(minimum=1), "overfit: most optimizer steps"),
+    "learning_rate": Field(1e-3, c.number(above=0),
+                           "overfit: learning rate (higher than training's: the point is memorising)"),
+    "target_dice": Field(0.95, c.number(above=0, maximum=1), "overfit: Dice that counts as passed"),
+}
+
+
+class OverfitIngredient(FieldIngredient):
+    """``overfit``: the settings of a pipeline's overfit sanity check (train on a few cases
+    without augmentation; a working model, loss and data pipeline memorise them)."""
+
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("overfit", OVERFIT_FIELDS, defaults)

@@ -207,7 +207,7 @@ def overfit_check(model: nn.Module, task: LungTumorTask, batch: dict, *, steps: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if step % report_every == 0 or step == steps:
             dice = _batch_dice(model, task, image, mask, precision)
             history.append((step, loss_value, dice))
