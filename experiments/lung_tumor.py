@@ -46,7 +46,11 @@ from medseg.tasks.lung_tumor import (  # noqa: E402
     overfit_check,
     render_validation_predictions,
 )
-from medseg.tasks.lung_tumor_predict import SlicePredictor, find_sources, run_prediction  # noqa: E402
+from medseg.tasks.lung_tumor_predict import (  # noqa: E402
+    SlicePredictor,
+    find_sources,
+    run_prediction,
+)
 
 dataset = LungDatasetIngredient()
 model = AttentionUNetModelIngredient()
@@ -183,8 +187,7 @@ def overfit(_run, _config, dataset_path, overfit):
     slices = PNGSliceDataset(scan_slices(dataset_path),
                              augmentation.make_transform(_config["training"]["image_size"],
                                                          train=False))
-    chosen = [i for i in choose_examples(slices, overfit["samples"] + 1)
-              if slices.records[i].tumour_pixels][:overfit["samples"]]
+    chosen = choose_examples(slices, overfit["samples"], include_empty=False)
     if not chosen:
         raise DataError(f"{dataset_path} has no slice with tumour to overfit on")
     samples = [slices[i] for i in chosen]
@@ -200,7 +203,9 @@ def overfit(_run, _config, dataset_path, overfit):
     verdict = "PASSED" if result.passed else "FAILED"
     print(f"overfit check {verdict}: Dice {result.dice:.4f} on {result.slices} slices after "
           f"{result.steps} steps (target {result.target_dice})")
-    return {"passed": result.passed, "dice": result.dice, "steps": result.steps}
+    names = [f"{slices.records[i].volume}_slice_{slices.records[i].index}" for i in chosen]
+    return {"passed": result.passed, "dice": result.dice, "loss": result.loss,
+            "steps": result.steps, "slices": names}
 
 
 @ex.command
@@ -222,9 +227,17 @@ def predict(_config, weights, source, threshold, save_overlay, predict_dir):
     summary = run_prediction(predictor, find_sources(source), predict_dir,
                              save_overlay=save_overlay,
                              window_center=_config["dataset"]["window_center"],
-                             window_width=_config["dataset"]["window_width"])
+                             window_width=_config["dataset"]["window_width"],
+                             provenance={"weights": str(weights), "epoch": state.get("epoch")})
     print(f"wrote predictions of {source} to {predict_dir} (summary: {summary})")
     return str(summary)
+
+
+def _callbacks(net, config) -> list:
+    settings = config["training"]
+    if not settings["ema"]:
+        return []
+    return [ModelEMA(net, decay=settings["ema_decay"], ramp_steps=settings["ema_ramp_steps"])]
 
 
 @ex.automain
@@ -239,10 +252,7 @@ def main(_run, _config, dataset_path):
     val_set = PNGSliceDataset(val_records, augmentation.make_transform(size, train=False))
     net = model.make_model()
     task = _task(_config)
-    settings = _config["training"]
-    callbacks = ([ModelEMA(net, decay=settings["ema_decay"], ramp_steps=settings["ema_ramp_steps"])]
-                 if settings["ema"] else [])
-    result = pipeline.fit(net, task, train_set, val_set, callbacks=callbacks)
+    result = pipeline.fit(net, task, train_set, val_set, callbacks=_callbacks(net, _config))
     figure = render_validation_predictions(net, task, val_set, pipeline.device, pipeline.precision,
                                            pipeline.output_dir / "val_predictions.png")
     pipeline.reporter.add_artifact(figure)

@@ -85,7 +85,10 @@ class MedsegExperiment(Experiment):
         return function
 
     def validate_config(self, config: Mapping[str, Any], command_name: str) -> None:
-        for ingredient, _ in self.traverse_ingredients():
+        # Listed first: Sacred's traversal stays marked as running when it is left half-way
+        # (a failed check), and every later traversal then reports a circular dependency.
+        ingredients = [ingredient for ingredient, _ in self.traverse_ingredients()]
+        for ingredient in ingredients:
             if isinstance(ingredient, FieldIngredient):
                 ingredient.validate(config)
         for validator in self.__dict__.get("_validators", []):

@@ -93,23 +93,26 @@ def val_batch_size_field(default: int) -> Field:
     return Field(default, c.integer(minimum=1), "Validation batch size")
 
 
-def ema_fields(*, enabled: bool = False, decay: float = 0.9999, ramp_steps: float = 2000) -> dict[str, Field]:
+def ema_fields(*, enabled: bool = False, decay: float = 0.9999,
+               ramp_steps: float = 2000) -> dict[str, Field]:
     """``training.ema*``: an exponential moving average of the weights
     (:class:`medseg.engine.ema.ModelEMA`) that validation, checkpoints and the result use."""
     return {
-        "ema": Field(enabled, c.boolean(), "Validate and keep an exponential moving average of the weights"),
-        "ema_decay": Field(decay, c.number(above=0, maximum=0.999999), "EMA decay per optimizer step"),
+        "ema": Field(enabled, c.boolean(),
+                     "Validate and keep an exponential moving average of the weights"),
+        "ema_decay": Field(decay, c.number(above=0, maximum=0.999999),
+                           "EMA decay per optimizer step"),
         "ema_ramp_steps": Field(ramp_steps, c.number(minimum=0),
-                                "EMA decay ramp: decay * (1 - exp(-updates / ramp_steps)); 0: none"),
+                                "EMA ramp: decay * (1 - exp(-updates / ramp_steps)); 0: none"),
     }
 
 
 OVERFIT_FIELDS = {
     "samples": Field(4, c.integer(minimum=1),
-                     "overfit: cases trained on (with foreground, from different volumes where possible)"),
+                     "overfit: cases trained on (with foreground, from different volumes)"),
     "steps": Field(300, c.integer(minimum=1), "overfit: most optimizer steps"),
     "learning_rate": Field(1e-3, c.number(above=0),
-                           "overfit: learning rate (higher than training's: the point is memorising)"),
+                           "overfit: learning rate (higher than training's: it memorises)"),
     "target_dice": Field(0.95, c.number(above=0, maximum=1), "overfit: Dice that counts as passed"),
 }
 

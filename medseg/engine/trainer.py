@@ -206,9 +206,14 @@ class Trainer:
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
 
     def _best_weights_beside(self, path: Path) -> dict[str, torch.Tensor] | None:
+        """The best checkpoint of the run ``path`` belongs to: its folder is the one the file
+        names are relative to (``best_name`` may have a subfolder, ``weights/best.pt``)."""
         if self.checkpoints is None:
             return None
-        best_file = path.parent / self.checkpoints.best_name
+        depth = len(Path(self.checkpoints.best_name).parts) - 1
+        if depth >= len(path.parents):
+            return None
+        best_file = path.parents[depth] / self.checkpoints.best_name
         if not best_file.is_file():
             return None
         best = load_checkpoint(best_file, map_location="cpu")

@@ -131,9 +131,9 @@ class LungTumorTask:
                                        title=f"{batch['volume'][0]} slice {int(batch['slice'][0])}")
 
 
-def choose_examples(dataset: Dataset, count: int) -> list[int]:
-    """Indices of up to ``count`` slices for a figure: mostly tumour slices spread over the
-    volumes (largest tumour of each first), and one without tumour to show false positives."""
+def choose_examples(dataset: Dataset, count: int, *, include_empty: bool = True) -> list[int]:
+    """Indices of up to ``count`` slices: tumour slices spread over the volumes (largest tumour
+    of each first), and with ``include_empty`` one without tumour to show false positives."""
     records = dataset.records
     with_tumour = sorted((i for i, r in enumerate(records) if r.tumour_pixels),
                          key=lambda i: (-records[i].tumour_pixels, records[i].volume))
@@ -144,7 +144,7 @@ def choose_examples(dataset: Dataset, count: int) -> list[int]:
     spread = []
     while any(queues):  # one slice of each volume in turn
         spread += [queue.pop(0) for queue in queues if queue]
-    empty = [i for i, r in enumerate(records) if not r.tumour_pixels][:1]
+    empty = [i for i, r in enumerate(records) if not r.tumour_pixels][:1] if include_empty else []
     chosen = spread[:max(count - len(empty), 0)] + empty
     return chosen[:count]
 

@@ -149,14 +149,17 @@ def predict_volume(predictor: SlicePredictor, path: Path, output_dir: Path, save
         folder = output_dir / f"{name}_overlays"
         folder.mkdir(exist_ok=True)
         for k in tumour_slices:
-            Image.fromarray(mask_overlay_rgb(slices[k], masks[k])).save(folder / f"slice_{k:04d}.png")
+            overlay = mask_overlay_rgb(slices[k], masks[k])
+            Image.fromarray(overlay).save(folder / f"slice_{k:04d}.png")
         record["overlays"] = str(folder)
     return record
 
 
 def run_prediction(predictor: SlicePredictor, sources: list[Path], output_dir: str | Path, *,
-                   save_overlay: bool, window_center: float, window_width: float) -> Path:
-    """Predict every source into ``output_dir``; return the path of ``predictions.json``."""
+                   save_overlay: bool, window_center: float, window_width: float,
+                   provenance: dict[str, Any] | None = None) -> Path:
+    """Predict every source into ``output_dir``; return the path of ``predictions.json``, which
+    also holds ``provenance`` (the checkpoint used, ...)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     records = []
@@ -167,6 +170,7 @@ def run_prediction(predictor: SlicePredictor, sources: list[Path], output_dir: s
         else:
             records.append(predict_image(predictor, path, output_dir, save_overlay))
     summary = output_dir / "predictions.json"
-    summary.write_text(json.dumps({"threshold": predictor.threshold, "image_size":
-                                   list(predictor.image_size), "predictions": records}, indent=1))
+    summary.write_text(json.dumps({**(provenance or {}), "threshold": predictor.threshold,
+                                   "image_size": list(predictor.image_size),
+                                   "predictions": records}, indent=1))
     return summary

@@ -46,7 +46,8 @@ def plot_segmentation_panel(image: np.ndarray, true_masks: np.ndarray, pred_mask
     """
     path = Path(path)
     if image.ndim == 2:
-        image, true_masks, pred_masks = image[..., None], true_masks[..., None], pred_masks[..., None]
+        image, true_masks = image[..., None], true_masks[..., None]
+        pred_masks = pred_masks[..., None]
         attention = None if attention is None else attention[..., None]
     k = central_slice(image, true_masks)
     columns = 3 + (1 if attention is not None else 0)

@@ -21,8 +21,10 @@ def write_task(root: Path, volumes: dict[str, tuple[np.ndarray, np.ndarray]],
     (root / "labelsTr").mkdir()
     entries = []
     for name, (hu, label) in volumes.items():
-        nib.save(nib.Nifti1Image(hu.astype(np.int16), np.eye(4)), root / "imagesTr" / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)), root / "labelsTr" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(hu.astype(np.int16), np.eye(4)),
+                 root / "imagesTr" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)),
+                 root / "labelsTr" / f"{name}.nii.gz")
         entries.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
     # A macOS resource fork, as in the downloaded MSD archives: not listed, so not read.
     (root / "imagesTr" / f"._{next(iter(volumes))}.nii.gz").write_bytes(b"\0\5\26\7")

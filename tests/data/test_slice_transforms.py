@@ -11,7 +11,8 @@ from monai.data.utils import set_rnd
 
 from medseg.data.slice_transforms import SliceAugmentation, image_transform, slice_transforms
 
-PROBABILITIES = [f.name for f in dataclasses.fields(SliceAugmentation) if f.name.endswith("probability")]
+PROBABILITIES = [f.name for f in dataclasses.fields(SliceAugmentation)
+                 if f.name.endswith("probability")]
 NONE = SliceAugmentation(**{name: 0.0 for name in PROBABILITIES})
 
 

@@ -93,7 +93,8 @@ def test_resumed_run_continues_the_average(make_trainer, tmp_path):
     resumed = with_ema(make_trainer(checkpoint_dir=tmp_path / "resumed", seed=99, **common))
     resumed.resume(tmp_path / "interrupted" / "last_model.pth")
     resumed.fit()
-    assert resumed.reporter.values("val_dice") == pytest.approx(straight.reporter.values("val_dice")[2:])
+    expected = straight.reporter.values("val_dice")[2:]
+    assert resumed.reporter.values("val_dice") == pytest.approx(expected)
     for name, value in straight.callbacks[0].module.state_dict().items():
         assert torch.allclose(value.float(), resumed.callbacks[0].module.state_dict()[name].float(),
                               atol=1e-6), name

@@ -98,8 +98,8 @@ def test_deep_supervision_adds_halving_weighted_lower_levels():
              for o in outputs[1:]]
     expected = base(outputs[0], target)[0] + 0.5 * lower[0] + 0.25 * lower[1]
     assert float(total) == pytest.approx(float(expected), rel=1e-5)
-    assert float(terms["deep_supervision"]) == pytest.approx(float(0.5 * lower[0] + 0.25 * lower[1]),
-                                                             rel=1e-5)
+    auxiliary = float(0.5 * lower[0] + 0.25 * lower[1])
+    assert float(terms["deep_supervision"]) == pytest.approx(auxiliary, rel=1e-5)
 
 
 def test_deep_supervision_on_a_single_output_is_the_plain_loss():

@@ -155,7 +155,8 @@ def test_predict_a_png_writes_a_mask_of_its_size(tmp_path):
     assert mask.shape == (40, 50) and set(np.unique(mask)) == {0, 255}
     assert (mask[10:20, 12:30] == 255).mean() > 0.9 and mask[:8].max() == 0
     assert not (tmp_path / "out" / "slice_overlay.png").exists()
-    assert json.loads(summary.read_text())["predictions"][0]["tumour_pixels"] == int((mask > 0).sum())
+    record = json.loads(summary.read_text())["predictions"][0]
+    assert record["tumour_pixels"] == int((mask > 0).sum())
 
 
 def test_lower_threshold_marks_more_pixels(tmp_path):
@@ -196,10 +197,12 @@ def test_predict_a_nifti_volume_slice_by_slice(tmp_path):
     assert mask.shape == hu.shape and mask.dtype == np.uint8
     assert np.allclose(mask_image.affine, affine)
     assert mask[5:10, 4:8, 2].mean() > 0.8 and mask[:, :, [0, 1, 3, 4]].sum() == 0
-    assert sorted(p.name for p in (tmp_path / "out" / "case_overlays").iterdir()) == ["slice_0002.png"]
+    overlays = sorted(p.name for p in (tmp_path / "out" / "case_overlays").iterdir())
+    assert overlays == ["slice_0002.png"]
     record = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"][0]
     assert record["tumour_slices"] == [2]
-    assert record["tumour_volume_ml"] == pytest.approx(mask.sum() * 0.8 * 0.8 * 2.5 / 1000, rel=1e-3)
+    millilitres = mask.sum() * 0.8 * 0.8 * 2.5 / 1000
+    assert record["tumour_volume_ml"] == pytest.approx(millilitres, rel=1e-3)
     # The windowing is the conversion's: the same slice as a PNG predicts the same mask.
     png = slice_to_image(window(hu[:, :, 2].astype(np.float32), -300, 1400))
     Image.fromarray(png).save(tmp_path / "slice.png")

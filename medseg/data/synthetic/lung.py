@@ -384,5 +384,6 @@ def _fill_tumour(hu, label, box, shape, rng, diameter) -> None:
 def _scan(hu: np.ndarray, rng: np.random.Generator, noise_std: float) -> np.ndarray:
     """Point-spread blur (a little wider across slices) and quantum noise, as int16 HU."""
     blurred = gaussian_filter(hu, sigma=(0.6, 0.6, 0.4))
-    noisy = blurred + rng.normal(0, noise_std, hu.shape).astype(np.float32) if noise_std else blurred
+    noise = rng.normal(0, noise_std, hu.shape).astype(np.float32) if noise_std else 0.0
+    noisy = blurred + noise
     return np.clip(np.round(noisy), -1024, 3071).astype(np.int16)
