@@ -38,7 +38,7 @@ from medseg import config as c  # noqa: E402
 from medseg.data.png_slices import PNGSliceDataset, scan_slices, slice_statistics  # noqa: E402
 from medseg.engine.checkpoint import load_checkpoint  # noqa: E402
 from medseg.engine.ema import ModelEMA  # noqa: E402
-from medseg.errors import ConfigError, DataError  # noqa: E402
+from medseg.errors import ConfigError, DataError, describe  # noqa: E402
 from medseg.tasks.lung_tumor import (  # noqa: E402
     METRICS,
     LungTumorTask,
@@ -221,7 +221,7 @@ def predict(_config, weights, source, threshold, save_overlay, predict_dir):
         net.load_state_dict(state["model"])
     except RuntimeError as error:
         raise DataError(f"weights: checkpoint {weights} does not fit the network of its own "
-                        f"config ({str(error).splitlines()[0]})") from None
+                        f"config ({describe(error)})") from None
     image_size = trained.get("training", _config["training"])["image_size"]
     predictor = SlicePredictor(net, tuple(image_size), device, precision, threshold=threshold)
     summary = run_prediction(predictor, find_sources(source), predict_dir,

@@ -22,7 +22,7 @@ from sacred.utils import ConfigAddedError, apply_backspaces_and_linefeeds
 
 from ingredients.fields import FieldIngredient
 from ingredients.tracking import choose_observer
-from medseg.errors import ConfigError, MedsegError
+from medseg.errors import ConfigError, MedsegError, describe
 
 Validator = Callable[[Mapping[str, Any], str], None]
 
@@ -58,8 +58,7 @@ def _check_config_files(named_configs) -> None:
         try:
             values = load_config_file(name)
         except Exception as error:  # the YAML and JSON parsers raise their own types
-            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(f"config file {name} could not be read ({first_line})") from None
+            raise ConfigError(f"config file {name} could not be read ({describe(error)})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {name} must hold a mapping of config entries, "
                               f"found {type(values).__name__}")

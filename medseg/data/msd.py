@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from medseg.data.folders import staged_folder
-from medseg.errors import DataError
+from medseg.errors import DataError, describe
 
 NIFTI_SUFFIX = ".nii.gz"
 CONVERSION_RECORD = "conversion.json"
@@ -106,7 +106,7 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as error:  # nibabel raises several types for foreign or truncated files
         raise DataError(f"{path} could not be read as a NIfTI volume "
-                        f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+                        f"({describe(error)})") from None
     data = np.squeeze(data, axis=tuple(range(3, data.ndim))) if data.ndim > 3 else data
     if data.ndim != 3:
         raise DataError(f"{path} has shape {list(data.shape)}; expected a 3D volume [X, Y, Z]")
@@ -182,7 +182,7 @@ def _header_shape(path: Path) -> tuple[int, ...]:
         shape = tuple(int(s) for s in nib.load(path).shape)
     except Exception as error:
         raise DataError(f"{path} could not be read as a NIfTI volume "
-                        f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+                        f"({describe(error)})") from None
     shape = shape[:3] + tuple(s for s in shape[3:] if s != 1)
     if len(shape) != 3:
         raise DataError(f"{path} has shape {list(shape)}; expected a 3D volume [X, Y, Z]")

@@ -325,11 +325,13 @@ def test_validation_volumes_without_tumour(slices, tmp_path):
     ({"weights": "WEIGHTS"}, "source is not set"),
     ({"weights": "WEIGHTS", "source": "missing.png"}, "source missing.png does not exist"),
     ({"weights": "WEIGHTS", "source": "EMPTY"}, "holds no images"),
+    ({"weights": "WEIGHTS", "source": "SLICE"}, "w.pt could not be read as a medseg checkpoint"),
 ])
 def test_bad_predict_inputs_are_named(slices, tmp_path, dotted, message):
     (tmp_path / "w.pt").write_bytes(b"")
     (tmp_path / "empty").mkdir()
-    replace = {"WEIGHTS": str(tmp_path / "w.pt"), "EMPTY": str(tmp_path / "empty")}
+    replace = {"WEIGHTS": str(tmp_path / "w.pt"), "EMPTY": str(tmp_path / "empty"),
+               "SLICE": str(first_slice(slices))}
     dotted = {k: replace.get(v, v) for k, v in dotted.items()}
     with pytest.raises(MedsegError, match=message):
         run("predict", slices, tmp_path, **dotted)
@@ -725,3 +727,23 @@ def test_a_refused_config_leaves_the_experiment_usable(slices, tmp_path):
         run("main", slices, tmp_path, **{"loss.type": "focal"})
     _probe["function"] = probe_config
     assert run("effect_probe", slices, tmp_path).result["loss"]["type"] == "dice_bce"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "config file .*absent.yaml does not exist"),
+    ("training: [1\n", "config file .*bad.yaml could not be read"),
+    ("- 1\n- 2\n", "config file .*list.yaml must hold a mapping of config entries, found list"),
+])
+def test_config_files_that_cannot_be_used(tmp_path, content, message):
+    name = {None: "absent", "training: [1\n": "bad"}.get(content, "list")
+    path = tmp_path / f"{name}.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        ex.run("print_config", named_configs=[str(path)], options={"--unobserved": True})
+
+
+def test_unknown_entry_that_sacred_would_only_warn_about(slices, tmp_path):
+    # `train` is an argument of a captured function, so Sacred itself only logs a warning.
+    with pytest.raises(ConfigError, match="unknown config entry: training.train"):
+        run("main", slices, tmp_path, **{"training.train": True})
