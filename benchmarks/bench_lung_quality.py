@@ -18,8 +18,9 @@ from pathlib import Path
 
 QUICK = False
 ROOT = Path(__file__).resolve().parents[1]
-OVERRIDES = {"model": {"channels": [8, 16, 32, 64, 64]},
-             "training": {"num_epochs": 15, "learning_rate": 3e-3},
+# Few optimizer steps fit in a CPU budget; Dice alone learns fastest there (dice_bce's
+# balanced CE first marks every vessel as tumour; CE alone predicts no tumour at all).
+OVERRIDES = {"loss": {"type": "dice"}, "training": {"learning_rate": 1e-2},
              "logging": {"progress_bar": False}}
 
 
@@ -55,9 +56,8 @@ def run() -> dict:
         entry = metrics[name]
         return round(entry["values"][entry["steps"].index(best)], 4)
 
-    return {"command": "python experiments/lung_tumor.py with demo "
-                       "'model.channels=[8,16,32,64,64]' training.num_epochs=15 "
-                       "training.learning_rate=3e-3",
+    return {"command": "python experiments/lung_tumor.py with demo loss.type=dice "
+                       "training.learning_rate=1e-2",
             "training_wall_s": round(wall, 1), "epochs_run": result["epochs_run"],
             "best_epoch": best, "val_tumor_dice": at_best("val_tumor_dice"),
             "val_volume_dice": at_best("val_volume_dice"),

@@ -103,7 +103,7 @@ TOP_LEVEL_CHECKS = {
 ex.add_named_config("demo", msd_dir="data/lung_demo/msd", dataset_path="data/lung_demo/dataset",
                     dataset={"num_volumes": 24, "volume_size": [128, 128, 48],
                              "empty_slice_fraction": 0.15},
-                    model={"channels": [16, 32, 64, 128, 128]},
+                    model={"channels": [8, 16, 32, 64, 64]},
                     training={"image_size": [128, 128], "batch_size": 8,
                               "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
                               "num_epochs": 12, "early_stopping_patience": 0,

@@ -2,9 +2,9 @@
 
 On top of Sacred it (1) validates the merged config before a run starts, so a wrong type,
 value, path or an unknown entry (a misspelt key in a config file) stops with one message and
-leaves no run in the database; (2) picks the
-observer from the ``tracking`` config for each run; (3) keeps only the final state of
-progress bars in the captured output; (4) prints bad input as one line and exits with 2.
+leaves no run in the database; (2) picks the observer from the ``tracking`` config for each
+run; (3) keeps only the final state of progress bars in the captured output; (4) prints bad
+input as one line and exits with 2.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import difflib
 import logging
 import sys
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from sacred import Experiment

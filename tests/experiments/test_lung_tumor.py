@@ -370,7 +370,7 @@ def probe_schedule(config):
             optimizer.step()
             schedule.after_optimizer_step()
             lrs.append(round(schedule.current_lr(), 10))
-        schedule.after_epoch(1.0 + 0.1 * epoch)  # a metric that keeps rising
+        schedule.after_epoch(1.0)  # a metric that never improves
     group = optimizer.param_groups[0]
     return type(optimizer).__name__, group.get("weight_decay"), group.get("momentum"), lrs
 
@@ -392,8 +392,11 @@ def probe_transform(config):
     mask = ((yy - 15) ** 2 + (xx - 12) ** 2 <= 30).astype(np.float32)
     image = (0.2 + 0.4 * xx / 40 + 0.4 * mask).astype(np.float32)
     out = transform({"image": image[None], "mask": mask[None]})
-    return (tuple(out["image"].shape), round(float(out["image"].double().sum()), 3),
-            round(float(out["mask"].sum()), 3))
+    # Weighted by position and by brightness, so flips and contrast about the mean show too.
+    ramp = torch.linspace(0, 1, out["image"].shape[-1], dtype=torch.float64)
+    image = out["image"].double()
+    return (tuple(out["image"].shape), round(float((image * ramp).sum()), 3),
+            round(float((image ** 2).sum()), 3), round(float((out["mask"] * ramp).sum()), 3))
 
 
 def probe_loss(config):
@@ -419,7 +422,7 @@ def probe_ema(config):
         with torch.no_grad():
             net.weight.add_(1.0)
         callbacks[0].on_optimizer_step(Steps)
-    return round(float(callbacks[0].module.weight.sum()), 5)
+    return round(float(callbacks[0].module.weight.detach().sum()), 5)
 
 
 def probe_precision(config):
@@ -510,6 +513,7 @@ SGD, PLATEAU, ONECYCLE = ({**SCHEDULE, "optimizer.type": "sgd"},
 STALL = {"training.num_epochs": 3, "training.learning_rate": 1e-12, "training.monitor": "val_loss",
          "training.monitor_mode": "min"}
 AUTO = {"tracking.observer": "auto"}
+EVERY_STEP = {"logging.log_frequency": 1}
 GENERATE = {"msd_dir": "TMP/msd", "dataset.num_volumes": 2, "dataset.volume_size": [32, 32, 16]}
 CONVERT = {"msd_dir": "MSD_ROOT", "dataset_path": "TMP/converted"}
 EMA = {"training.ema": True}
@@ -592,11 +596,11 @@ EFFECTS = {
     "training.num_epochs": ("run:epochs", {}, {"training.num_epochs": 2}),
     "training.early_stopping_patience": ("run:epochs", STALL,
                                          {"training.early_stopping_patience": 1}),
-    "training.gradient_clip_norm": ("run:grad_norm_logged", {},
+    "training.gradient_clip_norm": ("run:grad_norm_logged", EVERY_STEP,
                                     {"training.gradient_clip_norm": 1.0}),
     "training.num_workers": ("loader", {}, {"training.num_workers": 1}),
     "training.warmup_epochs": ("schedule", SCHEDULE, {"training.warmup_epochs": 2}),
-    "training.gradient_accumulation_steps": ("run:optimizer_steps", {},
+    "training.gradient_accumulation_steps": ("run:optimizer_steps", EVERY_STEP,
                                              {"training.gradient_accumulation_steps": 2}),
     "training.memory_cleanup_frequency": ("run:cleanups", {},
                                           {"training.memory_cleanup_frequency": 1}),
@@ -617,7 +621,7 @@ EFFECTS = {
     "overfit.target_dice": ("overfit", {**OVERFIT, "overfit.steps": 30,
                                         "overfit.learning_rate": 3e-3},
                             {"overfit.target_dice": 0.001}),
-    "logging.log_frequency": ("run:optimizer_steps", {}, {"logging.log_frequency": 2}),
+    "logging.log_frequency": ("run:optimizer_steps", EVERY_STEP, {"logging.log_frequency": 2}),
     "logging.visualize_predictions": ("run:artifacts", {}, {"logging.visualize_predictions": True}),
     "logging.progress_bar": ("run:captured_bar", {}, {"logging.progress_bar": True}),
     "checkpoint.save_dir": ("run:checkpoint_files", {},

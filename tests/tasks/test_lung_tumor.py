@@ -121,6 +121,14 @@ def test_validation_figure_is_written(tmp_path):
         assert figure.size[0] > 400
 
 
+def test_prediction_snapshot_of_a_slice_is_written(tmp_path):
+    dataset = slice_dataset(tmp_path / "data")
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
+    path = LungTumorTask(None).render_prediction(Thresholding(), batch, CPU, tmp_path / "p.png")
+    with Image.open(path) as figure:
+        assert figure.size[0] > 300
+
+
 def test_overfit_check_memorises_a_few_slices(tmp_path):
     dataset = slice_dataset(tmp_path, count=6)
     samples = [dataset[i] for i in (1, 2, 4, 5)]
