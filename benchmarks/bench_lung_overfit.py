@@ -31,6 +31,7 @@ def run() -> dict:
             wall = time.perf_counter() - started
         finally:
             os.chdir(cwd)
-    return {"command": "python experiments/lung_tumor.py overfit with demo",
+    return {"load_average_1min_at_end": round(os.getloadavg()[0], 2),
+            "command": "python experiments/lung_tumor.py overfit with demo",
             "passed": result["passed"], "dice": round(result["dice"], 4),
             "steps": result["steps"], "slices": result["slices"], "wall_s": round(wall, 1)}

@@ -8,6 +8,7 @@ augmentation, as an epoch of the training loader does.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +67,8 @@ def loader_rate(folder: Path, workers: int) -> float:
 
 def run() -> dict:
     result: dict = {"image_size": SIZE, "batch_size": BATCH, "threads": torch.get_num_threads(),
+                    # Other work on the machine slows every figure below; this says how much.
+                    "load_average_1min_at_start": round(os.getloadavg()[0], 2),
                     "training_slices_per_s": {}, "loader_slices_per_s": {}}
     for name, channels in LAYOUTS.items():
         steps = 3 if channels[0] >= 64 else 8
