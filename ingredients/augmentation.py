@@ -7,6 +7,7 @@ from typing import Any
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
 from medseg.data.cube_transforms import cube_transforms
+from medseg.data.slice_transforms import SliceAugmentation, slice_transforms
 from medseg.data.transforms import sadaan_transforms
 from medseg.errors import ConfigError
 
@@ -69,3 +70,57 @@ class CubeAugmentationIngredient(FieldIngredient):
         if rotating and crop[1] != crop[2]:
             raise ConfigError(f"augmentation.crop_size {crop} must have H == W for axial 90-degree "
                               "rotations (or set augmentation.rotate_probability=0)")
+
+
+# ----------------------------------------------------------------------------- lung tumour
+PROBABILITY = c.number(minimum=0, maximum=1)
+FRACTION = c.number(minimum=0, maximum=0.5)
+
+LUNG_FIELDS = {
+    "enabled": Field(True, c.boolean(), "Augment training slices"),
+    "flip_probability": Field(0.5, PROBABILITY,
+                              "HorizontalFlip: probability of a left-right flip"),
+    "affine_probability": Field(0.5, PROBABILITY, "Affine: probability"),
+    "rotate_degrees": Field(15.0, c.number(minimum=0, maximum=180),
+                            "Affine: rotation range (degrees)"),
+    "scale_range": Field([0.9, 1.1], c.number_range(minimum=0.1), "Affine: zoom factor range"),
+    "translate": Field(0.0625, FRACTION, "Affine: shift range (fraction of the image size)"),
+    "elastic_probability": Field(0.2, PROBABILITY, "ElasticTransform: probability"),
+    "elastic_spacing": Field(0.1, c.number(above=0, maximum=1),
+                             "ElasticTransform: control-point spacing (fraction of the size)"),
+    "elastic_magnitude": Field([0.005, 0.01], c.number_range(minimum=0),
+                               "ElasticTransform: control-point shift (fraction of the size)"),
+    "grid_distortion_probability": Field(0.2, PROBABILITY, "GridDistortion: probability"),
+    "grid_distortion_limit": Field(0.3, c.number(minimum=0, maximum=0.9),
+                                   "GridDistortion: largest relative stretch of a grid cell"),
+    "brightness_contrast_probability": Field(0.5, PROBABILITY,
+                                             "RandomBrightnessContrast: probability"),
+    "brightness_limit": Field(0.2, c.number(minimum=0, maximum=1),
+                              "RandomBrightnessContrast: largest brightness shift (image 0-1)"),
+    "contrast_limit": Field(0.2, c.number(minimum=0, maximum=1),
+                            "RandomBrightnessContrast: largest relative contrast change"),
+    "noise_probability": Field(0.3, PROBABILITY, "GaussNoise: probability"),
+    "noise_std": Field(0.03, c.number(minimum=0),
+                       "GaussNoise: largest standard deviation (image in [0, 1])"),
+    "coarse_dropout_probability": Field(0.2, PROBABILITY, "CoarseDropout: probability"),
+    "coarse_dropout_holes": Field(8, c.integer(minimum=1),
+                                  "CoarseDropout: most rectangles dropped"),
+    "coarse_dropout_size": Field(0.0625, FRACTION,
+                                 "CoarseDropout: largest rectangle side (fraction of the size)"),
+}
+
+
+class LungAugmentationIngredient(FieldIngredient):
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("augmentation", LUNG_FIELDS, defaults)
+
+        @self.capture
+        def make_transform(image_size, train: bool, _config):
+            settings = dict(_config)
+            enabled = settings.pop("enabled")
+            for name in ("scale_range", "elastic_magnitude"):
+                settings[name] = tuple(settings[name])
+            augmentation = SliceAugmentation(**settings) if enabled else None
+            return slice_transforms(image_size, train=train, augmentation=augmentation)
+
+        self.make_transform = make_transform

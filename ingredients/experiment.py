@@ -1,7 +1,8 @@
 """The Sacred ``Experiment`` every medseg pipeline uses.
 
 On top of Sacred it (1) validates the merged config before a run starts, so a wrong type,
-value or path stops with one message and leaves no run in the database; (2) picks the
+value, path or an unknown entry (a misspelt key in a config file) stops with one message and
+leaves no run in the database; (2) picks the
 observer from the ``tracking`` config for each run; (3) keeps only the final state of
 progress bars in the captured output and bounds its size; (4) adds a top-level ``tags``
 entry (omniboard shows and filters runs by ``config.tags``; notes come from ``-c``);
@@ -19,16 +20,17 @@ import re
 import sys
 import types
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from sacred import Experiment
-from sacred.config import ConfigScope
+from sacred.config import ConfigScope, load_config_file
 from sacred.utils import ConfigAddedError, NamedConfigNotFoundError, apply_backspaces_and_linefeeds
 
 from ingredients.fields import Field, FieldIngredient
 from ingredients.tracking import TRACKING_FIELDS, choose_observer
 from medseg import config as c
-from medseg.errors import ConfigError, MedsegError
+from medseg.errors import ConfigError, MedsegError, describe
 
 Validator = Callable[[Mapping[str, Any], str], None]
 
@@ -90,6 +92,40 @@ def _labels():
     tags = []  # labels for this run: omniboard shows them and filters by them
 
 
+CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+_ABSENT = object()
+
+
+def _config_files(named_configs) -> list[str]:
+    return [name for name in named_configs
+            if isinstance(name, str) and Path(name).suffix.lower() in CONFIG_FILE_SUFFIXES]
+
+
+def _check_config_files(named_configs) -> None:
+    """Config files given after ``with`` exist and parse to a mapping."""
+    for name in _config_files(named_configs):
+        if not Path(name).is_file():
+            raise ConfigError(f"config file {name} does not exist")
+        try:
+            values = load_config_file(name)
+        except Exception as error:  # the YAML and JSON parsers raise their own types
+            raise ConfigError(f"config file {name} could not be read ({describe(error)})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {name} must hold a mapping of config entries, "
+                              f"found {type(values).__name__}")
+
+
+def _config_file_setting(key: str, named_configs) -> str | None:
+    """The config file among ``named_configs`` (``with file.yaml``) that sets ``key``."""
+    for name in _config_files(named_configs):
+        values = load_config_file(name)
+        for part in key.split("."):
+            values = values.get(part, _ABSENT) if isinstance(values, dict) else _ABSENT
+        if values is not _ABSENT:
+            return name
+    return None
+
+
 class MedsegExperiment(Experiment):
     """Use exactly like :class:`sacred.Experiment`; add checks with :meth:`config_validator`."""
 
@@ -120,8 +156,17 @@ class MedsegExperiment(Experiment):
     def _create_run(self, command_name=None, config_updates=None, named_configs=(), info=None,
                     meta_info=None, options=None):
         self._add_labels()
-        run = super()._create_run(command_name, config_updates, named_configs, info, meta_info,
-                                  options)
+        _check_config_files(named_configs)
+        try:
+            run = super()._create_run(command_name, config_updates, named_configs, info,
+                                      meta_info, options)
+        except ConfigAddedError as error:
+            raise ConfigError(self._unknown_entries(error.__conflicting_configs__,
+                                                    named_configs)) from None
+        # Sacred only warns about a new entry whose name some captured function takes.
+        added = sorted(run.config_modifications.added)
+        if added:
+            raise ConfigError(self._unknown_entries(added, named_configs))
         self.validate_config(run.config, run.meta_info["command"])
         # Where relative paths in the config were meant from (``medseg runs rerun``).
         run.meta_info["working_dir"] = os.getcwd()
@@ -161,7 +206,8 @@ class MedsegExperiment(Experiment):
                 return super().run(command_name, config_updates, named_configs, info, meta_info,
                                    options)
             except ConfigAddedError as error:
-                raise ConfigError(self._unknown_entries(error.__conflicting_configs__)) from None
+                raise ConfigError(self._unknown_entries(error.__conflicting_configs__,
+                                                        named_configs)) from None
             except NamedConfigNotFoundError:
                 raise ConfigError(self._unknown_named_configs(named_configs)) from None
         except MedsegError as error:
@@ -193,13 +239,16 @@ class MedsegExperiment(Experiment):
                 described += ingredient.describe()
         return described
 
-    def _unknown_entries(self, entries) -> str:
+    def _unknown_entries(self, entries, named_configs=()) -> str:
+        """One line naming the unknown entries, the config file that set each, near names."""
         known = self.known_entries()
         parts = []
         for entry in entries:
+            origin = _config_file_setting(entry, named_configs)
             close = difflib.get_close_matches(entry, known, n=1)
+            where = f" (set in {origin})" if origin else ""
             hint = f" (did you mean {close[0]}?)" if close else ""
-            parts.append(f"{entry}{hint}")
+            parts.append(f"{entry}{where}{hint}")
         return (f"unknown config entr{'y' if len(parts) == 1 else 'ies'} {', '.join(parts)}; "
                 f"`print_config` lists them all")
 

@@ -1,4 +1,5 @@
-"""``loss_weights`` ingredients: the weight of each loss term (0 switches a term off)."""
+"""``loss_weights`` ingredients: the weight of each loss term (0 switches a term off); and
+``loss``, for pipelines whose seed chooses its loss by name."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
 from medseg.errors import ConfigError
 from medseg.losses.aneurysm import WeightedDiceCELoss
+from medseg.losses.dice_bce import LOSS_TYPES, build_loss
 from medseg.losses.sadaan import SADAANLoss
 
 WEIGHT = c.number(minimum=0)
@@ -58,3 +60,23 @@ class CubeLossWeightsIngredient(FieldIngredient):
         if weights["dice"] == 0 and weights["ce"] == 0:
             raise ConfigError("loss_weights.dice and loss_weights.ce are both 0; at least one "
                               "loss term must count")
+
+
+# ----------------------------------------------------------------------------- lung tumour
+LOSS_FIELDS = {
+    "type": Field("dice_bce", c.choice(*LOSS_TYPES),
+                  "'dice_bce' (balanced CE + Dice), 'dice' (foreground Dice), 'ce', 'balanced_ce'"),
+}
+
+
+class LossIngredient(FieldIngredient):
+    """``loss``: the loss by name (the seed's ``loss.type``) rather than term weights."""
+
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("loss", LOSS_FIELDS, defaults)
+
+        @self.capture
+        def make_loss(deep_supervision: bool, type: str):
+            return build_loss(type, deep_supervision=deep_supervision)
+
+        self.make_loss = make_loss

@@ -47,11 +47,12 @@ class TrainingIngredient(FieldIngredient):
 
         @self.capture
         def make_loader(dataset, train: bool, batch_size: int, num_workers: int, _seed: int,
-                        device: str) -> EpochLoader:
-            """Shuffled, seeded batches for training; one case at a time, in order, for
-            validation (cases may differ in size and are scored one by one)."""
-            return EpochLoader(dataset, batch_size=batch_size if train else 1, shuffle=train,
-                               num_workers=num_workers, seed=_seed,
+                        device: str, val_batch_size: int = 1) -> EpochLoader:
+            """Shuffled, seeded batches for training; for validation, in order and one case
+            at a time (cases may differ in size and are scored one by one) unless the
+            pipeline has ``val_batch_size`` (2D slices all resized to one size)."""
+            return EpochLoader(dataset, batch_size=batch_size if train else val_batch_size,
+                               shuffle=train, num_workers=num_workers, seed=_seed,
                                pin_memory=resolve_device(device).type == "cuda")
 
         @self.capture
@@ -77,6 +78,44 @@ class TrainingIngredient(FieldIngredient):
 
 
 def image_size_field(default: list[int]) -> Field:
-    """``training.image_size``: the size volumes are resampled to before the model."""
-    return Field(default, c.sequence(c.integer(minimum=16), min_length=2),
+    """``training.image_size``: the size volumes (or slices) are resampled to before the model;
+    as many entries as the data has spatial axes."""
+    return Field(default, c.sequence(c.integer(minimum=16), length=len(default)),
                  "Image size the model sees; data of another size is resampled to it")
+
+
+def val_batch_size_field(default: int) -> Field:
+    """``training.val_batch_size``, for data whose validation cases all have one size."""
+    return Field(default, c.integer(minimum=1), "Validation batch size")
+
+
+def ema_fields(*, enabled: bool = False, decay: float = 0.9999,
+               ramp_steps: float = 2000) -> dict[str, Field]:
+    """``training.ema*``: an exponential moving average of the weights
+    (:class:`medseg.engine.ema.ModelEMA`) that validation, checkpoints and the result use."""
+    return {
+        "ema": Field(enabled, c.boolean(),
+                     "Validate and keep an exponential moving average of the weights"),
+        "ema_decay": Field(decay, c.number(above=0, maximum=0.999999),
+                           "EMA decay per optimizer step"),
+        "ema_ramp_steps": Field(ramp_steps, c.number(minimum=0),
+                                "EMA ramp: decay * (1 - exp(-updates / ramp_steps)); 0: none"),
+    }
+
+
+OVERFIT_FIELDS = {
+    "samples": Field(4, c.integer(minimum=1),
+                     "overfit: cases trained on (with foreground, from different volumes)"),
+    "steps": Field(300, c.integer(minimum=1), "overfit: most optimizer steps"),
+    "learning_rate": Field(1e-3, c.number(above=0),
+                           "overfit: learning rate (higher than training's: it memorises)"),
+    "target_dice": Field(0.95, c.number(above=0, maximum=1), "overfit: Dice that counts as passed"),
+}
+
+
+class OverfitIngredient(FieldIngredient):
+    """``overfit``: the settings of a pipeline's overfit sanity check (train on a few cases
+    without augmentation; a working model, loss and data pipeline memorise them)."""
+
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("overfit", OVERFIT_FIELDS, defaults)

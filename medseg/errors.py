@@ -18,3 +18,10 @@ class DataError(MedsegError):
 
 class TrainingDivergedError(MedsegError):
     """The loss became NaN or infinite; training stopped before it corrupted more state."""
+
+
+def describe(error: BaseException) -> str:
+    """``TypeName: first line of the message`` (just the type when the message is empty), for
+    naming a library's failure inside one of our messages."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

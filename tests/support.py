@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,3 +37,12 @@ def shared_tracking_entry(key: str) -> bool:
     """Entries of the shared tracking ingredient (and ``tags``), whose effects
     tests/tracking/test_tracking_config.py shows once for every experiment."""
     return key.startswith("tracking.") or key == "tags"
+
+
+_PROGRESS_BAR = re.compile(r"\| *\d+/\d+ \[[\d:]+<[\d:?]+")
+
+
+def shows_progress_bar(text: str) -> bool:
+    """Whether ``text`` holds a tqdm bar's counter and times (``| 4/4 [00:04<00:00``), with
+    or without a rate and postfix after them."""
+    return _PROGRESS_BAR.search(text) is not None

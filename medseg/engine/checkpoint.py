@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from medseg.errors import DataError
+from medseg.errors import DataError, describe
 
 FORMAT_VERSION = 1
 
@@ -56,7 +56,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise DataError(f"checkpoint {path} could not be read as a medseg checkpoint "
-                        f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+                        f"({describe(error)})") from None
     if not isinstance(state, Mapping) or "model" not in state:
         raise DataError(f"checkpoint {path} has no 'model' entry; expected a file written "
                         "by medseg (keys: model, optimizer, epoch, ...)")

@@ -184,7 +184,7 @@ class Trainer:
         state, callbacks, epoch and step counters, and the random generators."""
         state = load_checkpoint(path, map_location=self.device)
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(state.get("training_model", state["model"]))
         except RuntimeError as error:
             raise DataError(f"checkpoint {path} does not fit this model "
                             f"({str(error).splitlines()[0]}); was it written with another "
@@ -206,9 +206,14 @@ class Trainer:
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
 
     def _best_weights_beside(self, path: Path) -> dict[str, torch.Tensor] | None:
+        """The best checkpoint of the run ``path`` belongs to: its folder is the one the file
+        names are relative to (``best_name`` may have a subfolder, ``weights/best.pt``)."""
         if self.checkpoints is None:
             return None
-        best_file = path.parent / self.checkpoints.best_name
+        depth = len(Path(self.checkpoints.best_name).parts) - 1
+        if depth >= len(path.parents):
+            return None
+        best_file = path.parents[depth] / self.checkpoints.best_name
         if not best_file.is_file():
             return None
         best = load_checkpoint(best_file, map_location="cpu")
@@ -255,14 +260,14 @@ class Trainer:
         train_metrics = self._train_epoch(epoch)
         samples = train_metrics.pop("samples")
         trained = time.perf_counter()
-        val_metrics = self._validate()
+        validated, val_metrics = self._validate()
         finished = time.perf_counter()
 
         monitored = val_metrics[self.settings.monitor]
         improved = self.early_stopping.update(monitored, epoch)
         if improved:
             self._best_weights = {k: v.detach().to("cpu", copy=True)
-                                  for k, v in self.model.state_dict().items()}
+                                  for k, v in validated.state_dict().items()}
         metrics = {
             **train_metrics,
             **val_metrics,
@@ -277,15 +282,22 @@ class Trainer:
         for name, value in metrics.items():
             self.reporter.log_scalar(name, value, epoch)
         self.history.append({"epoch": epoch, **metrics})
-        self._save_checkpoints(epoch, improved, monitored)
-        log.info("epoch %d/%d  %s", epoch, self.settings.num_epochs, _summary(metrics))
+        self._save_checkpoints(epoch, improved, monitored, validated)
+        log.info("epoch %d/%d  %s", epoch, self.settings.num_epochs,
+                 _summary(metrics, self.settings.monitor))
         return metrics
 
-    def _save_checkpoints(self, epoch: int, improved: bool, monitored: float) -> None:
+    def _save_checkpoints(self, epoch: int, improved: bool, monitored: float,
+                          validated: nn.Module) -> None:
+        """``model`` holds the weights that were validated (what evaluation and prediction
+        load); when a callback validates other weights than it trains (EMA), the trained
+        ones go to ``training_model`` for resuming."""
         if self.checkpoints is None:
             return
+        trained = {} if validated is self.model else {"training_model": self.model.state_dict()}
         state = {
-            "model": self.model.state_dict(),
+            "model": validated.state_dict(),
+            **trained,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -360,7 +372,9 @@ class Trainer:
         return grad_norm
 
     # ------------------------------------------------------------------ validation
-    def _validate(self) -> dict[str, float]:
+    def _validate(self) -> tuple[nn.Module, dict[str, float]]:
+        """The model validated (the trained one, or a callback's substitute such as its EMA
+        weights) and its metrics."""
         model = self.model
         for callback in self.callbacks:
             model = callback.model_for_validation(self, model)
@@ -374,8 +388,8 @@ class Trainer:
                 f"validation after epoch {self.epoch} gave {self.settings.monitor}="
                 f"{metrics[monitored]}; the model has diverged")
         # Metrics undefined for this epoch (a structure absent from every case) are left out.
-        return {f"val_{name}": float(value) for name, value in metrics.items()
-                if math.isfinite(float(value))}
+        return model, {f"val_{name}": float(value) for name, value in metrics.items()
+                       if math.isfinite(float(value))}
 
 
 class _LossWindow:
@@ -415,7 +429,7 @@ class _LossWindow:
         return means
 
 
-def _summary(metrics: Mapping[str, float]) -> str:
-    keys = [k for k in metrics if k.startswith("val_") and "_" not in k[4:]]
-    keys = ["train_loss_epoch", *keys[:4], "lr", "epoch_time_s"]
+def _summary(metrics: Mapping[str, float], monitor: str) -> str:
+    keys = [k for k in metrics if k.startswith("val_") and "_" not in k[4:] and k != monitor]
+    keys = ["train_loss_epoch", monitor, *keys[:4], "lr", "epoch_time_s"]
     return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)

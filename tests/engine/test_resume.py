@@ -41,3 +41,16 @@ def test_checkpoint_holds_the_full_state_and_loads_safely(make_trainer, tmp_path
     assert state["config"] == {"note": "test"}
     assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
     assert load_checkpoint(tmp_path / "last_model.pth")["epoch"] == 1
+
+
+def test_resume_finds_the_best_checkpoint_beside_a_weights_subfolder(make_trainer, tmp_path,
+                                                                     caplog):
+    names = {"best_name": "weights/best.pt", "last_name": "weights/last.pt",
+             "periodic_name": "weights/epoch_{epoch}.pt"}
+    make_trainer(checkpoint_dir=tmp_path / "first", checkpoint_options=names, num_epochs=2).fit()
+    resumed = make_trainer(checkpoint_dir=tmp_path / "resumed", checkpoint_options=names,
+                           num_epochs=3)
+    resumed.resume(tmp_path / "first" / "weights" / "last.pt")
+    with caplog.at_level("WARNING"):
+        resumed.fit()
+    assert "best weights are not available" not in caplog.text

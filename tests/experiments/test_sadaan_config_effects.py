@@ -21,7 +21,7 @@ from medseg.engine import trainer as trainer_module
 from medseg.errors import MedsegError
 from medseg.models.sadaan import SADAANOutput
 
-from support import file_runs, load_experiment, merge, shared_tracking_entry
+from support import file_runs, load_experiment, merge, shared_tracking_entry, shows_progress_bar
 
 sadaan = load_experiment("sadaan")
 ex = sadaan.ex
@@ -150,7 +150,7 @@ RUN_PROBES = {
     "optimizer_steps": lambda run, tmp: probe_run_summary(run, tmp)[1]["train_loss"]["steps"],
     "best": lambda run, tmp: (run.result["best_epoch"], run.result["monitor"]),
     "artifacts": lambda run, tmp: sorted(probe_run_summary(run, tmp)[0][-1]["artifacts"]),
-    "captured_bar": lambda run, tmp: "it/s]" in run.captured_out or "s/it]" in run.captured_out,
+    "captured_bar": lambda run, tmp: shows_progress_bar(run.captured_out),
     "checkpoint_files": lambda run, tmp: sorted(
         str(p.relative_to(tmp)) for p in tmp.rglob("*.pth")),
     "resumed": lambda run, tmp: probe_run_summary(run, tmp)[2].get("resumed_from", {}).get("epoch"),

@@ -1,0 +1,210 @@
+"""Medical Segmentation Decathlon task folders, and their conversion to PNG slices.
+
+A task folder (``Task006_Lung`` ...) holds::
+
+    dataset.json        modality, labels, numTraining, training [{"image": ..., "label": ...}]
+    imagesTr/*.nii.gz   the training volumes
+    labelsTr/*.nii.gz   their label maps, same shape
+
+Conversion writes the PNG slice dataset of :mod:`medseg.data.png_slices`: each axial slice
+(the volume's last axis) shown through a CT window as 8-bit grey, and its label with every
+non-zero class as 255. Slices with tumour are all kept; of the others a sampled share is kept,
+so the dataset is not dominated by empty slices. Slice ``k`` of volume ``lung_001.nii.gz``
+becomes ``lung_001_slice_0042.png`` in ``images/`` and ``labels/``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from medseg.data.folders import staged_folder
+from medseg.errors import DataError, describe
+
+NIFTI_SUFFIX = ".nii.gz"
+CONVERSION_RECORD = "conversion.json"
+
+
+@dataclass(frozen=True)
+class MSDCase:
+    name: str       # file name without .nii.gz: "lung_001"
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class MSDTask:
+    path: Path
+    description: dict[str, Any]
+    cases: tuple[MSDCase, ...]
+
+    @property
+    def modality(self) -> str:
+        return str(self.description.get("modality", {}).get("0", ""))
+
+
+def read_task(task_dir: str | Path) -> MSDTask:
+    """Read ``dataset.json`` of a task folder and check that its training files exist."""
+    task_dir = Path(task_dir)
+    if not task_dir.is_dir():
+        raise DataError(f"MSD task folder {task_dir} does not exist; expected a folder with "
+                        "dataset.json, imagesTr/ and labelsTr/ (e.g. .../Task006_Lung)")
+    description = _read_dataset_json(task_dir / "dataset.json")
+    cases = tuple(_training_cases(task_dir, description))
+    if not cases:
+        raise DataError(f"{task_dir / 'dataset.json'} lists no training cases; expected "
+                        '"training": [{"image": "./imagesTr/x.nii.gz", "label": '
+                        '"./labelsTr/x.nii.gz"}, ...]')
+    return MSDTask(task_dir, description, cases)
+
+
+def _read_dataset_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; an MSD task folder needs its dataset.json "
+                        "(modality, labels and the list of training cases)")
+    try:
+        description = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(description, dict) or not isinstance(description.get("training"), list):
+        raise DataError(f"{path} has no 'training' list; expected the MSD dataset.json with "
+                        '"training": [{"image": ..., "label": ...}, ...]')
+    return description
+
+
+def _training_cases(task_dir: Path, description: dict[str, Any]) -> Iterator[MSDCase]:
+    dataset_json = task_dir / "dataset.json"
+    for number, entry in enumerate(description["training"], start=1):
+        if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
+            raise DataError(f"{dataset_json}: training entry {number} is {entry!r}; expected "
+                            '{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}')
+        image, label = task_dir / entry["image"], task_dir / entry["label"]
+        for kind, path in (("image", image), ("label", label)):
+            if not path.is_file():
+                raise DataError(f"{dataset_json}: training entry {number} names the {kind} "
+                                f"{entry[kind]}, but {path} does not exist")
+        yield MSDCase(_volume_name(image), image, label)
+
+
+def _volume_name(path: Path) -> str:
+    name = path.name
+    return name[: -len(NIFTI_SUFFIX)] if name.endswith(NIFTI_SUFFIX) else path.stem
+
+
+def load_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """A 3D NIfTI volume as float32 (scaled values, e.g. HU) and the image it came from."""
+    path = Path(path)
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:  # nibabel raises several types for foreign or truncated files
+        raise DataError(f"{path} could not be read as a NIfTI volume "
+                        f"({describe(error)})") from None
+    data = np.squeeze(data, axis=tuple(range(3, data.ndim))) if data.ndim > 3 else data
+    if data.ndim != 3:
+        raise DataError(f"{path} has shape {list(data.shape)}; expected a 3D volume [X, Y, Z]")
+    return data, image
+
+
+def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
+    """CT values seen through a window: ``center ± width/2`` mapped to 0-255 (uint8)."""
+    low = center - width / 2
+    scaled = (hu.astype(np.float32) - low) / width
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def slice_to_image(volume_slice: np.ndarray) -> np.ndarray:
+    """Axial slice [X, Y] -> image rows and columns [Y, X], the radiological view of the MSD
+    volumes (anterior up). Its own inverse."""
+    return np.ascontiguousarray(volume_slice.T)
+
+
+def slice_file_name(volume: str, index: int) -> str:
+    return f"{volume}_slice_{index:04d}.png"
+
+
+@dataclass(frozen=True)
+class ConversionSettings:
+    window_center: float = -300.0
+    window_width: float = 1400.0
+    empty_slice_fraction: float = 0.1
+    seed: int = 0
+
+
+def convert_task(task_dir: str | Path, output_dir: str | Path, settings: ConversionSettings, *,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Write ``images/`` and ``labels/`` PNG slices of every training case into ``output_dir``.
+
+    Every case is checked (readable, image and label of the same shape) before anything is
+    written; the slices go to a hidden sibling folder renamed into place at the end, so bad
+    input or an interrupted conversion leaves no half-written dataset. Returns the record
+    also saved as ``conversion.json``.
+    """
+    task = read_task(task_dir)
+    if not task.modality.upper().startswith("CT"):
+        raise DataError(f"{task.path / 'dataset.json'} gives modality {task.modality!r}; CT "
+                        "windowing (dataset.window_center / window_width) needs a CT task")
+    for case in task.cases:
+        _check_pair(case)
+    with staged_folder(output_dir, overwrite=overwrite, what="the PNG slices",
+                       overwrite_key="dataset.overwrite") as staging:
+        (staging / "images").mkdir()
+        (staging / "labels").mkdir()
+        volumes = [_convert_case(case, number, staging, settings)
+                   for number, case in enumerate(task.cases)]
+        record = {"task": str(task.path), "name": task.description.get("name"),
+                  "window_center": settings.window_center, "window_width": settings.window_width,
+                  "empty_slice_fraction": settings.empty_slice_fraction, "seed": settings.seed,
+                  "volumes": volumes,
+                  "slices": sum(v["kept_slices"] for v in volumes),
+                  "tumour_slices": sum(v["tumour_slices"] for v in volumes)}
+        (staging / CONVERSION_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _check_pair(case: MSDCase) -> None:
+    image_shape = _header_shape(case.image)
+    label_shape = _header_shape(case.label)
+    if image_shape != label_shape:
+        raise DataError(f"{case.label} has shape {list(label_shape)} but its image {case.image} "
+                        f"has {list(image_shape)}; expected the same shape")
+
+
+def _header_shape(path: Path) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in nib.load(path).shape)
+    except Exception as error:
+        raise DataError(f"{path} could not be read as a NIfTI volume "
+                        f"({describe(error)})") from None
+    shape = shape[:3] + tuple(s for s in shape[3:] if s != 1)
+    if len(shape) != 3:
+        raise DataError(f"{path} has shape {list(shape)}; expected a 3D volume [X, Y, Z]")
+    return shape
+
+
+def _convert_case(case: MSDCase, number: int, output: Path,
+                  settings: ConversionSettings) -> dict[str, Any]:
+    hu, _ = load_volume(case.image)
+    label, _ = load_volume(case.label)
+    foreground = label > 0
+    has_tumour = foreground.any(axis=(0, 1))
+    empty = np.flatnonzero(~has_tumour)
+    rng = np.random.default_rng([settings.seed, number])
+    kept_empty = rng.choice(empty, size=int(round(settings.empty_slice_fraction * len(empty))),
+                            replace=False)
+    keep = np.sort(np.concatenate([np.flatnonzero(has_tumour), kept_empty])).astype(int)
+    grey = window(hu, settings.window_center, settings.window_width)
+    for index in keep:
+        name = slice_file_name(case.name, index)
+        Image.fromarray(slice_to_image(grey[:, :, index])).save(output / "images" / name)
+        mask = slice_to_image(foreground[:, :, index]).astype(np.uint8) * 255
+        Image.fromarray(mask).save(output / "labels" / name)
+    return {"volume": case.name, "slices": int(hu.shape[2]), "kept_slices": len(keep),
+            "tumour_slices": int(has_tumour.sum()), "tumour_voxels": int(foreground.sum())}

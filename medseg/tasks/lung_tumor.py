@@ -1,0 +1,225 @@
+"""How the lung-tumour model trains and is scored on 2D slices, its figures, and the overfit
+sanity check.
+
+Scores pool the pixels of all validation slices: ``tumor_dice`` is ``2 TP / (2 TP + FP + FN)``
+over every pixel at once, so a slice without tumour adds its false positives instead of an
+undefined Dice of its own. ``volume_dice`` is the same per validation volume (its kept slices),
+averaged over the volumes where it is defined (tumour in the label or in the prediction).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from medseg.engine.precision import Precision
+from medseg.engine.trainer import StepOutput
+from medseg.viz.overlays import plot_prediction_grid, plot_segmentation_panel
+
+TUMOUR = 1
+METRICS = ("loss", "tumor_dice", "tumor_iou", "pixel_accuracy", "volume_dice")
+
+
+def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Logits [B, 2, H, W] -> the tumour class's softmax probability [B, 1, H, W]."""
+    return torch.softmax(logits.float(), dim=1)[:, TUMOUR:TUMOUR + 1]
+
+
+@dataclass
+class Counts:
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.tp += int((pred & target).sum())
+        self.fp += int((pred & ~target).sum())
+        self.fn += int((~pred & target).sum())
+        self.tn += int((~pred & ~target).sum())
+
+    @property
+    def dice(self) -> float:
+        denominator = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / denominator if denominator else math.nan
+
+    @property
+    def iou(self) -> float:
+        denominator = self.tp + self.fp + self.fn
+        return self.tp / denominator if denominator else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        total = self.tp + self.fp + self.fn + self.tn
+        return (self.tp + self.tn) / total if total else math.nan
+
+
+@dataclass
+class TumourScores:
+    """Pixel counts pooled over all slices and per volume."""
+
+    pooled: Counts = field(default_factory=Counts)
+    volumes: dict[str, Counts] = field(default_factory=lambda: defaultdict(Counts))
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, volumes: Sequence[str]) -> None:
+        """``pred`` and ``target`` bool [B, 1, H, W]; ``volumes`` the volume of each slice."""
+        self.pooled.add(pred, target)
+        for index, volume in enumerate(volumes):
+            self.volumes[volume].add(pred[index], target[index])
+
+    def summary(self) -> dict[str, float]:
+        per_volume = [c.dice for c in self.volumes.values() if not math.isnan(c.dice)]
+        return {"tumor_dice": self.pooled.dice, "tumor_iou": self.pooled.iou,
+                "pixel_accuracy": self.pooled.accuracy,
+                "volume_dice": float(np.mean(per_volume)) if per_volume else math.nan}
+
+
+class LungTumorTask:
+    """Two-class (background, tumour) segmentation of slices; a pixel is tumour when its
+    tumour probability exceeds ``threshold``."""
+
+    def __init__(self, loss: nn.Module, *, threshold: float = 0.5) -> None:
+        self.loss = loss
+        self.threshold = threshold
+
+    def metric_names(self) -> list[str]:
+        return list(METRICS)
+
+    def training_step(self, model: nn.Module, batch, device: torch.device) -> StepOutput:
+        image = batch["image"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        total, terms = self.loss(model(image), mask)
+        return StepOutput(total, terms, image.shape[0])
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return tumour_probability(logits) > self.threshold
+
+    def scores(self, model: nn.Module, loader: Iterable, device: torch.device,
+               precision: Precision) -> tuple[TumourScores, float]:
+        scores, loss_total, batches = TumourScores(), 0.0, 0
+        for batch in loader:
+            image = batch["image"].to(device, non_blocking=True)
+            mask = batch["mask"].to(device, non_blocking=True)
+            with precision.autocast():
+                logits = model(image)
+            loss, _ = self.loss(logits, mask)
+            loss_total += float(loss)
+            batches += 1
+            scores.update(self.predict(logits), mask > 0.5, batch["volume"])
+        return scores, loss_total / max(batches, 1)
+
+    def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
+                 precision: Precision) -> dict[str, float]:
+        scores, loss = self.scores(model, loader, device, precision)
+        return {"loss": loss, **scores.summary()}
+
+    def render_prediction(self, model: nn.Module, batch, device: torch.device, path: Path) -> Path:
+        """The first slice of ``batch``: image, ground truth and prediction."""
+        image = batch["image"][:1].to(device)
+        pred = self.predict(model(image))[0].cpu().numpy()
+        return plot_segmentation_panel(image[0, 0].float().cpu().numpy(),
+                                       batch["mask"][0].numpy(), pred, path,
+                                       structure_names=["tumour"],
+                                       title=f"{batch['volume'][0]} slice {int(batch['slice'][0])}")
+
+
+def choose_examples(dataset: Dataset, count: int, *, include_empty: bool = True) -> list[int]:
+    """Indices of up to ``count`` slices: tumour slices spread over the volumes (largest tumour
+    of each first), and with ``include_empty`` one without tumour to show false positives."""
+    records = dataset.records
+    with_tumour = sorted((i for i, r in enumerate(records) if r.tumour_pixels),
+                         key=lambda i: (-records[i].tumour_pixels, records[i].volume))
+    by_volume: dict[str, list[int]] = defaultdict(list)
+    for index in with_tumour:
+        by_volume[records[index].volume].append(index)
+    queues = list(by_volume.values())
+    spread = []
+    while any(queues):  # one slice of each volume in turn
+        spread += [queue.pop(0) for queue in queues if queue]
+    empty = [i for i, r in enumerate(records) if not r.tumour_pixels][:1] if include_empty else []
+    chosen = spread[:max(count - len(empty), 0)] + empty
+    return chosen[:count]
+
+
+def render_validation_predictions(model: nn.Module, task: LungTumorTask, dataset: Dataset,
+                                  device: torch.device, precision: Precision, path: Path,
+                                  count: int = 8) -> Path:
+    """``val_predictions.png``: chosen validation slices with ground truth and prediction."""
+    model.eval()
+    panels = []
+    with torch.no_grad():
+        for index in choose_examples(dataset, count):
+            sample = dataset[index]
+            image = sample["image"][None].to(device)
+            with precision.autocast():
+                logits = model(image)
+            pred = task.predict(logits)[0, 0].cpu()
+            target = sample["mask"][0] > 0.5
+            counts = Counts()
+            counts.add(pred, target)
+            dice = "n/a" if math.isnan(counts.dice) else f"{counts.dice:.2f}"
+            panels.append((sample["image"][0].numpy(), target.numpy(), pred.numpy(),
+                           f"{sample['volume']} slice {sample['slice']}  Dice {dice}"))
+    return plot_prediction_grid(panels, path)
+
+
+@dataclass
+class OverfitResult:
+    dice: float
+    loss: float
+    steps: int
+    slices: int
+    target_dice: float
+    history: list[tuple[int, float, float]]
+
+    @property
+    def passed(self) -> bool:
+        return self.dice >= self.target_dice
+
+
+def overfit_check(model: nn.Module, task: LungTumorTask, batch: dict, *, steps: int,
+                  learning_rate: float, target_dice: float, device: torch.device,
+                  precision: Precision, report_every: int = 25) -> OverfitResult:
+    """Train on one fixed batch of slices, without augmentation, until its Dice reaches
+    ``target_dice`` or ``steps`` run out.
+
+    A model, loss and data pipeline without bugs memorise a handful of slices; a Dice that
+    stays low points at the labels, the loss or the learning rate before a long run is spent.
+    Dice is measured in evaluation mode (BatchNorm running statistics), as validation does.
+    """
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    image, mask = batch["image"].to(device), batch["mask"].to(device)
+    history: list[tuple[int, float, float]] = []
+    dice, loss_value = math.nan, math.nan
+    for step in range(1, steps + 1):
+        model.train()
+        with precision.autocast():
+            loss, _ = task.loss(model(image), mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+        if step % report_every == 0 or step == steps:
+            dice = _batch_dice(model, task, image, mask, precision)
+            history.append((step, loss_value, dice))
+            if dice >= target_dice:
+                break
+    return OverfitResult(dice, loss_value, step, int(image.shape[0]), target_dice, history)
+
+
+def _batch_dice(model, task, image, mask, precision) -> float:
+    model.eval()
+    with torch.no_grad(), precision.autocast():
+        pred = task.predict(model(image))
+    counts = Counts()
+    counts.add(pred, mask > 0.5)
+    return counts.dice

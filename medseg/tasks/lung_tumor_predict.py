@@ -1,0 +1,176 @@
+"""Prediction with a trained lung-tumour model: single slices, folders of slices, NIfTI volumes.
+
+- An image (PNG, JPEG, ...) is a slice already windowed to 8-bit grey, as ``convert`` writes
+  them. Output: ``<name>_mask.png`` (0 / 255, the image's size) and, with overlays,
+  ``<name>_overlay.png`` (the tumour tinted red and outlined).
+- A NIfTI volume (``.nii`` / ``.nii.gz``) in HU is windowed as in conversion and predicted
+  slice by slice along its last axis. Output: ``<name>_mask.nii.gz`` (uint8 0 / 1, the
+  volume's shape, affine and header) and, with overlays, ``<name>_overlays/slice_<k>.png``
+  for each slice with predicted tumour.
+
+Every source gives a line in ``predictions.json`` (tumour pixels, slices, volume in ml).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from medseg.data.msd import load_volume, slice_to_image, window
+from medseg.data.slice_transforms import image_transform
+from medseg.engine.precision import Precision
+from medseg.errors import ConfigError, DataError
+from medseg.tasks.lung_tumor import tumour_probability
+from medseg.viz.overlays import mask_overlay_rgb
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PREDICTABLE_MODES = ("L", "RGB", "RGBA")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def find_sources(source: str | Path) -> list[Path]:
+    """The file ``source``, or the images and NIfTI volumes directly inside the folder."""
+    source = Path(source)
+    if source.is_file():
+        if not (is_nifti(source) or source.suffix.lower() in IMAGE_SUFFIXES):
+            raise ConfigError(f"source {source} is neither an image "
+                              f"({', '.join(IMAGE_SUFFIXES)}) nor a NIfTI volume (.nii, .nii.gz)")
+        return [source]
+    if not source.is_dir():
+        raise ConfigError(f"source {source} does not exist; give an image, a NIfTI volume or a "
+                          "folder of them")
+    found = sorted(p for p in source.iterdir()
+                   if p.is_file() and (is_nifti(p) or p.suffix.lower() in IMAGE_SUFFIXES))
+    if not found:
+        raise DataError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no NIfTI "
+                        "volumes")
+    return found
+
+
+def _stem(path: Path) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+@dataclass
+class SlicePredictor:
+    """Tumour probabilities of grey slices at their own size."""
+
+    model: nn.Module
+    image_size: tuple[int, int]
+    device: torch.device
+    precision: Precision
+    threshold: float = 0.5
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        self.transform = image_transform(self.image_size)
+        self.model.to(self.device).eval()
+
+    def probabilities(self, slices: list[np.ndarray]) -> list[np.ndarray]:
+        """float32 [H, W] slices in [0, 1] -> tumour probabilities of the same sizes."""
+        results = []
+        for start in range(0, len(slices), self.batch_size):
+            chunk = slices[start:start + self.batch_size]
+            batch = torch.stack([self.transform({"image": s[None]})["image"] for s in chunk])
+            with torch.no_grad(), self.precision.autocast():
+                logits = self.model(batch.to(self.device))
+            probability = tumour_probability(logits).float()
+            for item, original in zip(probability, chunk):
+                resized = F.interpolate(item[None], size=original.shape, mode="bilinear",
+                                        align_corners=False)
+                results.append(resized[0, 0].cpu().numpy())
+        return results
+
+    def masks(self, slices: list[np.ndarray]) -> list[np.ndarray]:
+        return [p > self.threshold for p in self.probabilities(slices)]
+
+
+def read_grey(path: Path) -> np.ndarray:
+    """An image as uint8 [H, W] grey."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in PREDICTABLE_MODES:
+                raise DataError(f"{path} is a {image.mode!r} image; expected 8-bit grey (mode L) "
+                                "slices windowed as `convert` writes them, or RGB")
+            return np.asarray(image.convert("L"))
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"{path} could not be read as an image ({error})") from None
+
+
+def predict_image(predictor: SlicePredictor, path: Path, output_dir: Path,
+                  save_overlay: bool) -> dict[str, Any]:
+    grey = read_grey(path)
+    mask = predictor.masks([grey.astype(np.float32) / 255.0])[0]
+    name = _stem(path)
+    mask_path = output_dir / f"{name}_mask.png"
+    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    record = {"source": str(path), "mask": str(mask_path), "tumour_pixels": int(mask.sum())}
+    if save_overlay:
+        overlay_path = output_dir / f"{name}_overlay.png"
+        Image.fromarray(mask_overlay_rgb(grey, mask)).save(overlay_path)
+        record["overlay"] = str(overlay_path)
+    return record
+
+
+def predict_volume(predictor: SlicePredictor, path: Path, output_dir: Path, save_overlay: bool,
+                   *, window_center: float, window_width: float) -> dict[str, Any]:
+    hu, source = load_volume(path)
+    grey = window(hu, window_center, window_width)
+    slices = [slice_to_image(grey[:, :, k]) for k in range(grey.shape[2])]
+    masks = predictor.masks([s.astype(np.float32) / 255.0 for s in slices])
+    volume = np.stack([slice_to_image(m) for m in masks], axis=-1).astype(np.uint8)
+    name = _stem(path)
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1, 0)
+    mask_path = output_dir / f"{name}_mask.nii.gz"
+    nib.save(nib.Nifti1Image(volume, source.affine, header), mask_path)
+    tumour_slices = [k for k, m in enumerate(masks) if m.any()]
+    voxel_ml = float(np.prod(source.header.get_zooms()[:3])) / 1000.0
+    record = {"source": str(path), "mask": str(mask_path), "tumour_voxels": int(volume.sum()),
+              "tumour_slices": tumour_slices, "tumour_volume_ml": round(volume.sum() * voxel_ml, 3)}
+    if save_overlay:
+        folder = output_dir / f"{name}_overlays"
+        folder.mkdir(exist_ok=True)
+        for k in tumour_slices:
+            overlay = mask_overlay_rgb(slices[k], masks[k])
+            Image.fromarray(overlay).save(folder / f"slice_{k:04d}.png")
+        record["overlays"] = str(folder)
+    return record
+
+
+def run_prediction(predictor: SlicePredictor, sources: list[Path], output_dir: str | Path, *,
+                   save_overlay: bool, window_center: float, window_width: float,
+                   provenance: dict[str, Any] | None = None) -> Path:
+    """Predict every source into ``output_dir``; return the path of ``predictions.json``, which
+    also holds ``provenance`` (the checkpoint used, ...)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for path in sources:
+        if is_nifti(path):
+            records.append(predict_volume(predictor, path, output_dir, save_overlay,
+                                          window_center=window_center, window_width=window_width))
+        else:
+            records.append(predict_image(predictor, path, output_dir, save_overlay))
+    summary = output_dir / "predictions.json"
+    summary.write_text(json.dumps({**(provenance or {}), "threshold": predictor.threshold,
+                                   "image_size": list(predictor.image_size),
+                                   "predictions": records}, indent=1))
+    return summary

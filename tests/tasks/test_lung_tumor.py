@@ -1,0 +1,235 @@
+"""Lung-tumour scoring, figures, the overfit check, and prediction on PNG and NIfTI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from medseg.data.msd import slice_to_image, window
+from medseg.data.png_slices import PNGSliceDataset, SliceRecord
+from medseg.data.slice_transforms import slice_transforms
+from medseg.engine.precision import resolve_precision
+from medseg.errors import ConfigError, DataError
+from medseg.losses.dice_bce import SegmentationLoss
+from medseg.models.attention_unet import AttentionUNet
+from medseg.tasks.lung_tumor import (
+    Counts,
+    LungTumorTask,
+    TumourScores,
+    choose_examples,
+    overfit_check,
+    render_validation_predictions,
+)
+from medseg.tasks.lung_tumor_predict import SlicePredictor, find_sources, run_prediction
+
+CPU = torch.device("cpu")
+FP32 = resolve_precision("none", CPU)
+
+
+class Thresholding(nn.Module):
+    """A 'model' whose tumour logit is the image brightness minus 0.5: bright is tumour."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x), (x - 0.5) * 20], dim=1)
+
+
+def masks(*rows):
+    return torch.tensor(rows, dtype=torch.bool).reshape(len(rows), 1, 1, -1)
+
+
+def test_counts_give_dice_iou_and_accuracy():
+    counts = Counts()
+    counts.add(masks([1, 1, 0, 0]), masks([1, 0, 1, 0]))
+    assert (counts.tp, counts.fp, counts.fn, counts.tn) == (1, 1, 1, 1)
+    assert counts.dice == 0.5 and counts.iou == pytest.approx(1 / 3) and counts.accuracy == 0.5
+    assert math.isnan(Counts().dice)
+
+
+def test_scores_pool_pixels_and_average_volumes():
+    scores = TumourScores()
+    # Volume a: perfect; volume b: a false positive on a slice without tumour; c: all empty.
+    scores.update(masks([1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]),
+                  masks([1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]),
+                  ["a", "a", "b", "c"])
+    summary = scores.summary()
+    assert summary["tumor_dice"] == pytest.approx(4 / 5)       # 2TP / (2TP + FP + FN) pooled
+    assert summary["volume_dice"] == pytest.approx(0.5)        # a: 1, b: 0, c: undefined
+    assert summary["pixel_accuracy"] == pytest.approx(15 / 16)
+    assert summary["tumor_iou"] == pytest.approx(2 / 3)
+
+
+def slice_dataset(tmp_path, count=6, size=32):
+    """Slices with a bright square (the tumour) in most of them, over three volumes."""
+    (tmp_path / "images").mkdir(parents=True)
+    (tmp_path / "labels").mkdir()
+    records = []
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        mask = np.zeros((size, size), dtype=bool)
+        if i % 3:
+            y, x = rng.integers(4, size - 10, 2)
+            mask[y:y + 3 + i, x:x + 3 + i] = True
+        image = np.clip(0.3 + 0.5 * mask + rng.normal(0, 0.05, mask.shape), 0, 1)
+        name = f"v{i % 3}_slice_{i:04d}.png"
+        Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "images" / name)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "labels" / name)
+        records.append(SliceRecord(f"v{i % 3}", i, tmp_path / "images" / name,
+                                   tmp_path / "labels" / name, (size, size), int(mask.sum())))
+    return PNGSliceDataset(records, slice_transforms((size, size), train=False))
+
+
+def test_validate_reports_every_metric(tmp_path):
+    dataset = slice_dataset(tmp_path)
+    task = LungTumorTask(SegmentationLoss("dice_bce"))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    metrics = task.validate(Thresholding(), loader, CPU, FP32)
+    assert sorted(metrics) == sorted(task.metric_names())
+    assert metrics["tumor_dice"] > 0.95 and metrics["volume_dice"] > 0.95
+    inverted = task.validate(lambda x: -Thresholding()(x), loader, CPU, FP32)
+    assert inverted["tumor_dice"] < 0.05 and inverted["loss"] > 3 * metrics["loss"]
+
+
+def test_threshold_decides_which_pixels_are_tumour():
+    logits = torch.zeros(1, 2, 1, 3)
+    logits[0, 1] = torch.tensor([-1.0, 0.0, 1.0])  # probabilities 0.27, 0.5, 0.73
+    assert LungTumorTask(None, threshold=0.5).predict(logits).sum() == 1
+    assert LungTumorTask(None, threshold=0.2).predict(logits).sum() == 3
+
+
+def test_examples_spread_over_volumes_with_one_empty_slice(tmp_path):
+    dataset = slice_dataset(tmp_path, count=9)
+    chosen = choose_examples(dataset, 4)
+    records = [dataset.records[i] for i in chosen]
+    assert len(chosen) == 4
+    assert [r.tumour_pixels > 0 for r in records] == [True, True, True, False]
+    assert len({r.volume for r in records[:3]}) >= 2
+
+
+def test_validation_figure_is_written(tmp_path):
+    dataset = slice_dataset(tmp_path / "data")
+    path = render_validation_predictions(Thresholding(), LungTumorTask(SegmentationLoss()),
+                                         dataset, CPU, FP32, tmp_path / "val_predictions.png")
+    with Image.open(path) as figure:
+        assert figure.size[0] > 400
+
+
+def test_prediction_snapshot_of_a_slice_is_written(tmp_path):
+    dataset = slice_dataset(tmp_path / "data")
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
+    path = LungTumorTask(None).render_prediction(Thresholding(), batch, CPU, tmp_path / "p.png")
+    with Image.open(path) as figure:
+        assert figure.size[0] > 300
+
+
+def test_overfit_check_memorises_a_few_slices(tmp_path):
+    dataset = slice_dataset(tmp_path, count=6)
+    samples = [dataset[i] for i in (1, 2, 4, 5)]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("image", "mask")}
+    torch.manual_seed(0)
+    model = AttentionUNet(2, 1, 2, [8, 16, 32])
+    result = overfit_check(model, LungTumorTask(SegmentationLoss("dice_bce")), batch, steps=150,
+                           learning_rate=3e-3, target_dice=0.95, device=CPU, precision=FP32,
+                           report_every=10)
+    assert result.passed and result.dice >= 0.95 and result.steps < 150
+    assert result.history[0][2] < result.dice
+
+
+# ----------------------------------------------------------------------------- predict
+def predictor(threshold=0.5):
+    return SlicePredictor(Thresholding(), (32, 32), CPU, FP32, threshold=threshold)
+
+
+def grey_png(path: Path, size=(40, 50)):
+    image = np.full(size, 60, dtype=np.uint8)
+    image[10:20, 12:30] = 230
+    image[25:30, 5:8] = 140  # probability about 0.45 at the model's scale
+    Image.fromarray(image).save(path)
+    return image
+
+
+def test_predict_a_png_writes_a_mask_of_its_size(tmp_path):
+    grey_png(tmp_path / "slice.png")
+    summary = run_prediction(predictor(), find_sources(tmp_path / "slice.png"), tmp_path / "out",
+                             save_overlay=False, window_center=-300, window_width=1400)
+    mask = np.asarray(Image.open(tmp_path / "out" / "slice_mask.png"))
+    assert mask.shape == (40, 50) and set(np.unique(mask)) == {0, 255}
+    assert (mask[10:20, 12:30] == 255).mean() > 0.9 and mask[:8].max() == 0
+    assert not (tmp_path / "out" / "slice_overlay.png").exists()
+    record = json.loads(summary.read_text())["predictions"][0]
+    assert record["tumour_pixels"] == int((mask > 0).sum())
+
+
+def test_lower_threshold_marks_more_pixels(tmp_path):
+    grey_png(tmp_path / "slice.png")
+    counts = []
+    for threshold in (0.5, 0.3):
+        out = tmp_path / f"out{threshold}"
+        run_prediction(predictor(threshold), [tmp_path / "slice.png"], out, save_overlay=False,
+                       window_center=-300, window_width=1400)
+        counts.append((np.asarray(Image.open(out / "slice_mask.png")) > 0).sum())
+    assert counts[1] > counts[0]
+
+
+def test_predict_a_folder_with_overlays(tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        grey_png(tmp_path / "in" / name)
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    run_prediction(predictor(), find_sources(tmp_path / "in"), tmp_path / "out",
+                   save_overlay=True, window_center=-300, window_width=1400)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["a_mask.png", "a_overlay.png", "b_mask.png", "b_overlay.png",
+                       "predictions.json"]
+    overlay = np.asarray(Image.open(tmp_path / "out" / "a_overlay.png"))
+    assert overlay.shape == (40, 50, 3)
+    assert overlay[15, 20, 0] > overlay[15, 20, 1] and overlay[2, 2, 0] == overlay[2, 2, 1]
+
+
+def test_predict_a_nifti_volume_slice_by_slice(tmp_path):
+    hu = np.full((24, 20, 5), -800, dtype=np.int16)
+    hu[5:10, 4:8, 2] = 300  # windowed to ~0.93: tumour for the thresholding model
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), tmp_path / "case.nii.gz")
+    run_prediction(predictor(), find_sources(tmp_path / "case.nii.gz"), tmp_path / "out",
+                   save_overlay=True, window_center=-300, window_width=1400)
+    mask_image = nib.load(tmp_path / "out" / "case_mask.nii.gz")
+    mask = np.asarray(mask_image.dataobj)
+    assert mask.shape == hu.shape and mask.dtype == np.uint8
+    assert np.allclose(mask_image.affine, affine)
+    assert mask[5:10, 4:8, 2].mean() > 0.8 and mask[:, :, [0, 1, 3, 4]].sum() == 0
+    overlays = sorted(p.name for p in (tmp_path / "out" / "case_overlays").iterdir())
+    assert overlays == ["slice_0002.png"]
+    record = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"][0]
+    assert record["tumour_slices"] == [2]
+    millilitres = mask.sum() * 0.8 * 0.8 * 2.5 / 1000
+    assert record["tumour_volume_ml"] == pytest.approx(millilitres, rel=1e-3)
+    # The windowing is the conversion's: the same slice as a PNG predicts the same mask.
+    png = slice_to_image(window(hu[:, :, 2].astype(np.float32), -300, 1400))
+    Image.fromarray(png).save(tmp_path / "slice.png")
+    run_prediction(predictor(), [tmp_path / "slice.png"], tmp_path / "png", save_overlay=False,
+                   window_center=-300, window_width=1400)
+    from_png = np.asarray(Image.open(tmp_path / "png" / "slice_mask.png")) > 0
+    assert np.array_equal(slice_to_image(mask[:, :, 2]) > 0, from_png)
+
+
+def test_sources_that_cannot_be_predicted(tmp_path):
+    with pytest.raises(ConfigError, match="source .*missing.png does not exist"):
+        find_sources(tmp_path / "missing.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty holds no images"):
+        find_sources(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="neither an image"):
+        find_sources(tmp_path / "notes.txt")
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(DataError, match="deep.png is a 'I;16' image"):
+        run_prediction(predictor(), [tmp_path / "deep.png"], tmp_path / "out",
+                       save_overlay=False, window_center=0, window_width=1)
