@@ -46,3 +46,39 @@ def shows_progress_bar(text: str) -> bool:
     """Whether ``text`` holds a tqdm bar's counter and times (``| 4/4 [00:04<00:00``), with
     or without a rate and postfix after them."""
     return _PROGRESS_BAR.search(text) is not None
+
+
+def nested(dotted: dict) -> dict:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``, merged."""
+    result: dict = {}
+    for key, value in dotted.items():
+        *sections, name = key.split(".")
+        node = result
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return result
+
+
+def flatten(config: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested config's leaves."""
+    keys = []
+    for name, value in config.items():
+        if isinstance(value, dict):
+            keys += flatten(value, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def add_effect_probe(ex) -> dict:
+    """Give ``ex`` a test-only command ``effect_probe`` that returns
+    ``probe["function"](_config)`` inside a run (so captured factories see the config), and
+    return that ``probe`` dict."""
+    probe: dict = {}
+
+    @ex.command(unobserved=True)
+    def effect_probe(_config):
+        return probe["function"](_config)
+
+    return probe

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from medseg.data.folders import staged_folder
+from medseg.data.staging import staged_folder
 from medseg.errors import DataError, describe
 
 NIFTI_SUFFIX = ".nii.gz"
@@ -153,7 +153,7 @@ def convert_task(task_dir: str | Path, output_dir: str | Path, settings: Convers
                         "windowing (dataset.window_center / window_width) needs a CT task")
     for case in task.cases:
         _check_pair(case)
-    with staged_folder(output_dir, overwrite=overwrite, what="the PNG slices",
+    with staged_folder(output_dir, overwrite=overwrite, what="PNG slices",
                        overwrite_key="dataset.overwrite") as staging:
         (staging / "images").mkdir()
         (staging / "labels").mkdir()

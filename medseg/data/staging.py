@@ -14,15 +14,17 @@ from pathlib import Path
 from medseg.errors import DataError
 
 
-def refuse_to_overwrite(output_dir: str | Path, overwrite: bool, what: str) -> None:
-    """Stop unless ``output_dir`` is missing, an empty folder, or ``overwrite`` is set."""
+def refuse_to_overwrite(output_dir: str | Path, overwrite: bool, what: str,
+                        overwrite_key: str = "overwrite") -> None:
+    """Stop unless ``output_dir`` is missing, an empty folder, or ``overwrite`` is set (the
+    config entry ``overwrite_key``, which the message names)."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(f"{output_dir} exists and is not a folder; expected a folder (or "
                         f"nothing) to write the {what} into")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise DataError(f"{output_dir} already contains files; expected an empty or missing "
-                        f"folder for the {what} (set overwrite=True to replace it)")
+                        f"folder for the {what} (set {overwrite_key}=True to replace it)")
 
 
 @contextlib.contextmanager
@@ -39,6 +41,15 @@ def staged_directory(output_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(output_dir: str | Path, *, overwrite: bool, what: str,
+                  overwrite_key: str = "overwrite") -> Iterator[Path]:
+    """:func:`refuse_to_overwrite`, then :func:`staged_directory`."""
+    refuse_to_overwrite(output_dir, overwrite, what, overwrite_key)
+    with staged_directory(output_dir) as staging:
+        yield staging
 
 
 def _move_into_place(staging: Path, output_dir: Path) -> None:

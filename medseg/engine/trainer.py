@@ -57,6 +57,16 @@ class Task(Protocol):
         """Score the model on ``loader``; the model is in eval mode and gradients are off."""
 
 
+def image_mask_step(loss: nn.Module, model: nn.Module, batch: Mapping[str, torch.Tensor],
+                    device: torch.device) -> StepOutput:
+    """:meth:`Task.training_step` of a task whose batches hold ``image`` and ``mask`` and whose
+    loss maps (model output, mask) to (total, terms)."""
+    image = batch["image"].to(device, non_blocking=True)
+    mask = batch["mask"].to(device, non_blocking=True)
+    total, terms = loss(model(image), mask)
+    return StepOutput(total, terms, image.shape[0])
+
+
 class Callback:
     """Hooks into the loop; every method is optional."""
 

@@ -29,7 +29,7 @@ from torch import nn
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.evaluation import EvaluationReport
 from medseg.engine.precision import Precision
-from medseg.engine.trainer import StepOutput
+from medseg.engine.trainer import StepOutput, image_mask_step
 from medseg.errors import DataError
 from medseg.losses.aneurysm import WeightedDiceCELoss
 from medseg.metrics.classification import BinaryClassificationScores, roc_curve
@@ -93,10 +93,7 @@ class AneurysmTask:
         return list(METRICS)
 
     def training_step(self, model: nn.Module, batch, device: torch.device) -> StepOutput:
-        image = batch["image"].to(device, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True)
-        total, terms = self.loss(model(image), mask)
-        return StepOutput(total, terms, image.shape[0])
+        return image_mask_step(self.loss, model, batch, device)
 
     def infer(self, model: nn.Module, image: torch.Tensor, precision: Precision) -> torch.Tensor:
         """Logits [B, 1, D, H, W] (float32) of a normalised image of any size."""

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medseg.engine.precision import Precision
-from medseg.engine.trainer import StepOutput
+from medseg.engine.trainer import StepOutput, image_mask_step
 from medseg.viz.overlays import plot_prediction_grid, plot_segmentation_panel
 
 TUMOUR = 1
@@ -94,10 +94,7 @@ class LungTumorTask:
         return list(METRICS)
 
     def training_step(self, model: nn.Module, batch, device: torch.device) -> StepOutput:
-        image = batch["image"].to(device, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True)
-        total, terms = self.loss(model(image), mask)
-        return StepOutput(total, terms, image.shape[0])
+        return image_mask_step(self.loss, model, batch, device)
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         return tumour_probability(logits) > self.threshold

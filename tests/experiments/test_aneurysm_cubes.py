@@ -25,7 +25,7 @@ from ingredients.pipeline import PredictionSnapshots
 from medseg.data.npz_cubes import TEST_FOLD, fold_folder
 from medseg.engine.reporting import RecordingReporter
 from medseg.errors import ConfigError, DataError, MedsegError
-from support import shared_tracking_entry
+from support import flatten, nested, shared_tracking_entry
 from tests.cube_factory import SHAPE, write_cube, write_cubes_dir, write_volumes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,28 +33,6 @@ QUIET = {"--loglevel": "ERROR"}
 
 
 # ---------------------------------------------------------------------------- helpers
-def nested(flat: dict) -> dict:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``, merged."""
-    result: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = result
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return result
-
-
-def flatten(config: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for name, value in config.items():
-        if isinstance(value, dict):
-            keys += flatten(value, f"{prefix}{name}.")
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
 def experiment_config_keys() -> list[str]:
     """Every entry of the experiment's merged config (Sacred's own ``seed`` included)."""
     run = exp.ex._create_run("print_config", config_updates={"tracking": {"observer": "none"}},

@@ -4,7 +4,6 @@ check, the bad inputs of issue 5, and an observable effect for every config entr
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,52 +20,22 @@ from medseg.data.synthetic.lung import generate_lung_task
 from medseg.engine import trainer as trainer_module
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.errors import ConfigError, DataError, MedsegError
-from support import shared_tracking_entry, shows_progress_bar
+from support import (
+    add_effect_probe,
+    flatten,
+    load_experiment,
+    nested,
+    shared_tracking_entry,
+    shows_progress_bar,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = ROOT / "experiments" / "lung_tumor.py"
 
 
-def load_experiment():
-    name = "medseg_experiment_lung_tumor"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, EXPERIMENT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-lung = load_experiment()
+lung = load_experiment("lung_tumor")
 ex = lung.ex
-_probe = {}
-
-
-@ex.command(unobserved=True)
-def effect_probe(_config):
-    """Test-only: evaluate the current probe inside a run, so captured factories see config."""
-    return _probe["function"](_config)
-
-
-def nested(dotted: dict) -> dict:
-    updates: dict = {}
-    for key, value in dotted.items():
-        *sections, name = key.split(".")
-        target = updates
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[name] = value
-    return updates
-
-
-def flatten(config: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in config.items():
-        if isinstance(value, dict):
-            keys += flatten(value, f"{prefix}{key}.")
-        else:
-            keys.append(f"{prefix}{key}")
-    return keys
+_probe = add_effect_probe(ex)
 
 
 # ----------------------------------------------------------------------------- data

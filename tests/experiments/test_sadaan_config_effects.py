@@ -21,28 +21,19 @@ from medseg.engine import trainer as trainer_module
 from medseg.errors import MedsegError
 from medseg.models.sadaan import SADAANOutput
 
-from support import file_runs, load_experiment, merge, shared_tracking_entry, shows_progress_bar
+from support import (
+    add_effect_probe,
+    file_runs,
+    load_experiment,
+    merge,
+    nested,
+    shared_tracking_entry,
+    shows_progress_bar,
+)
 
 sadaan = load_experiment("sadaan")
 ex = sadaan.ex
-_probe = {}
-
-
-@ex.command(unobserved=True)
-def effect_probe(_config):
-    """Test-only: evaluate the current probe inside a run, so captured factories see config."""
-    return _probe["function"](_config)
-
-
-def nested(dotted: dict) -> dict:
-    updates: dict = {}
-    for key, value in dotted.items():
-        *sections, name = key.split(".")
-        target = updates
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[name] = value
-    return updates
+_probe = add_effect_probe(ex)
 
 
 # ----------------------------------------------------------------------------- build probes

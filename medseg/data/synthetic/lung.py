@@ -32,7 +32,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from medseg.config import integer, number, sequence
-from medseg.data.folders import staged_folder
+from medseg.data.staging import staged_folder
 
 GENERATOR_NAME = "medseg.data.synthetic.lung"
 GENERATOR_VERSION = 1
@@ -89,7 +89,7 @@ def generate_lung_task(
     integer(minimum=0)("dataset.seed", seed)
     settings = LungGeneratorSettings(tuple(volume_size), float(tumour_free_fraction),
                                      max_tumours, float(noise_std), seed)
-    with staged_folder(task_dir, overwrite=overwrite, what="the MSD task",
+    with staged_folder(task_dir, overwrite=overwrite, what="MSD task",
                        overwrite_key="dataset.overwrite") as staging:
         (staging / "imagesTr").mkdir()
         (staging / "labelsTr").mkdir()

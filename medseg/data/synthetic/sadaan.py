@@ -29,9 +29,6 @@ Each case is one chunk of ``images`` and one of ``masks``, so reading a sample i
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +38,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
 from medseg.config import integer, number, sequence
-from medseg.errors import DataError
+from medseg.data.staging import refuse_to_overwrite, staged_directory
 
 GENERATOR_NAME = "medseg.data.synthetic.sadaan"
 GENERATOR_VERSION = 1
@@ -228,24 +225,17 @@ def generate_sadaan_dataset(
     integer(minimum=0)("seed", seed)
 
     output_dir = Path(output_dir)
-    _refuse_to_overwrite(output_dir, overwrite)
+    refuse_to_overwrite(output_dir, overwrite, "SADAAN dataset")
     settings = GeneratorSettings(tuple(image_size), num_structures, in_channels,
                                  float(absent_probability), float(noise_std), seed)
     splits = {"train": num_train, "val": num_val, "test": num_test}
     splits = {split: count for split, count in splits.items() if count > 0}
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial",
-                                    dir=output_dir.parent))
-    try:
+    with staged_directory(output_dir) as staging:
         for split, count in splits.items():
             _write_split(staging / f"{split}.h5", split, count, settings)
         metadata = _metadata(settings, splits)
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        _move_into_place(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 
@@ -263,27 +253,6 @@ class GeneratorSettings:
     @property
     def structure_names(self) -> tuple[str, ...]:
         return STRUCTURE_NAMES[:self.num_structures]
-
-
-def _refuse_to_overwrite(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DataError(f"{output_dir} exists and is not a folder; expected a folder (or no "
-                        "file at all) to write the SADAAN dataset into")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise DataError(f"{output_dir} already contains files; expected an empty or missing "
-                        "folder (pass overwrite=True to replace it)")
-
-
-def _move_into_place(staging: Path, output_dir: Path) -> None:
-    """Rename the finished folder to ``output_dir``; an old one is removed only afterwards."""
-    if not output_dir.exists():
-        os.replace(staging, output_dir)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old",
-                                    dir=output_dir.parent))
-    os.replace(output_dir, retired / output_dir.name)
-    os.replace(staging, output_dir)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _metadata(settings: GeneratorSettings, splits: dict[str, int]) -> dict:
