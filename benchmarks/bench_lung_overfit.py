@@ -7,17 +7,16 @@ overfit.learning_rate, Dice checked every 25 steps in evaluation mode.
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 import time
-
-from benchmarks.bench_lung_quality import load_experiment
 
 QUICK = False
 
 
 def run() -> dict:
-    experiment = load_experiment().ex
+    experiment = importlib.import_module("experiments.lung_tumor").ex
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         os.chdir(tmp)
