@@ -98,7 +98,8 @@ ex.add_fields({
 })
 
 # A few minutes on a laptop CPU: small generated volumes, trained at 128 x 128 with a narrower
-# network and a learning rate for its short schedule.
+# network and a learning rate for its short schedule. The narrow network's overfit check needs
+# 3e-3 to pass in 200 steps (at 1e-3 it stopped at Dice 0.81; at 3e-3 it passed at step 150).
 ex.add_named_config("demo", msd_dir="data/lung_demo/msd", dataset_path="data/lung_demo/dataset",
                     dataset={"num_volumes": 24, "volume_size": [128, 128, 48],
                              "empty_slice_fraction": 0.15},
@@ -107,7 +108,7 @@ ex.add_named_config("demo", msd_dir="data/lung_demo/msd", dataset_path="data/lun
                               "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
                               "num_epochs": 12, "early_stopping_patience": 0,
                               "num_workers": 1, "val_batch_size": 16},
-                    overfit={"steps": 200})
+                    overfit={"steps": 200, "learning_rate": 3e-3})
 ex.add_named_config("debug", training={"num_epochs": 2, "batch_size": 2,
                                        "gradient_accumulation_steps": 1},
                     logging={"log_frequency": 1})
