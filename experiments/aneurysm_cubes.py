@@ -258,7 +258,8 @@ def main(_run, _config, _seed, cubes_dir, val_fold, viz_samples, viz_dir, cv_id)
         _run.info["cross_validation"] = {"cv_id": cv_id, "fold": val_fold}
     net = model.make_model()
     task = _task(_config)
-    result = pipeline.fit(net, task, _cubes(train_records, True), _cubes(val_records, False))
+    result = pipeline.fit(net, task, _cubes(train_records, True), _cubes(val_records, False),
+                          curve_metrics=[f"val_{name}" for name in METRICS if name != "loss"])
     for split, records in (("fold", val_records), ("test", dataset.test_records(index))):
         if records:
             loader = training.make_loader(_cubes(records, False), train=False)

@@ -251,7 +251,8 @@ def main(_run, _config, dataset_path):
     val_set = PNGSliceDataset(val_records, augmentation.make_transform(size, train=False))
     net = model.make_model()
     task = _task(_config)
-    result = pipeline.fit(net, task, train_set, val_set, callbacks=_callbacks(net, _config))
+    result = pipeline.fit(net, task, train_set, val_set, callbacks=_callbacks(net, _config),
+                          curve_metrics=[f"val_{name}" for name in METRICS if name != "loss"])
     figure = render_validation_predictions(net, task, val_set, pipeline.device, pipeline.precision,
                                            pipeline.output_dir / "val_predictions.png")
     pipeline.reporter.add_artifact(figure)

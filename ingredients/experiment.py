@@ -163,8 +163,11 @@ class MedsegExperiment(Experiment):
         except ConfigAddedError as error:
             raise ConfigError(self._unknown_entries(error.__conflicting_configs__,
                                                     named_configs)) from None
-        # Sacred only warns about a new entry whose name some captured function takes.
-        added = sorted(run.config_modifications.added)
+        # Sacred only warns about a new entry whose name some captured function takes, and
+        # takes any new top-level entry (the tags scope, first, lets every name in).
+        top_level = {key.split(".")[0] for key in self.known_entries()}
+        added = sorted({*run.config_modifications.added,
+                        *(key for key in run.config if key not in top_level)})
         if added:
             raise ConfigError(self._unknown_entries(added, named_configs))
         self.validate_config(run.config, run.meta_info["command"])

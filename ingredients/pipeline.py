@@ -73,8 +73,10 @@ class PipelineRun:
                                              p.numel() for p in model.parameters() if p.requires_grad)})
 
     def fit(self, model: nn.Module, task, train_set, val_set, *,
-            callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-        """Train with every ingredient's settings; return the run's result summary."""
+            callbacks: Sequence[Callback] = (),
+            curve_metrics: Sequence[str] = ()) -> dict[str, Any]:
+        """Train with every ingredient's settings; return the run's result summary.
+        ``training_curves.png`` shows ``curve_metrics`` beside the monitored metric."""
         training, logging_ = self.config["training"], self.config["logging"]
         train_loader = self.training.make_loader(train_set, train=True)
         val_loader = self.training.make_loader(val_set, train=False)
@@ -106,16 +108,16 @@ class PipelineRun:
         try:
             result = trainer.fit()
         finally:
-            self._record_curves(trainer)
+            self._record_curves(trainer, curve_metrics)
         self._record_checkpoints()
         return {"best_epoch": result.best_epoch, "best_metric": result.best_metric,
                 "monitor": training["monitor"], "epochs_run": result.epochs_run,
                 "stopped_early": result.stopped_early}
 
-    def _record_curves(self, trainer: Trainer) -> None:
+    def _record_curves(self, trainer: Trainer, metrics: Sequence[str]) -> None:
         if trainer.history:
             path = plot_training_curves(trainer.history, self.output_dir / "training_curves.png",
-                                        monitor=trainer.settings.monitor)
+                                        monitor=trainer.settings.monitor, metrics=metrics)
             self.reporter.add_artifact(path)
 
     def _record_checkpoints(self) -> None:

@@ -107,7 +107,8 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     except Exception as error:  # nibabel raises several types for foreign or truncated files
         raise DataError(f"{path} could not be read as a NIfTI volume "
                         f"({describe(error)})") from None
-    data = np.squeeze(data, axis=tuple(range(3, data.ndim))) if data.ndim > 3 else data
+    if data.ndim > 3 and all(size == 1 for size in data.shape[3:]):
+        data = data.reshape(data.shape[:3])
     if data.ndim != 3:
         raise DataError(f"{path} has shape {list(data.shape)}; expected a 3D volume [X, Y, Z]")
     return data, image

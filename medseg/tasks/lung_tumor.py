@@ -195,6 +195,7 @@ def overfit_check(model: nn.Module, task: LungTumorTask, batch: dict, *, steps: 
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     image, mask = batch["image"].to(device), batch["mask"].to(device)
+    scaler = precision.grad_scaler()  # fp16 on CUDA: small gradients would underflow
     history: list[tuple[int, float, float]] = []
     dice, loss_value = math.nan, math.nan
     for step in range(1, steps + 1):
@@ -202,8 +203,9 @@ def overfit_check(model: nn.Module, task: LungTumorTask, batch: dict, *, steps: 
         with precision.autocast():
             loss, _ = task.loss(model(image), mask)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         loss_value = float(loss.detach())
         if step % report_every == 0 or step == steps:
             dice = _batch_dice(model, task, image, mask, precision)

@@ -9,15 +9,17 @@ import matplotlib.pyplot as plt
 
 
 def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | Path,
-                         monitor: str | None = None) -> Path:
-    """Loss (train and validation), the monitored metric and the learning rate per epoch."""
+                         monitor: str | None = None, metrics: Sequence[str] = ()) -> Path:
+    """Loss (train and validation), the monitored metric with ``metrics`` beside it, and the
+    learning rate per epoch."""
     path = Path(path)
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     _plot(axes[0], epochs, history, ["train_loss_epoch", "val_loss"], "loss")
     metric = monitor if monitor and monitor != "val_loss" else _first_metric(history)
-    if metric:
-        _plot(axes[1], epochs, history, [metric], metric)
+    shown = list(dict.fromkeys([metric, *metrics] if metric else metrics))
+    if shown:
+        _plot(axes[1], epochs, history, shown, "validation metrics" if len(shown) > 1 else metric)
     _plot(axes[2], epochs, history, ["lr"], "learning rate")
     axes[2].set_yscale("log")
     figure.tight_layout()

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg.data.msd import ConversionSettings, convert_task, read_task, slice_to_image, window
+from medseg.data.msd import (
+    ConversionSettings,
+    convert_task,
+    load_volume,
+    read_task,
+    slice_to_image,
+    window,
+)
 from medseg.errors import DataError
 
 
@@ -133,6 +140,15 @@ def test_unreadable_volume_is_named(task, tmp_path):
     (task / "labelsTr" / "lung_002.nii.gz").write_bytes(b"not a nifti file")
     with pytest.raises(DataError, match="lung_002.nii.gz could not be read as a NIfTI volume"):
         convert_task(task, tmp_path / "out", ConversionSettings())
+
+
+def test_volumes_with_more_than_three_dimensions(tmp_path):
+    affine = np.eye(4)
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.float32), affine), tmp_path / "one.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), affine), tmp_path / "two.nii.gz")
+    assert load_volume(tmp_path / "one.nii.gz")[0].shape == (4, 5, 6)  # a trailing 1 is dropped
+    with pytest.raises(DataError, match=r"two.nii.gz has shape \[4, 5, 6, 2\]; expected a 3D"):
+        load_volume(tmp_path / "two.nii.gz")
 
 
 def test_non_ct_task_is_refused(tmp_path):

@@ -152,6 +152,9 @@ def test_bad_datasets_stop_before_a_run_is_recorded(sadaan_data, sadaan_quick, t
     ({"checkpoint": {"resume": "/no/such/checkpoint.pth"}}, r"checkpoint.resume: no checkpoint file"),
     ({"training": {"batch_sizee": 2}}, r"unknown config entry training.batch_sizee \(did you mean "
                                         r"training.batch_size\?\)"),
+    ({"dataset_pth": "elsewhere"}, r"unknown config entry dataset_pth \(did you mean "
+                                   r"dataset_path\?\)"),
+    ({"lr": 3}, r"unknown config entry lr; "),
     ({"model": {"in_channels": 3}}, r"model.in_channels=3 but .*train.h5 has images with 1 channel"),
     ({"augmentation": {"intensity_scale_range": [1.1, 0.9]}}, r"intensity_scale_range.*low <= high"),
     ({"checkpoint": {"save_dir": "out/{run}"}}, r"placeholders \{experiment\} and \{run_id\}"),

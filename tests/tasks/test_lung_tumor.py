@@ -142,6 +142,33 @@ def test_overfit_check_memorises_a_few_slices(tmp_path):
     assert result.history[0][2] < result.dice
 
 
+def test_overfit_check_steps_through_the_precision_grad_scaler(tmp_path, monkeypatch):
+    """fp16 on CUDA needs the scaler, or small gradients underflow and a sound model fails."""
+    calls = []
+
+    class SpyScaler(torch.amp.GradScaler):
+        def scale(self, loss):
+            calls.append("scale")
+            return super().scale(loss)
+
+        def step(self, optimizer, *args, **kwargs):
+            calls.append("step")
+            return super().step(optimizer, *args, **kwargs)
+
+        def update(self, *args, **kwargs):
+            calls.append("update")
+            return super().update(*args, **kwargs)
+
+    monkeypatch.setattr(type(FP32), "grad_scaler",
+                        lambda self: SpyScaler("cpu", enabled=False))
+    dataset = slice_dataset(tmp_path, count=3)
+    samples = [dataset[i] for i in range(2)]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("image", "mask")}
+    overfit_check(AttentionUNet(2, 1, 2, [8, 16]), LungTumorTask(SegmentationLoss("dice")), batch,
+                  steps=2, learning_rate=1e-3, target_dice=1.0, device=CPU, precision=FP32)
+    assert calls == ["scale", "step", "update"] * 2
+
+
 # ----------------------------------------------------------------------------- predict
 def predictor(threshold=0.5):
     return SlicePredictor(Thresholding(), (32, 32), CPU, FP32, threshold=threshold)
