@@ -82,3 +82,13 @@ def add_effect_probe(ex) -> dict:
         return probe["function"](_config)
 
     return probe
+
+
+def substitute(value, tmp, substitutions: dict):
+    """A string config value with its placeholders (``CHECKPOINT_1`` ...) and ``TMP`` (the
+    test's folder) filled in; other values unchanged."""
+    if isinstance(value, str):
+        for placeholder, replacement in substitutions.items():
+            value = value.replace(placeholder, str(replacement))
+        return value.replace("TMP", str(tmp))
+    return value

@@ -27,6 +27,7 @@ from support import (
     nested,
     shared_tracking_entry,
     shows_progress_bar,
+    substitute,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -657,14 +658,6 @@ def _observe(probe, dotted, tmp, data, substitutions, monkeypatch):
             ex.run("effect_probe", config_updates=updates, options={"--capture": "sys"})
     _probe["function"] = BUILD_PROBES[kind]
     return ex.run("effect_probe", config_updates=updates, options={"--capture": "sys"}).result
-
-
-def substitute(value, tmp, substitutions):
-    if isinstance(value, str):
-        for placeholder, replacement in substitutions.items():
-            value = value.replace(placeholder, str(replacement))
-        return value.replace("TMP", str(tmp))
-    return value
 
 
 @pytest.mark.slow

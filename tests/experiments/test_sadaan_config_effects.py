@@ -29,6 +29,7 @@ from support import (
     nested,
     shared_tracking_entry,
     shows_progress_bar,
+    substitute,
 )
 
 sadaan = load_experiment("sadaan")
@@ -300,14 +301,6 @@ def _observe(probe, dotted, tmp, data, substitutions, monkeypatch):
             ex.run("effect_probe", config_updates=updates, options={"--capture": "sys"})
     _probe["function"] = BUILD_PROBES[kind]
     return ex.run("effect_probe", config_updates=updates, options={"--capture": "sys"}).result
-
-
-def substitute(value, tmp, substitutions):
-    if isinstance(value, str):
-        for placeholder, replacement in substitutions.items():
-            value = value.replace(placeholder, str(replacement))
-        return value.replace("TMP", str(tmp))
-    return value
 
 
 @pytest.mark.slow
