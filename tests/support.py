@@ -92,3 +92,29 @@ def substitute(value, tmp, substitutions: dict):
             value = value.replace(placeholder, str(replacement))
         return value.replace("TMP", str(tmp))
     return value
+
+
+def schedule_observation(optimizer_ingredient, config) -> tuple:
+    """The optimizer and the learning rate of every step over (at most) 8 epochs of 4 steps,
+    as the experiment's optimizer ingredient builds them for ``config``; the monitored metric
+    never improves (so a plateau schedule reduces)."""
+    import torch
+
+    net = torch.nn.Linear(2, 2)
+    training = config["training"]
+    optimizer = optimizer_ingredient.make_optimizer(net.parameters(),
+                                                    learning_rate=training["learning_rate"])
+    schedule = optimizer_ingredient.make_schedule(optimizer, num_epochs=training["num_epochs"],
+                                                  steps_per_epoch=4,
+                                                  warmup_epochs=training["warmup_epochs"],
+                                                  monitor_mode=training["monitor_mode"])
+    lrs = []
+    for _ in range(min(training["num_epochs"], 8)):
+        for _ in range(4):
+            net(torch.ones(1, 2)).sum().backward()
+            optimizer.step()
+            schedule.after_optimizer_step()
+            lrs.append(round(schedule.current_lr(), 10))
+        schedule.after_epoch(1.0)
+    group = optimizer.param_groups[0]
+    return type(optimizer).__name__, group.get("weight_decay"), group.get("momentum"), lrs

@@ -26,6 +26,7 @@ from support import (
     load_experiment,
     nested,
     shared_tracking_entry,
+    schedule_observation,
     shows_progress_bar,
     substitute,
 )
@@ -326,24 +327,7 @@ def probe_split(config):
 
 
 def probe_schedule(config):
-    net = torch.nn.Linear(2, 2)
-    training = config["training"]
-    optimizer = lung.optimizer.make_optimizer(net.parameters(),
-                                              learning_rate=training["learning_rate"])
-    schedule = lung.optimizer.make_schedule(optimizer, num_epochs=training["num_epochs"],
-                                            steps_per_epoch=4,
-                                            warmup_epochs=training["warmup_epochs"],
-                                            monitor_mode=training["monitor_mode"])
-    lrs = []
-    for epoch in range(min(training["num_epochs"], 8)):
-        for _ in range(4):
-            net(torch.ones(1, 2)).sum().backward()
-            optimizer.step()
-            schedule.after_optimizer_step()
-            lrs.append(round(schedule.current_lr(), 10))
-        schedule.after_epoch(1.0)  # a metric that never improves
-    group = optimizer.param_groups[0]
-    return type(optimizer).__name__, group.get("weight_decay"), group.get("momentum"), lrs
+    return schedule_observation(lung.optimizer, config)
 
 
 def probe_model(config):
