@@ -27,7 +27,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medseg.engine.checkpoint import load_checkpoint
-from medseg.engine.evaluation import EvaluationReport
+from medseg.engine.evaluation import EvaluationReport, LossMeter
 from medseg.engine.precision import Precision
 from medseg.engine.trainer import StepOutput, image_mask_step
 from medseg.errors import DataError
@@ -63,6 +63,7 @@ class CubeResult:
     predicted: bool
     dice: float
     loss: float
+    loss_terms: dict[str, float]
 
 
 class AneurysmTask:
@@ -115,10 +116,11 @@ class AneurysmTask:
             image = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
             logits = self.infer(model, image, precision)
-            loss, _ = self.loss(logits, mask)
+            loss, terms = self.loss(logits, mask)
+            terms = {name: float(value) for name, value in terms.items()}
             for i in range(image.shape[0]):
                 probability = torch.sigmoid(logits[i:i + 1])
-                result = self._cube_result(probability, mask[i:i + 1], float(loss),
+                result = self._cube_result(probability, mask[i:i + 1], float(loss), terms,
                                            str(batch["name"][i]), int(batch["label"][i]))
                 results.append(result)
                 if on_case is not None:
@@ -126,7 +128,7 @@ class AneurysmTask:
         return results
 
     def _cube_result(self, probability: torch.Tensor, mask: torch.Tensor, loss: float,
-                     name: str, label: int) -> CubeResult:
+                     loss_terms: dict[str, float], name: str, label: int) -> CubeResult:
         score, predicted = self.score_cube(probability)
         dice = math.nan
         if label == 1:
@@ -135,7 +137,8 @@ class AneurysmTask:
                           max_probability=float(probability.max()),
                           fraction_above_pos_thr=volume_score(probability, "fraction",
                                                               self.pos_thr),
-                          predicted=predicted, dice=dice, loss=loss)
+                          predicted=predicted, dice=dice, loss=loss,
+                          loss_terms=loss_terms)
 
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
                  precision: Precision) -> dict[str, float]:
@@ -151,13 +154,15 @@ class AneurysmTask:
 
 
 def summarise(results: Sequence[CubeResult]) -> dict[str, float]:
-    """Mean loss, Dice over positive cubes, and the classification metrics."""
+    """Mean loss and its terms, Dice over positive cubes, and the classification metrics."""
     classification = BinaryClassificationScores()
     for result in results:
         classification.add(result.score, result.predicted, result.label)
+    losses = LossMeter()
+    for result in results:
+        losses.add(result.loss, result.loss_terms)
     dice = [r.dice for r in results if r.label == 1 and not math.isnan(r.dice)]
-    return {"loss": float(np.mean([r.loss for r in results])) if results else math.nan,
-            "dice": float(np.mean(dice)) if dice else math.nan,
+    return {**losses.summary(), "dice": float(np.mean(dice)) if dice else math.nan,
             **classification.summary()}
 
 

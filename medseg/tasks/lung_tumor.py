@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from medseg.engine.evaluation import LossMeter
 from medseg.engine.precision import Precision
 from medseg.engine.trainer import StepOutput, image_mask_step
 from medseg.viz.overlays import plot_prediction_grid, plot_segmentation_panel
@@ -100,23 +101,22 @@ class LungTumorTask:
         return tumour_probability(logits) > self.threshold
 
     def scores(self, model: nn.Module, loader: Iterable, device: torch.device,
-               precision: Precision) -> tuple[TumourScores, float]:
-        scores, loss_total, batches = TumourScores(), 0.0, 0
+               precision: Precision) -> tuple[TumourScores, dict[str, float]]:
+        """Pixel counts and the loss with its terms (``{"loss", "loss_<term>"}``)."""
+        scores, losses = TumourScores(), LossMeter()
         for batch in loader:
             image = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
             with precision.autocast():
                 logits = model(image)
-            loss, _ = self.loss(logits, mask)
-            loss_total += float(loss)
-            batches += 1
+            losses.add(*self.loss(logits, mask))
             scores.update(self.predict(logits), mask > 0.5, batch["volume"])
-        return scores, loss_total / max(batches, 1)
+        return scores, losses.summary()
 
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
                  precision: Precision) -> dict[str, float]:
-        scores, loss = self.scores(model, loader, device, precision)
-        return {"loss": loss, **scores.summary()}
+        scores, losses = self.scores(model, loader, device, precision)
+        return {**losses, **scores.summary()}
 
     def render_prediction(self, model: nn.Module, batch, device: torch.device, path: Path) -> Path:
         """The first slice of ``batch``: image, ground truth and prediction."""

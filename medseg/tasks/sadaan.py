@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.engine.evaluation import EvaluationReport
+from medseg.engine.evaluation import EvaluationReport, LossMeter
 from medseg.engine.precision import Precision
 from medseg.engine.trainer import StepOutput
 from medseg.losses.sadaan import SADAANLoss
@@ -56,26 +56,25 @@ class SADAANTask:
         return masks & gate, present
 
     def _score(self, model, loader: Iterable, device, precision: Precision,
-               on_case=None) -> tuple[SegmentationScores, float]:
+               on_case=None) -> tuple[SegmentationScores, dict[str, float]]:
+        """Scores and the loss with its terms (``{"loss", "loss_<term>"}``) over ``loader``."""
         scores = SegmentationScores(self.structure_names)
-        loss_total, batches = 0.0, 0
+        losses = LossMeter()
         for batch in loader:
             image, mask, presence = self._inputs(batch, device)
             with precision.autocast():
                 output = model(image)
-            loss, _ = self.loss(output, mask, presence)
-            loss_total += float(loss)
-            batches += 1
+            losses.add(*self.loss(output, mask, presence))
             pred_masks, pred_presence = self.predict(output)
             scores.update(pred_masks, mask > 0.5, pred_presence, presence > 0.5)
             if on_case is not None:
                 on_case(batch, output, pred_masks)
-        return scores, loss_total / max(batches, 1)
+        return scores, losses.summary()
 
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
                  precision: Precision) -> dict[str, float]:
-        scores, loss = self._score(model, loader, device, precision)
-        return {"loss": loss, **scores.summary()}
+        scores, losses = self._score(model, loader, device, precision)
+        return {**losses, **scores.summary()}
 
     def render_prediction(self, model: nn.Module, batch, device: torch.device, path: Path) -> Path:
         image, mask, _ = self._inputs(batch, device)
@@ -111,8 +110,8 @@ def evaluate_sadaan(model: nn.Module, loader: Iterable, *, task: SADAANTask, dev
         figures.append(plot_attention_maps(attention, output_dir / f"case_{index:04d}_attention.png",
                                            task.structure_names, image=image))
 
-    scores, loss = task._score(model, loader, device, precision, on_case=draw)
-    summary = {"loss": loss, **scores.summary()}
+    scores, losses = task._score(model, loader, device, precision, on_case=draw)
+    summary = {**losses, **scores.summary()}
     per_case_path = output_dir / "per_case_metrics.json"
     per_case_path.write_text(json.dumps({"split": split, "cases": scores.per_case(),
                                          "confusion": scores.confusion()}, indent=1,

@@ -48,7 +48,8 @@ def test_a_run_records_metrics_info_artifacts_and_checkpoints(sadaan_quick, tmp_
     assert record["status"] == "COMPLETED"
     run_dir = tmp_path / "runs" / "1"
     metrics = metrics_of(run_dir)
-    for name in ("train_loss", "train_loss_dice", "train_loss_confidence", "val_dice",
+    for name in ("train_loss", "train_loss_dice", "train_loss_confidence", "val_loss",
+                 "val_loss_dice", "val_loss_confidence", "val_dice",
                  "val_presence_accuracy", "val_dice_spleen", "lr", "epoch_time_s",
                  "samples_per_s", "rss_mb", "rss_peak_mb", "test_dice"):
         assert name in metrics, name

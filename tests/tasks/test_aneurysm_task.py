@@ -91,7 +91,8 @@ def test_a_perfect_model_scores_dice_one_and_auc_one():
     assert metrics["auc"] == 1.0
     assert metrics["accuracy"] == metrics["pos_accuracy"] == metrics["neg_accuracy"] == 1.0
     assert math.isfinite(metrics["loss"])
-    assert set(metrics) == set(task().metric_names())
+    assert set(metrics) == {*task().metric_names(), "loss_dice", "loss_ce"}
+    assert metrics["loss"] == pytest.approx(metrics["loss_dice"] + metrics["loss_ce"])
 
 
 def test_sliding_windows_cover_the_whole_cube_in_crop_sized_batches():

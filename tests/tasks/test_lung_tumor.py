@@ -91,7 +91,9 @@ def test_validate_reports_every_metric(tmp_path):
     task = LungTumorTask(SegmentationLoss("dice_bce"))
     loader = torch.utils.data.DataLoader(dataset, batch_size=4)
     metrics = task.validate(Thresholding(), loader, CPU, FP32)
-    assert sorted(metrics) == sorted(task.metric_names())
+    terms = ["loss_balanced_ce", "loss_dice"]
+    assert sorted(metrics) == sorted([*task.metric_names(), *terms])
+    assert metrics["loss"] == pytest.approx(sum(metrics[t] for t in terms))
     assert metrics["tumor_dice"] > 0.95 and metrics["volume_dice"] > 0.95
     inverted = task.validate(lambda x: -Thresholding()(x), loader, CPU, FP32)
     assert inverted["tumor_dice"] < 0.05 and inverted["loss"] > 3 * metrics["loss"]
