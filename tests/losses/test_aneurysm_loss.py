@@ -48,3 +48,12 @@ def test_a_zero_weight_leaves_its_term_out():
     assert total.item() == pytest.approx(terms["dice"].item())
     with pytest.raises(ValueError, match="not both 0"):
         WeightedDiceCELoss(dice=0.0, ce=0.0)
+
+
+def test_total_equals_monai_dice_ce_with_the_weight_as_bce_pos_weight():
+    from monai.losses import DiceCELoss
+    logits, target = example()
+    total, _ = WeightedDiceCELoss(pos_weight=128.0, dice=1.5, ce=0.5)(logits, target)
+    monai_total = DiceCELoss(sigmoid=True, batch=True, lambda_dice=1.5, lambda_ce=0.5,
+                             weight=torch.tensor([128.0]))(logits, target)
+    assert float(total.detach()) == pytest.approx(float(monai_total.detach()))
