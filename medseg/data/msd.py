@@ -23,6 +23,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from monai.data import load_decathlon_datalist
 from PIL import Image
 
 from medseg.data.staging import staged_folder
@@ -80,12 +81,18 @@ def _read_dataset_json(path: Path) -> dict[str, Any]:
 
 
 def _training_cases(task_dir: Path, description: dict[str, Any]) -> Iterator[MSDCase]:
+    """The training pairs, resolved against the task folder by MONAI's decathlon reader once
+    each entry's shape has been checked (MONAI's reader fails on a malformed entry with a
+    bare ``TypeError``)."""
     dataset_json = task_dir / "dataset.json"
     for number, entry in enumerate(description["training"], start=1):
         if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
             raise DataError(f"{dataset_json}: training entry {number} is {entry!r}; expected "
                             '{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}')
-        image, label = task_dir / entry["image"], task_dir / entry["label"]
+    datalist = load_decathlon_datalist(dataset_json, is_segmentation=True,
+                                       data_list_key="training", base_dir=task_dir)
+    for number, (entry, resolved) in enumerate(zip(description["training"], datalist), start=1):
+        image, label = Path(resolved["image"]), Path(resolved["label"])
         for kind, path in (("image", image), ("label", label)):
             if not path.is_file():
                 raise DataError(f"{dataset_json}: training entry {number} names the {kind} "
