@@ -53,24 +53,16 @@ class AttentionUNet(AttentionUnet):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if not (self.deep_supervision and self.training):
             return super().forward(x)
-        head, top_layer, reduce_channels = self.model
+        # Each decoder level is an AttentionLayer whose output is that level's features; forward
+        # hooks collect them while MONAI's own forward runs, so a MONAI release that changes
+        # the forward cannot silently diverge from a copy of it here.
         decoded: list[torch.Tensor] = []
-        top = _decode(top_layer, head(x), decoded)
-        lower = decoded[-2::-1]  # the levels below the top, highest resolution first
-        return [reduce_channels(top), *(conv(level) for conv, level in
-                                        zip(self.supervision_heads, lower))]
-
-
-def _decode(layer: AttentionLayer, x: torch.Tensor, decoded: list[torch.Tensor]) -> torch.Tensor:
-    """``AttentionLayer.forward``, also collecting each level's output (deepest first)."""
-    submodule = layer.submodule
-    if isinstance(submodule, nn.Sequential):
-        down, inner = submodule
-        below = _decode(inner, down(x), decoded)
-    else:
-        below = submodule(x)
-    from_lower = layer.upconv(below)
-    attended = layer.attention(g=from_lower, x=x)
-    merged = layer.merge(torch.cat((attended, from_lower), dim=1))
-    decoded.append(merged)
-    return merged
+        hooks = [layer.register_forward_hook(lambda _layer, _args, out: decoded.append(out))
+                 for layer in self.modules() if isinstance(layer, AttentionLayer)]
+        try:
+            logits = super().forward(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        lower = decoded[-2::-1]  # deepest finishes first; the levels below the top, highest first
+        return [logits, *(conv(level) for conv, level in zip(self.supervision_heads, lower))]
