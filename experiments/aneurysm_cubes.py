@@ -18,36 +18,34 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from ingredients.augmentation import CubeAugmentationIngredient  # noqa: E402
-from ingredients.checkpoint import CheckpointIngredient, run_directory  # noqa: E402
-from ingredients.dataset import (  # noqa: E402
+from ingredients.augmentation import CubeAugmentationIngredient
+from ingredients.checkpoint import CheckpointIngredient, run_directory
+from ingredients.dataset import (
     AneurysmCubesDatasetIngredient,
     AneurysmPrepareIngredient,
     AneurysmVolumesIngredient,
 )
-from ingredients.experiment import MedsegExperiment  # noqa: E402
-from ingredients.fields import Field  # noqa: E402
-from ingredients.loss_weights import CubeLossWeightsIngredient  # noqa: E402
-from ingredients.model import DynUNetModelIngredient  # noqa: E402
-from ingredients.optimizer import OptimizerIngredient  # noqa: E402
-from ingredients.pipeline import PipelineRun  # noqa: E402
-from ingredients.tracking import LoggingIngredient, SacredReporter, TrackingIngredient  # noqa: E402
-from ingredients.training import TrainingIngredient  # noqa: E402
-from medseg import config as c  # noqa: E402
-from medseg.data.npz_cubes import NUM_FOLDS  # noqa: E402
-from medseg.data.prepare_cubes import (  # noqa: E402
+from ingredients.experiment import MedsegExperiment
+from ingredients.fields import Field
+from ingredients.loss_weights import CubeLossWeightsIngredient
+from ingredients.model import DynUNetModelIngredient
+from ingredients.optimizer import OptimizerIngredient
+from ingredients.pipeline import PipelineRun
+from ingredients.tracking import LoggingIngredient, SacredReporter, TrackingIngredient
+from ingredients.training import TrainingIngredient
+from medseg import config as c
+from medseg.data.npz_cubes import NUM_FOLDS
+from medseg.data.prepare_cubes import (
     check_prediction_input,
     read_prediction_input,
     save_probability,
 )
-from medseg.engine.checkpoint import plain  # noqa: E402
-from medseg.errors import ConfigError, MedsegError  # noqa: E402
-from medseg.models.ensemble import ProbabilityEnsemble  # noqa: E402
-from medseg.tasks.aneurysm import (  # noqa: E402
+from medseg.engine.checkpoint import plain
+from medseg.errors import ConfigError, MedsegError
+from medseg.models.ensemble import ProbabilityEnsemble
+from medseg.tasks.aneurysm import (
     BLEND_MODES,
     METRICS,
     SCORE_METHODS,
@@ -56,8 +54,8 @@ from medseg.tasks.aneurysm import (  # noqa: E402
     load_models,
     predict_probability,
 )
-from medseg.tasks.aneurysm_cv import run_folds, summarise_folds  # noqa: E402
-from medseg.viz.cubes import plot_cube_sample  # noqa: E402
+from medseg.tasks.aneurysm_cv import run_folds, summarise_folds
+from medseg.viz.cubes import plot_cube_sample
 
 EXPERIMENT = "aneurysm_cubes"
 BEST_CHECKPOINT = "best_model.pth"

@@ -10,44 +10,40 @@
     python experiments/lung_tumor.py print_config                  # every entry
 """
 
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from ingredients.augmentation import LungAugmentationIngredient  # noqa: E402
-from ingredients.checkpoint import CheckpointIngredient  # noqa: E402
-from ingredients.dataset import LungDatasetIngredient  # noqa: E402
-from ingredients.experiment import MedsegExperiment  # noqa: E402
-from ingredients.fields import Field  # noqa: E402
-from ingredients.loss_weights import LossIngredient  # noqa: E402
-from ingredients.model import AttentionUNetModelIngredient  # noqa: E402
-from ingredients.optimizer import OptimizerIngredient  # noqa: E402
-from ingredients.pipeline import PipelineRun  # noqa: E402
-from ingredients.tracking import LoggingIngredient, SacredReporter, TrackingIngredient  # noqa: E402
-from ingredients.training import (  # noqa: E402
+from ingredients.augmentation import LungAugmentationIngredient
+from ingredients.checkpoint import CheckpointIngredient
+from ingredients.dataset import LungDatasetIngredient
+from ingredients.experiment import MedsegExperiment
+from ingredients.fields import Field
+from ingredients.loss_weights import LossIngredient
+from ingredients.model import AttentionUNetModelIngredient
+from ingredients.optimizer import OptimizerIngredient
+from ingredients.pipeline import PipelineRun
+from ingredients.tracking import LoggingIngredient, SacredReporter, TrackingIngredient
+from ingredients.training import (
     OverfitIngredient,
     TrainingIngredient,
     ema_fields,
     image_size_field,
     val_batch_size_field,
 )
-from medseg import config as c  # noqa: E402
-from medseg.data.png_slices import PNGSliceDataset, scan_slices, slice_statistics  # noqa: E402
-from medseg.engine.checkpoint import load_checkpoint  # noqa: E402
-from medseg.engine.ema import ModelEMA  # noqa: E402
-from medseg.errors import ConfigError, DataError, describe  # noqa: E402
-from medseg.tasks.lung_tumor import (  # noqa: E402
+from medseg import config as c
+from medseg.data.png_slices import PNGSliceDataset, scan_slices, slice_statistics
+from medseg.engine.checkpoint import load_checkpoint
+from medseg.engine.ema import ModelEMA
+from medseg.errors import ConfigError, DataError, describe
+from medseg.tasks.lung_tumor import (
     METRICS,
     LungTumorTask,
     choose_examples,
     overfit_check,
     render_validation_predictions,
 )
-from medseg.tasks.lung_tumor_predict import (  # noqa: E402
+from medseg.tasks.lung_tumor_predict import (
     SlicePredictor,
     find_sources,
     run_prediction,

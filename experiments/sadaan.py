@@ -6,25 +6,20 @@
     python experiments/sadaan.py print_config                          # every entry
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ingredients.augmentation import SADAANAugmentationIngredient  # noqa: E402
-from ingredients.checkpoint import CheckpointIngredient  # noqa: E402
-from ingredients.dataset import HDF5DatasetIngredient  # noqa: E402
-from ingredients.experiment import MedsegExperiment  # noqa: E402
-from ingredients.fields import Field  # noqa: E402
-from ingredients.loss_weights import SADAANLossWeightsIngredient  # noqa: E402
-from ingredients.model import SADAANModelIngredient  # noqa: E402
-from ingredients.optimizer import OptimizerIngredient  # noqa: E402
-from ingredients.pipeline import PipelineRun  # noqa: E402
-from ingredients.tracking import LoggingIngredient, TrackingIngredient  # noqa: E402
-from ingredients.training import TrainingIngredient, image_size_field  # noqa: E402
-from medseg import config as c  # noqa: E402
-from medseg.data.hdf5 import SPLITS  # noqa: E402
-from medseg.tasks.sadaan import SADAANTask, evaluate_sadaan  # noqa: E402
+from ingredients.augmentation import SADAANAugmentationIngredient
+from ingredients.checkpoint import CheckpointIngredient
+from ingredients.dataset import HDF5DatasetIngredient
+from ingredients.experiment import MedsegExperiment
+from ingredients.fields import Field
+from ingredients.loss_weights import SADAANLossWeightsIngredient
+from ingredients.model import SADAANModelIngredient
+from ingredients.optimizer import OptimizerIngredient
+from ingredients.pipeline import PipelineRun
+from ingredients.tracking import LoggingIngredient, TrackingIngredient
+from ingredients.training import TrainingIngredient, image_size_field
+from medseg import config as c
+from medseg.data.hdf5 import SPLITS
+from medseg.tasks.sadaan import SADAANTask, evaluate_sadaan
 
 dataset = HDF5DatasetIngredient()
 model = SADAANModelIngredient()

@@ -3,6 +3,9 @@ a run's config into medseg objects."""
 
 import warnings
 
-# Sacred 0.8.7 imports pkg_resources (hence setuptools<81); the deprecation notice it
-# triggers on every run says nothing a user can act on.
-warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+# Sacred 0.8.7 imports pkg_resources (hence setuptools<81), whose deprecation notice says
+# nothing a user can act on. It is raised once, on that first import: silence it there only,
+# without a process-wide filter.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    import sacred  # noqa: F401

@@ -213,9 +213,6 @@ class CubeIndex:
     def records(self, folds: Iterable[int]) -> list[CubeRecord]:
         return [record for fold in folds for record in self.folds.get(fold, [])]
 
-    def has_test(self) -> bool:
-        return bool(self.folds.get(TEST_FOLD))
-
 
 def scan_cubes(cubes_dir: str | Path, *, cube_shape: Sequence[int] | None = None,
                label_threshold: float = 0.1, num_folds: int = NUM_FOLDS,

@@ -20,12 +20,6 @@ def epoch_seed(base_seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([base_seed, epoch]).generate_state(1, np.uint32)[0])
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def capture_rng_state() -> dict[str, Any]:
     numpy_state = np.random.get_state(legacy=False)
     return {

@@ -37,7 +37,7 @@ def test_scan_reads_every_fold_and_the_test_folder(cubes):
     for fold in range(5):
         labels = sorted(r.label for r in index.folds[fold])
         assert labels == [0, 0, 0, 1, 1]
-    assert index.has_test()
+    assert index.folds[TEST_FOLD]
     record = index.folds[0][-1]
     assert record.series_id.startswith("1.2.840.") and record.shape == SHAPE
     assert 0.5 < record.mask_max <= 1.0

@@ -25,7 +25,6 @@ from support import (
     add_effect_probe,
     file_runs,
     load_experiment,
-    merge,
     nested,
     shared_tracking_entry,
     schedule_observation,
