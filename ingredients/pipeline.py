@@ -24,7 +24,7 @@ from ingredients.training import TrainingIngredient
 from medseg.engine.checkpoint import model_weights
 from medseg.engine.evaluation import EvaluationReport
 from medseg.engine.memory import device_info
-from medseg.engine.trainer import Callback, Trainer
+from medseg.engine.trainer import Callback, Trainer, monitor_choices
 from medseg.errors import ConfigError, DataError
 from medseg.viz.curves import plot_training_curves
 
@@ -78,6 +78,10 @@ class PipelineRun:
         """Train with every ingredient's settings; return the run's result summary.
         ``training_curves.png`` shows ``curve_metrics`` beside the monitored metric."""
         training, logging_ = self.config["training"], self.config["logging"]
+        available = monitor_choices(task)
+        if training["monitor"] not in available:
+            raise ConfigError(f"training.monitor={training['monitor']!r} is not a metric this "
+                              f"pipeline reports; choose one of {', '.join(available)}")
         train_loader = self.training.make_loader(train_set, train=True)
         val_loader = self.training.make_loader(val_set, train=False)
         if len(train_loader) == 0:

@@ -13,6 +13,7 @@ from medseg import config as c
 from medseg.data.loaders import EpochLoader
 from medseg.engine.precision import MODES, Precision, resolve_device, resolve_precision
 from medseg.engine.trainer import TrainerSettings
+from medseg.errors import ConfigError
 
 FIELDS = {
     "batch_size": Field(4, c.integer(minimum=1), "Training batch size"),
@@ -74,7 +75,15 @@ class TrainingIngredient(FieldIngredient):
     def validate(self, config) -> None:
         super().validate(config)
         training = config[self.path]
-        resolve_precision(training["mixed_precision"], resolve_device(training["device"]))
+        try:
+            device = resolve_device(training["device"])
+        except ValueError:
+            raise ConfigError(f"{self.path}.device must be 'auto', 'cpu' or 'cuda[:N]' with a "
+                              f"CUDA device present, got {training['device']!r}") from None
+        if training["mixed_precision"] == "fp16" and device.type != "cuda":
+            raise ConfigError(f"{self.path}.mixed_precision='fp16' needs a CUDA device "
+                              f"({self.path}.device is {training['device']!r}); use 'bf16' on "
+                              "CPU or 'none'")
 
 
 def image_size_field(default: list[int]) -> Field:

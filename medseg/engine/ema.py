@@ -18,17 +18,15 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from medseg.engine.trainer import Callback, Trainer
-from medseg.errors import ConfigError
 
 
 class ModelEMA(Callback):
     def __init__(self, model: nn.Module, *, decay: float = 0.9999,
                  ramp_steps: float = 2000) -> None:
         if not 0 < decay < 1:
-            raise ConfigError(f"training.ema_decay must be between 0 and 1 (exclusive), "
-                              f"got {decay!r}")
+            raise ValueError(f"decay must be between 0 and 1 (exclusive), got {decay!r}")
         if ramp_steps < 0:
-            raise ConfigError(f"training.ema_ramp_steps must be >= 0, got {ramp_steps!r}")
+            raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps!r}")
         self.decay = decay
         self.ramp_steps = ramp_steps
         self._step_decay = decay

@@ -6,7 +6,6 @@ from collections.abc import Iterable
 
 import torch
 
-from medseg.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -21,4 +20,4 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], name: str, *, lear
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=learning_rate, weight_decay=weight_decay,
                                momentum=momentum, nesterov=momentum > 0)
-    raise ConfigError(f"optimizer.type must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}")
+    raise ValueError(f"name must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}")

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from medseg.errors import ConfigError
 
 MODES = ("auto", "none", "fp16", "bf16")
 
@@ -36,13 +35,12 @@ class Precision:
 def resolve_precision(mode: str, device: torch.device) -> Precision:
     """``auto`` is fp16 on CUDA and fp32 elsewhere; fp16 needs CUDA."""
     if mode not in MODES:
-        raise ConfigError(f"training.mixed_precision must be one of "
-                          f"{', '.join(repr(m) for m in MODES)}, got {mode!r}")
+        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
     if mode == "auto":
         mode = "fp16" if device.type == "cuda" else "none"
     if mode == "fp16" and device.type != "cuda":
-        raise ConfigError("training.mixed_precision='fp16' needs a CUDA device; "
-                          "use 'bf16' on CPU or 'none'")
+        raise ValueError(f"mode='fp16' needs a CUDA device, got device {str(device)!r}; "
+                         "use 'bf16' on CPU or 'none'")
     dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
     return Precision(device.type, dtype)
 
@@ -54,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"training.device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"training.device={name!r} but no CUDA device is available")
+        raise ValueError(f"device={name!r} but no CUDA device is available")
     return device

@@ -18,7 +18,6 @@ from torch.optim.lr_scheduler import (
     ReduceLROnPlateau,
 )
 
-from medseg.errors import ConfigError
 
 SCHEDULERS = ("none", "cosine_annealing", "reduce_on_plateau", "onecycle")
 
@@ -30,7 +29,7 @@ def _leave_one_epoch(warmup_epochs: float, num_epochs: int) -> float:
     warm-up) is shortened so the last epoch trains at the full rate under the schedule."""
     longest = max(num_epochs - 1, 0)
     if warmup_epochs > longest:
-        log.warning("training.warmup_epochs=%s shortened to %s: the run has %s epochs",
+        log.warning("warmup_epochs=%s shortened to %s: the run has %s epochs",
                     warmup_epochs, longest, num_epochs)
         return longest
     return warmup_epochs
@@ -59,7 +58,7 @@ class LRSchedule:
         warmup_start_factor: float = 0.01,
     ) -> None:
         if name not in SCHEDULERS:
-            raise ConfigError(f"optimizer.lr_scheduler must be one of "
+            raise ValueError(f"name must be one of "
                               f"{', '.join(repr(s) for s in SCHEDULERS)}, got {name!r}")
         self.name = name
         self.optimizer = optimizer

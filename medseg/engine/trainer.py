@@ -28,7 +28,7 @@ from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.schedulers import LRSchedule
 from medseg.engine.seeding import capture_rng_state, restore_rng_state
-from medseg.errors import ConfigError, DataError, TrainingDivergedError
+from medseg.errors import DataError, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,11 @@ def image_mask_step(loss: nn.Module, model: nn.Module, batch: Mapping[str, torch
     mask = batch["mask"].to(device, non_blocking=True)
     total, terms = loss(model(image), mask)
     return StepOutput(total, terms, image.shape[0])
+
+
+def monitor_choices(task: Task) -> list[str]:
+    """The metric names a run can monitor: the task's validation metrics, ``val_`` prefixed."""
+    return [f"val_{name}" for name in task.metric_names()]
 
 
 class Callback:
@@ -116,7 +121,7 @@ class EarlyStopping:
 
     def __init__(self, mode: str, patience: int) -> None:
         if mode not in ("min", "max"):
-            raise ConfigError(f"training.monitor_mode must be 'min' or 'max', got {mode!r}")
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.mode = mode
         self.patience = patience
         self.best: float | None = None
@@ -183,10 +188,10 @@ class Trainer:
         self._check_monitor()
 
     def _check_monitor(self) -> None:
-        available = [f"val_{name}" for name in self.task.metric_names()]
+        available = monitor_choices(self.task)
         if self.settings.monitor not in available:
-            raise ConfigError(f"training.monitor={self.settings.monitor!r} is not a metric this "
-                              f"pipeline reports; choose one of {', '.join(available)}")
+            raise ValueError(f"settings.monitor={self.settings.monitor!r} is not a metric the "
+                             f"task reports; choose one of {', '.join(available)}")
 
     # ------------------------------------------------------------------ resume
     def resume(self, path: str | Path) -> None:

@@ -24,7 +24,6 @@ from monai.losses import DiceLoss
 from monai.losses import DeepSupervisionLoss as MonaiDeepSupervisionLoss
 from torch import nn
 
-from medseg.errors import ConfigError
 
 LOSS_TYPES = ("dice_bce", "dice", "ce", "balanced_ce")
 
@@ -53,8 +52,8 @@ class SegmentationLoss(nn.Module):
     def __init__(self, loss_type: str = "dice_bce") -> None:
         super().__init__()
         if loss_type not in LOSS_TYPES:
-            raise ConfigError(f"loss.type must be one of {', '.join(map(repr, LOSS_TYPES))}, "
-                              f"got {loss_type!r}")
+            raise ValueError(f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))}, "
+                             f"got {loss_type!r}")
         self.loss_type = loss_type
         self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
 

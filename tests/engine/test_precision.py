@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from medseg.engine.precision import resolve_device, resolve_precision
-from medseg.errors import ConfigError
 
 CPU = torch.device("cpu")
 
@@ -23,14 +22,14 @@ def test_auto_is_fp32_on_cpu():
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
 
 
-def test_fp16_without_cuda_is_a_config_error():
-    with pytest.raises(ConfigError, match="fp16.*needs a CUDA device"):
+def test_fp16_without_cuda_is_an_error_in_the_arguments_terms():
+    with pytest.raises(ValueError, match="mode='fp16' needs a CUDA device, got device 'cpu'"):
         resolve_precision("fp16", CPU)
 
 
 def test_device_errors():
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no CUDA device"):
+        with pytest.raises(ValueError, match="device='cuda' but no CUDA device"):
             resolve_device("cuda")
-    with pytest.raises(ConfigError, match="training.device must be"):
+    with pytest.raises(ValueError, match="^device must be"):
         resolve_device("gpu0")

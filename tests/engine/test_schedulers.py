@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from medseg.engine.schedulers import LRSchedule
-from medseg.errors import ConfigError
 
 
 def optimizer(lr=1.0):
@@ -69,7 +68,7 @@ def test_state_dict_round_trip_continues_the_same_curve():
 
 
 def test_unknown_scheduler_is_named():
-    with pytest.raises(ConfigError, match=r"optimizer.lr_scheduler must be one of .*'cosine'"):
+    with pytest.raises(ValueError, match=r"^name must be one of .*'cosine'"):
         LRSchedule(optimizer(), "cosine", num_epochs=1, steps_per_epoch=1)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from medseg.engine import trainer as trainer_module
 from medseg.engine.trainer import StepOutput
-from medseg.errors import ConfigError, TrainingDivergedError
+from medseg.errors import TrainingDivergedError
 
 
 def test_training_lowers_loss_and_raises_dice(make_trainer):
@@ -107,7 +107,7 @@ def test_nan_loss_stops_with_a_clear_message(make_trainer):
 
 
 def test_unknown_monitor_names_the_choices(make_trainer):
-    with pytest.raises(ConfigError, match=r"training.monitor='val_dcie'.*val_loss, val_dice"):
+    with pytest.raises(ValueError, match=r"settings.monitor='val_dcie'.*val_loss, val_dice"):
         make_trainer(monitor="val_dcie")
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.errors import ConfigError
 from medseg.losses.dice_bce import (
     DeepSupervisionLoss,
     SegmentationLoss,
@@ -82,8 +81,8 @@ def test_dice_ignores_the_background_class():
     assert float(SegmentationLoss("dice")(logits, target)[0]) > 0.95
 
 
-def test_unknown_type_names_the_entry():
-    with pytest.raises(ConfigError, match="loss.type must be one of 'dice_bce', 'dice', 'ce', "
+def test_unknown_type_names_the_argument():
+    with pytest.raises(ValueError, match="loss_type must be one of 'dice_bce', 'dice', 'ce', "
                                           "'balanced_ce', got 'focal'"):
         SegmentationLoss("focal")
 
