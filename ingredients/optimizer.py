@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
-from medseg.engine.optim import OPTIMIZERS, build_optimizer
-from medseg.engine.schedulers import SCHEDULERS, LRSchedule
+from medseg.engine.fit import OptimizerSettings
+from medseg.engine.optim import OPTIMIZERS
+from medseg.engine.schedulers import SCHEDULERS
 
 FIELDS = {
     "type": Field("adam", c.choice(*OPTIMIZERS), "Optimizer: 'adam', 'adamw' or 'sgd'"),
@@ -30,21 +32,14 @@ class OptimizerIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
         super().__init__("optimizer", FIELDS, defaults)
 
-        @self.capture
-        def make_optimizer(parameters, learning_rate: float, type: str, weight_decay: float,
-                           momentum: float):
-            return build_optimizer(parameters, type, learning_rate=learning_rate,
-                                   weight_decay=weight_decay, momentum=momentum)
 
-        @self.capture
-        def make_schedule(optimizer, num_epochs: int, steps_per_epoch: int, warmup_epochs: float,
-                          monitor_mode: str, lr_scheduler: str, min_lr: float,
-                          plateau_factor: float, plateau_patience: int, max_lr) -> LRSchedule:
-            return LRSchedule(optimizer, lr_scheduler, num_epochs=num_epochs,
-                              steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs,
-                              min_lr=min_lr, plateau_factor=plateau_factor,
-                              plateau_patience=plateau_patience, monitor_mode=monitor_mode,
-                              max_lr=max_lr)
-
-        self.make_optimizer = make_optimizer
-        self.make_schedule = make_schedule
+def optimizer_settings(config: Mapping[str, Any]) -> OptimizerSettings:
+    """The library's optimizer settings from a run's ``optimizer`` entries and the
+    ``training`` entries they depend on (``learning_rate``, ``warmup_epochs``)."""
+    optimizer, training = config["optimizer"], config["training"]
+    return OptimizerSettings(
+        name=optimizer["type"], learning_rate=training["learning_rate"],
+        weight_decay=optimizer["weight_decay"], momentum=optimizer["momentum"],
+        lr_scheduler=optimizer["lr_scheduler"], warmup_epochs=training["warmup_epochs"],
+        min_lr=optimizer["min_lr"], plateau_factor=optimizer["plateau_factor"],
+        plateau_patience=optimizer["plateau_patience"], max_lr=optimizer["max_lr"])

@@ -1,9 +1,11 @@
-"""One run of a pipeline: the ingredients' factories wired into the engine for a Sacred run.
+"""One run of a pipeline: the Sacred adapter around :func:`medseg.engine.fit.fit`.
 
 Every experiment's main function is: build the model, the task and the datasets, then
-``PipelineRun.fit`` and ``PipelineRun.evaluate``. What is recorded (device, parameter
-count, dataset statistics, curves, checkpoints, evaluation figures) is decided here once
-for all pipelines.
+``PipelineRun.fit`` and ``PipelineRun.evaluate``. The training wiring is the library's
+``fit()`` (a notebook calls it the same way); what is left here is Sacred's: the run's config
+turned into ``fit()``'s settings, the reporter that logs to the run, the checkpoint folder
+linked to the run id, and what is recorded in ``info`` (device, parameter count, dataset
+statistics, checkpoint paths, evaluation figures).
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ import torch
 from torch import nn
 
 from ingredients.checkpoint import CheckpointIngredient
-from ingredients.optimizer import OptimizerIngredient
+from ingredients.optimizer import OptimizerIngredient, optimizer_settings
 from ingredients.tracking import SacredReporter, link_checkpoint_directory, read_run_link
-from ingredients.training import TrainingIngredient
+from ingredients.training import TrainingIngredient, loader_settings, trainer_settings
 from medseg.engine.checkpoint import model_weights
 from medseg.engine.evaluation import EvaluationReport
+from medseg.engine.fit import fit
 from medseg.engine.memory import device_info
 from medseg.engine.trainer import Callback, Trainer, monitor_choices
 from medseg.errors import ConfigError, DataError
-from medseg.viz.curves import plot_training_curves
 
 _MB = 1024 * 1024
 
@@ -35,10 +37,13 @@ class PredictionSnapshots(Callback):
     """``logging.visualize_predictions``: after each validation, draw the first validation
     case with the task's ``render_prediction`` and attach the PNG to the run."""
 
-    def __init__(self, task, batch, directory: Path, reporter) -> None:
-        self.task, self.batch, self.directory, self.reporter = task, batch, directory, reporter
+    def __init__(self, task, directory: Path, reporter) -> None:
+        self.task, self.directory, self.reporter = task, directory, reporter
+        self.batch = None
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics) -> None:
+        if self.batch is None:
+            self.batch = next(iter(trainer.val_loader))
         trainer.model.eval()
         with torch.no_grad():
             path = self.task.render_prediction(trainer.model, self.batch, trainer.device,
@@ -75,54 +80,36 @@ class PipelineRun:
     def fit(self, model: nn.Module, task, train_set, val_set, *,
             callbacks: Sequence[Callback] = (),
             curve_metrics: Sequence[str] = ()) -> dict[str, Any]:
-        """Train with every ingredient's settings; return the run's result summary.
-        ``training_curves.png`` shows ``curve_metrics`` beside the monitored metric."""
-        training, logging_ = self.config["training"], self.config["logging"]
+        """:func:`medseg.engine.fit.fit` with every ingredient's settings; return the run's
+        result summary. ``training_curves.png`` shows ``curve_metrics`` beside the monitored
+        metric."""
+        config = self.config
         available = monitor_choices(task)
-        if training["monitor"] not in available:
-            raise ConfigError(f"training.monitor={training['monitor']!r} is not a metric this "
-                              f"pipeline reports; choose one of {', '.join(available)}")
-        train_loader = self.training.make_loader(train_set, train=True)
-        val_loader = self.training.make_loader(val_set, train=False)
-        if len(train_loader) == 0:
-            raise DataError("the training split has no cases")
-        optimizer = self.optimizer.make_optimizer(model.parameters(),
-                                                  learning_rate=training["learning_rate"])
-        steps = math.ceil(len(train_loader) / training["gradient_accumulation_steps"])
-        schedule = self.optimizer.make_schedule(
-            optimizer, num_epochs=training["num_epochs"], steps_per_epoch=steps,
-            warmup_epochs=training["warmup_epochs"], monitor_mode=training["monitor_mode"])
+        if config["training"]["monitor"] not in available:
+            raise ConfigError(f"training.monitor={config['training']['monitor']!r} is not a "
+                              f"metric this pipeline reports; choose one of {', '.join(available)}")
         callbacks = list(callbacks)
-        if logging_["visualize_predictions"]:
-            callbacks.append(PredictionSnapshots(task, next(iter(val_loader)), self.output_dir,
-                                                 self.reporter))
+        if config["logging"]["visualize_predictions"]:
+            callbacks.append(PredictionSnapshots(task, self.output_dir, self.reporter))
         self.record_model(model)
-        trainer = Trainer(
-            model, task, optimizer, schedule, train_loader, val_loader, device=self.device,
-            precision=self.precision,
-            settings=self.training.settings(log_frequency=logging_["log_frequency"],
-                                            progress_bar=logging_["progress_bar"]),
-            reporter=self.reporter, checkpoints=self.checkpoints, callbacks=callbacks,
-            config=self.config)
-        resume = self.config["checkpoint"]["resume"]
+        resume = config["checkpoint"]["resume"]
+        if len(train_set) == 0:
+            raise DataError("the training split has no cases")
+        result = fit(model, task, train_set, val_set, trainer_settings(config), self.reporter,
+                     optimizer=optimizer_settings(config),
+                     loaders=loader_settings(config, self.run.config["seed"]),
+                     device=self.device, precision=self.precision,
+                     checkpoints=self.checkpoints, callbacks=callbacks, resume=resume,
+                     curves_path=self.output_dir / "training_curves.png",
+                     curve_metrics=curve_metrics, config=config)
         if resume:
-            trainer.resume(resume)
-            self.reporter.set_info("resumed_from", {"path": str(resume), "epoch": trainer.epoch,
+            self.reporter.set_info("resumed_from", {"path": str(resume),
+                                                    "epoch": result.resumed_at_epoch,
                                                     "run": read_run_link(resume)})
-        try:
-            result = trainer.fit()
-        finally:
-            self._record_curves(trainer, curve_metrics)
         self._record_checkpoints()
         return {"best_epoch": result.best_epoch, "best_metric": result.best_metric,
-                "monitor": training["monitor"], "epochs_run": result.epochs_run,
+                "monitor": config["training"]["monitor"], "epochs_run": result.epochs_run,
                 "stopped_early": result.stopped_early}
-
-    def _record_curves(self, trainer: Trainer, metrics: Sequence[str]) -> None:
-        if trainer.history:
-            path = plot_training_curves(trainer.history, self.output_dir / "training_curves.png",
-                                        monitor=trainer.settings.monitor, metrics=metrics)
-            self.reporter.add_artifact(path)
 
     def _record_checkpoints(self) -> None:
         limit = self.config["tracking"]["max_artifact_mb"] * _MB

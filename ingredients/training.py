@@ -4,6 +4,7 @@ turn them into a device, loaders and a :class:`~medseg.engine.trainer.Trainer`."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
 from medseg.data.loaders import EpochLoader
 from medseg.engine.precision import MODES, Precision, resolve_device, resolve_precision
+from medseg.engine.fit import LoaderSettings, build_loader
 from medseg.engine.trainer import TrainerSettings
 from medseg.errors import ConfigError
 
@@ -49,28 +51,12 @@ class TrainingIngredient(FieldIngredient):
         @self.capture
         def make_loader(dataset, train: bool, batch_size: int, num_workers: int, _seed: int,
                         device: str, val_batch_size: int = 1) -> EpochLoader:
-            """Shuffled, seeded batches for training; for validation, in order and one case
-            at a time (cases may differ in size and are scored one by one) unless the
-            pipeline has ``val_batch_size`` (2D slices all resized to one size)."""
-            return EpochLoader(dataset, batch_size=batch_size if train else val_batch_size,
-                               shuffle=train, num_workers=num_workers, seed=_seed,
-                               pin_memory=resolve_device(device).type == "cuda")
-
-        @self.capture
-        def settings(log_frequency: int, progress_bar: bool, num_epochs: int,
-                     gradient_accumulation_steps: int, gradient_clip_norm: float,
-                     early_stopping_patience: int, monitor: str, monitor_mode: str,
-                     memory_cleanup_frequency: int) -> TrainerSettings:
-            return TrainerSettings(
-                num_epochs=num_epochs, gradient_accumulation_steps=gradient_accumulation_steps,
-                gradient_clip_norm=gradient_clip_norm,
-                early_stopping_patience=early_stopping_patience, monitor=monitor,
-                monitor_mode=monitor_mode, memory_cleanup_frequency=memory_cleanup_frequency,
-                log_frequency=log_frequency, progress_bar=progress_bar)
+            """A loader built as ``fit()`` builds them (for the evaluation commands)."""
+            settings = LoaderSettings(batch_size, val_batch_size, num_workers, _seed)
+            return build_loader(dataset, settings, train=train, device=resolve_device(device))
 
         self.device_and_precision = device_and_precision
         self.make_loader = make_loader
-        self.settings = settings
 
     def validate(self, config) -> None:
         super().validate(config)
@@ -84,6 +70,27 @@ class TrainingIngredient(FieldIngredient):
             raise ConfigError(f"{self.path}.mixed_precision='fp16' needs a CUDA device "
                               f"({self.path}.device is {training['device']!r}); use 'bf16' on "
                               "CPU or 'none'")
+
+
+def trainer_settings(config: Mapping[str, Any]) -> TrainerSettings:
+    """The loop's settings from a run's ``training`` and ``logging`` entries."""
+    training, logging_ = config["training"], config["logging"]
+    return TrainerSettings(
+        num_epochs=training["num_epochs"],
+        gradient_accumulation_steps=training["gradient_accumulation_steps"],
+        gradient_clip_norm=training["gradient_clip_norm"],
+        early_stopping_patience=training["early_stopping_patience"],
+        monitor=training["monitor"], monitor_mode=training["monitor_mode"],
+        memory_cleanup_frequency=training["memory_cleanup_frequency"],
+        log_frequency=logging_["log_frequency"], progress_bar=logging_["progress_bar"])
+
+
+def loader_settings(config: Mapping[str, Any], seed: int) -> LoaderSettings:
+    """Batch sizes and workers from a run's ``training`` entries; ``seed`` is the run's."""
+    training = config["training"]
+    return LoaderSettings(batch_size=training["batch_size"],
+                          val_batch_size=training.get("val_batch_size", 1),
+                          num_workers=training["num_workers"], seed=seed)
 
 
 def image_size_field(default: list[int]) -> Field:

@@ -94,20 +94,20 @@ def substitute(value, tmp, substitutions: dict):
     return value
 
 
-def schedule_observation(optimizer_ingredient, config) -> tuple:
+def schedule_observation(config) -> tuple:
     """The optimizer and the learning rate of every step over (at most) 8 epochs of 4 steps,
-    as the experiment's optimizer ingredient builds them for ``config``; the monitored metric
-    never improves (so a plateau schedule reduces)."""
+    as a run builds them for ``config``; the monitored metric never improves (so a plateau
+    schedule reduces)."""
     import torch
+
+    from ingredients.optimizer import optimizer_settings
+    from medseg.engine.fit import make_optimization
 
     net = torch.nn.Linear(2, 2)
     training = config["training"]
-    optimizer = optimizer_ingredient.make_optimizer(net.parameters(),
-                                                    learning_rate=training["learning_rate"])
-    schedule = optimizer_ingredient.make_schedule(optimizer, num_epochs=training["num_epochs"],
-                                                  steps_per_epoch=4,
-                                                  warmup_epochs=training["warmup_epochs"],
-                                                  monitor_mode=training["monitor_mode"])
+    optimizer, schedule = make_optimization(net.parameters(), optimizer_settings(config),
+                                            num_epochs=training["num_epochs"], steps_per_epoch=4,
+                                            monitor_mode=training["monitor_mode"])
     lrs = []
     for _ in range(min(training["num_epochs"], 8)):
         for _ in range(4):

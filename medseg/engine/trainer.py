@@ -114,6 +114,7 @@ class FitResult:
     epochs_run: int
     stopped_early: bool
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_at_epoch: int | None = None
 
 
 class EarlyStopping:

@@ -15,10 +15,12 @@ import torch
 from monai.data.utils import set_rnd
 from PIL import Image
 
+from ingredients.training import loader_settings
 from medseg.data.msd import ConversionSettings, convert_task
 from medseg.data.synthetic.lung import generate_lung_task
 from medseg.engine import trainer as trainer_module
 from medseg.engine.checkpoint import load_checkpoint
+from medseg.engine.fit import make_loaders
 from medseg.errors import ConfigError, DataError, MedsegError
 from support import (
     add_effect_probe,
@@ -314,8 +316,10 @@ def test_bad_predict_inputs_are_named(slices, tmp_path, dotted, message):
 def probe_loader(config):
     train, val = lung.dataset.split(dataset_path=config["dataset_path"])
     transform = lung.augmentation.make_transform(config["training"]["image_size"], train=False)
-    train_loader = lung.training.make_loader(lung.PNGSliceDataset(train, transform), train=True)
-    val_loader = lung.training.make_loader(lung.PNGSliceDataset(val, transform), train=False)
+    train_loader, val_loader = make_loaders(lung.PNGSliceDataset(train, transform),
+                                            lung.PNGSliceDataset(val, transform),
+                                            loader_settings(config, config["seed"]),
+                                            torch.device("cpu"))
     train_loader.set_epoch(1)
     return (train_loader.batch_size, train_loader.num_workers, val_loader.batch_size,
             [int(i) for i in next(iter(train_loader))["slice"]])
@@ -327,7 +331,7 @@ def probe_split(config):
 
 
 def probe_schedule(config):
-    return schedule_observation(lung.optimizer, config)
+    return schedule_observation(config)
 
 
 def probe_model(config):

@@ -17,7 +17,9 @@ import pytest
 import torch
 from monai.data.utils import set_rnd
 
+from ingredients.training import loader_settings
 from medseg.engine import trainer as trainer_module
+from medseg.engine.fit import build_loader
 from medseg.errors import MedsegError
 from medseg.models.sadaan import SADAANOutput
 
@@ -39,13 +41,15 @@ _probe = add_effect_probe(ex)
 
 # ----------------------------------------------------------------------------- build probes
 def probe_loader(config):
-    loader = sadaan.training.make_loader(sadaan._split(config, "train", True), train=True)
+    settings = loader_settings(config, config["seed"])
+    loader = build_loader(sadaan._split(config, "train", True), settings, train=True,
+                          device=torch.device("cpu"))
     loader.set_epoch(1)
     return loader.batch_size, loader.num_workers, [int(i) for i in next(iter(loader))["index"]]
 
 
 def probe_schedule(config):
-    return schedule_observation(sadaan.optimizer, config)
+    return schedule_observation(config)
 
 
 def probe_model(config):
