@@ -242,32 +242,6 @@ def write_sample_panels(_run, records, count, directory, seed):
     return paths
 
 
-@ex.automain
-def main(_run, _config, _seed, cubes_dir, val_fold, viz_samples, viz_dir, cv_id):
-    """Train on four folds, validate on `val_fold`, then score the best epoch on the
-    validation fold (`fold_*` metrics) and on test/ when it exists (`test_*`)."""
-    index = dataset.scan(cubes_dir)
-    train_records, val_records = dataset.split(index, val_fold)
-    if viz_samples:
-        return {"viz_panels": write_sample_panels(_run, train_records, viz_samples, viz_dir, _seed)}
-    pipeline = PipelineRun(_run, training, optimizer, checkpoint)
-    pipeline.record_dataset(cubes_dir, {**dataset.statistics(index),
-                                        "train_cubes": len(train_records),
-                                        "val_cubes": len(val_records)})
-    if cv_id is not None:
-        _run.info["cross_validation"] = {"cv_id": cv_id, "fold": val_fold}
-    net = model.make_model()
-    task = _task(_config)
-    result = pipeline.fit(net, task, _cubes(train_records, True), _cubes(val_records, False),
-                          curve_metrics=[f"val_{name}" for name in METRICS if name != "loss"])
-    for split, records in (("fold", val_records), ("test", dataset.test_records(index))):
-        if records:
-            loader = training.make_loader(_cubes(records, False), train=False)
-            result.update(pipeline.evaluate(evaluate_cubes, net, task, loader, split))
-    result["checkpoint"] = str(pipeline.checkpoints.best_path)
-    return result
-
-
 def cv_root(config, cv_id) -> Path:
     """Where a cross-validation keeps its folds: the checkpoint folder template with the
     run id replaced by ``cv_<cv_id>``."""
@@ -368,3 +342,28 @@ def predict(_run, _config, predict_checkpoints, predict_input, predict_output_di
           f"wrote {map_path}")
     return record
 
+
+@ex.automain
+def main(_run, _config, _seed, cubes_dir, val_fold, viz_samples, viz_dir, cv_id):
+    """Train on four folds, validate on `val_fold`, then score the best epoch on the
+    validation fold (`fold_*` metrics) and on test/ when it exists (`test_*`)."""
+    index = dataset.scan(cubes_dir)
+    train_records, val_records = dataset.split(index, val_fold)
+    if viz_samples:
+        return {"viz_panels": write_sample_panels(_run, train_records, viz_samples, viz_dir, _seed)}
+    pipeline = PipelineRun(_run, training, optimizer, checkpoint)
+    pipeline.record_dataset(cubes_dir, {**dataset.statistics(index),
+                                        "train_cubes": len(train_records),
+                                        "val_cubes": len(val_records)})
+    if cv_id is not None:
+        _run.info["cross_validation"] = {"cv_id": cv_id, "fold": val_fold}
+    net = model.make_model()
+    task = _task(_config)
+    result = pipeline.fit(net, task, _cubes(train_records, True), _cubes(val_records, False),
+                          curve_metrics=[f"val_{name}" for name in METRICS if name != "loss"])
+    for split, records in (("fold", val_records), ("test", dataset.test_records(index))):
+        if records:
+            loader = training.make_loader(_cubes(records, False), train=False)
+            result.update(pipeline.evaluate(evaluate_cubes, net, task, loader, split))
+    result["checkpoint"] = str(pipeline.checkpoints.best_path)
+    return result

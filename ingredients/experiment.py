@@ -11,9 +11,11 @@ entry (omniboard shows and filters runs by ``config.tags``; notes come from ``-c
 
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
 import functools
+import inspect
 import logging
 import os
 import re
@@ -265,3 +267,35 @@ class MedsegExperiment(Experiment):
     def run_commandline(self, argv=None):
         self._from_command_line = True
         return super().run_commandline(argv)
+
+    def automain(self, function):
+        """Sacred's ``automain``, refused when commands are defined below it: it runs the
+        command line where it stands, so those commands do not exist yet and the shell says
+        ``Command "predict" not found`` (in-process tests, which import the whole module, do
+        not notice)."""
+        later = _commands_defined_after(function)
+        if later:
+            raise TypeError(f"@ex.automain {function.__name__} in {inspect.getsourcefile(function)} "
+                            f"is followed by the commands {', '.join(later)}, which the command "
+                            "line would not find; put the automain function last")
+        return super().automain(function)
+
+
+def _commands_defined_after(function) -> list[str]:
+    """Names of the top-level functions decorated ``@<something>.command`` that come after
+    ``function`` in its source file."""
+    try:
+        tree = ast.parse(Path(inspect.getsourcefile(function)).read_text())
+    except (OSError, TypeError, SyntaxError):
+        return []
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    names = [node.name for node in functions]
+    if function.__name__ not in names:
+        return []
+    later = functions[names.index(function.__name__) + 1:]
+
+    def is_command(decorator) -> bool:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        return isinstance(target, ast.Attribute) and target.attr == "command"
+
+    return [node.name for node in later if any(is_command(d) for d in node.decorator_list)]
