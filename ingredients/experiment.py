@@ -19,6 +19,8 @@ import inspect
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
 import types
 from collections.abc import Callable, Mapping
@@ -32,7 +34,7 @@ from sacred.utils import ConfigAddedError, NamedConfigNotFoundError, apply_backs
 from ingredients.fields import Field, FieldIngredient
 from ingredients.tracking import TRACKING_FIELDS, choose_observer
 from medseg import config as c
-from medseg.errors import ConfigError, MedsegError, describe
+from medseg.errors import ConfigError, Interrupted, MedsegError, describe
 
 Validator = Callable[[Mapping[str, Any], str], None]
 
@@ -265,8 +267,20 @@ class MedsegExperiment(Experiment):
                 f"this experiment has {', '.join(available)}")
 
     def run_commandline(self, argv=None):
+        """Sacred's command line; SIGTERM (what ``kill`` and schedulers send) is handled like
+        Ctrl-C, and either ends with one line: what was interrupted, the last checkpoint and
+        the command that resumes from it (exit status 128 + the signal's number)."""
         self._from_command_line = True
-        return super().run_commandline(argv)
+        argv = list(sys.argv if argv is None else argv)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+        try:
+            return super().run_commandline(argv)
+        except KeyboardInterrupt as error:
+            name = getattr(error, "signal_name", "SIGINT")
+            print(f"error: {interruption_message(error, argv)}", file=sys.stderr)
+            sys.exit(128 + int(getattr(signal, name)))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def automain(self, function):
         """Sacred's ``automain``, refused when commands are defined below it: it runs the
@@ -279,6 +293,31 @@ class MedsegExperiment(Experiment):
                             f"is followed by the commands {', '.join(later)}, which the command "
                             "line would not find; put the automain function last")
         return super().automain(function)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def interruption_message(error: BaseException, argv: list[str]) -> str:
+    """The line printed when Ctrl-C or SIGTERM stops a command started with ``argv``."""
+    name = getattr(error, "signal_name", "SIGINT")
+    checkpoint = getattr(error, "checkpoint", None)
+    if checkpoint is None:
+        what = ("before the first checkpoint was written" if getattr(error, "training", False)
+                else "before it finished")
+        return (f"interrupted ({name}) {what}; nothing to resume from. Run it again with: "
+                f"{_shell_command(argv)}")
+    epoch = f" (epoch {error.epoch})" if getattr(error, "epoch", None) is not None else ""
+    updates = [word for word in argv[1:] if not word.startswith("checkpoint.resume=")]
+    if "with" not in updates:
+        updates.append("with")
+    return (f"interrupted ({name}); the last checkpoint is {checkpoint}{epoch}; resume with: "
+            f"{_shell_command([argv[0], *updates, f'checkpoint.resume={checkpoint}'])}")
+
+
+def _shell_command(argv: list[str]) -> str:
+    return " ".join(["python", *map(shlex.quote, argv)])
 
 
 def _commands_defined_after(function) -> list[str]:

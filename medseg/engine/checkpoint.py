@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from medseg.errors import DataError, describe
+from medseg.files import make_temporary_file, remove_leftovers
 
 FORMAT_VERSION = 1
 
@@ -34,7 +34,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = make_temporary_file(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
@@ -97,6 +97,11 @@ class CheckpointManager:
         self.last_name = last_name
         self.periodic_name = periodic_name
         self._periodic = self._existing_periodic()
+        #: The newest file written that training can resume from, and its epoch.
+        self.latest: Path | None = None
+        self.latest_epoch: int | None = None
+        for name in {best_name, last_name, periodic_name}:
+            remove_leftovers((self.directory / name).parent)
 
     @property
     def best_path(self) -> Path:
@@ -112,14 +117,17 @@ class CheckpointManager:
         written = []
         if is_best:
             written.append(atomic_save(payload, self.best_path))
-        if self.keep_best_only:
-            return written
-        written.append(atomic_save(payload, self.last_path))
-        if self.save_frequency and epoch % self.save_frequency == 0:
-            periodic = atomic_save(payload, self.directory / self.periodic_name.format(epoch=epoch))
-            written.append(periodic)
-            self._periodic.append(periodic)
-            self._prune_periodic()
+        if not self.keep_best_only:
+            written.append(atomic_save(payload, self.last_path))
+            if self.save_frequency and epoch % self.save_frequency == 0:
+                periodic = atomic_save(payload,
+                                       self.directory / self.periodic_name.format(epoch=epoch))
+                written.append(periodic)
+                self._periodic.append(periodic)
+                self._prune_periodic()
+        if written:  # with keep_best_only the best file is the newest state, else last
+            self.latest = self.best_path if self.keep_best_only else self.last_path
+            self.latest_epoch = epoch
         return written
 
     def _existing_periodic(self) -> list[Path]:

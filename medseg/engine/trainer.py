@@ -23,12 +23,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medseg.engine.checkpoint import CheckpointManager, load_checkpoint, plain
+from medseg.files import remove_leftovers
 from medseg.engine.memory import MemoryMonitor, cleanup_memory
 from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.schedulers import LRSchedule
 from medseg.engine.seeding import capture_rng_state, restore_rng_state
-from medseg.errors import ConfigError, DataError, TrainingDivergedError
+from medseg.errors import ConfigError, DataError, Interrupted, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ class Trainer:
         """Continue from a checkpoint: weights, optimizer, schedule, scaler, early-stopping
         state, callbacks, epoch and step counters, and the random generators."""
         state = load_checkpoint(path, map_location=self.device)
+        remove_leftovers(Path(path).parent)  # of the run it continues, if that was killed
         try:
             self.model.load_state_dict(state.get("training_model", state["model"]))
         except RuntimeError as error:
@@ -213,6 +215,8 @@ class Trainer:
         if state.get("data_seed") is not None and hasattr(self.train_loader, "seed"):
             self.train_loader.seed = state["data_seed"]
         self._best_weights = self._best_weights_beside(Path(path))
+        if self.checkpoints is not None:  # until this run writes its own
+            self.checkpoints.latest, self.checkpoints.latest_epoch = Path(path), self.epoch
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
 
     def _best_weights_beside(self, path: Path) -> dict[str, torch.Tensor] | None:
@@ -246,6 +250,11 @@ class Trainer:
                              self.early_stopping.best_epoch)
                     stopped_early = True
                     break
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM turned into one
+            latest = self.checkpoints.latest if self.checkpoints is not None else None
+            raise Interrupted(getattr(error, "signal_name", "SIGINT"), checkpoint=latest,
+                              epoch=self.checkpoints.latest_epoch if latest else None,
+                              training=True) from None
         finally:
             self.reporter.set_info("best_epoch", self.early_stopping.best_epoch)
             self.reporter.set_info("best_metric", self.early_stopping.best)
