@@ -46,8 +46,10 @@ ex.add_fields({
     "dataset_path": Field("./synthetic_medical_dataset_hdf5", c.text(),
                           "Folder with metadata.json, train.h5, val.h5 (and test.h5)"),
     "eval_split": Field("test", c.choice(*SPLITS),
-                        "Split scored after training (when its file exists) and by `evaluate`"),
-    "eval_checkpoint": Field(None, c.optional(c.text()), "Checkpoint scored by `evaluate`"),
+                        "Split scored after training (when its file exists) and by `evaluate`",
+                        resume_may_change=True),
+    "eval_checkpoint": Field(None, c.optional(c.text()), "Checkpoint scored by `evaluate`",
+                             resume_may_change=True),
 })
 
 

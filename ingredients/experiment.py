@@ -31,6 +31,7 @@ from sacred import Experiment
 from sacred.config import ConfigScope, load_config_file
 from sacred.utils import ConfigAddedError, NamedConfigNotFoundError, apply_backspaces_and_linefeeds
 
+from ingredients.checkpoint import check_resume_config
 from ingredients.fields import Field, FieldIngredient
 from ingredients.tracking import TRACKING_FIELDS, choose_observer
 from medseg import config as c
@@ -175,6 +176,9 @@ class MedsegExperiment(Experiment):
         if added:
             raise ConfigError(self._unknown_entries(added, named_configs))
         self.validate_config(run.config, run.meta_info["command"])
+        if run.meta_info["command"] == "main" and (run.config.get("checkpoint") or {}).get("resume"):
+            check_resume_config(run.config, self.resume_policy(),
+                                seed_given="seed" in (config_updates or {}))
         # Where relative paths in the config were meant from (``medseg runs rerun``).
         run.meta_info["working_dir"] = os.getcwd()
         self._bound_captured_output(run)
@@ -222,6 +226,17 @@ class MedsegExperiment(Experiment):
                 raise
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+
+    def resume_policy(self) -> dict[str, bool]:
+        """Dotted key -> whether a resumed run may change it (``Field.resume_may_change``)."""
+        policy = {name: field.resume_may_change
+                  for name, field in self.__dict__.get("top_level_fields", {}).items()}
+        ingredients = [ingredient for ingredient, _ in self.traverse_ingredients()]
+        for ingredient in ingredients:
+            if isinstance(ingredient, FieldIngredient):
+                policy.update({f"{ingredient.path}.{name}": field.resume_may_change
+                               for name, field in ingredient.fields.items()})
+        return policy
 
     def known_entries(self) -> list[str]:
         """Every config key a user can set, dotted (``training.batch_size``)."""

@@ -103,8 +103,11 @@ class PipelineRun:
         resume = self.config["checkpoint"]["resume"]
         if resume:
             trainer.resume(resume)
-            self.reporter.set_info("resumed_from", {"path": str(resume), "epoch": trainer.epoch,
-                                                    "run": read_run_link(resume)})
+            resumed = {"path": str(resume), "epoch": trainer.epoch, "run": read_run_link(resume)}
+            if trainer.learning_rate_change is not None:
+                before, after = trainer.learning_rate_change
+                resumed["learning_rate"] = {"checkpoint": before[0], "now": after[0]}
+            self.reporter.set_info("resumed_from", resumed)
         try:
             result = trainer.fit()
         finally:

@@ -68,12 +68,12 @@ TRACKING_FIELDS = {
 
 class LoggingIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
-        super().__init__("logging", LOGGING_FIELDS, defaults)
+        super().__init__("logging", LOGGING_FIELDS, defaults, resume_may_change=True)
 
 
 class TrackingIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
-        super().__init__("tracking", TRACKING_FIELDS, defaults)
+        super().__init__("tracking", TRACKING_FIELDS, defaults, resume_may_change=True)
 
     def validate(self, config) -> None:
         super().validate(config)

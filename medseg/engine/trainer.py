@@ -181,6 +181,10 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         self._best_weights: dict[str, torch.Tensor] | None = None
+        # The initial rate of each group (the schedulers built before may have moved "lr").
+        self.initial_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        #: ``(checkpoint's initial rates, this run's)`` when a resume changed them.
+        self.learning_rate_change: tuple[list[float], list[float]] | None = None
         self._check_monitor()
 
     def _check_monitor(self) -> None:
@@ -203,6 +207,7 @@ class Trainer:
                             "model config?") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
+        self._apply_new_learning_rate(state)
         self.scaler.load_state_dict(state["scaler"])
         self.early_stopping.load_state_dict(state["early_stopping"])
         for callback, callback_state in zip(self.callbacks, state.get("callbacks", [])):
@@ -218,6 +223,21 @@ class Trainer:
         if self.checkpoints is not None:  # until this run writes its own
             self.checkpoints.latest, self.checkpoints.latest_epoch = Path(path), self.epoch
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
+
+    def _apply_new_learning_rate(self, state: Mapping[str, Any]) -> None:
+        """The optimizer and schedule state continue the checkpoint's rates; a trainer built
+        with another initial rate scales them to it (and says so)."""
+        saved = state.get("initial_lrs")
+        if saved is None:  # written before initial rates were stored
+            saved = [float(g.get("initial_lr", g["lr"])) for g in state["optimizer"]["param_groups"]]
+        wanted = list(self.initial_lrs)
+        if len(saved) != len(wanted) or all(math.isclose(a, b) for a, b in zip(saved, wanted)):
+            return
+        self.schedule.scale([b / a for a, b in zip(saved, wanted)])
+        self.learning_rate_change = (list(saved), wanted)
+        log.info("initial learning rate %s on resume (the checkpoint's was %s): the continued "
+                 "schedule is scaled to it, now at %.4g", _rates(wanted), _rates(saved),
+                 self.schedule.current_lr())
 
     def _best_weights_beside(self, path: Path) -> dict[str, torch.Tensor] | None:
         """The best checkpoint of the run ``path`` belongs to: its folder is the one the file
@@ -329,6 +349,7 @@ class Trainer:
             "history": plain(self.history),
             "rng": capture_rng_state(),
             "data_seed": getattr(self.train_loader, "seed", None),
+            "initial_lrs": list(self.initial_lrs),
             "config": self.config,
         }
         self.checkpoints.save(state, epoch=epoch, is_best=improved)
@@ -446,6 +467,10 @@ class _LossWindow:
                 "Lower training.learning_rate, raise training.gradient_clip_norm protection "
                 "or check the data for NaN values")
         return means
+
+
+def _rates(values: list[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
 
 
 def _summary(metrics: Mapping[str, float], monitor: str) -> str:
