@@ -33,9 +33,10 @@ from sacred.utils import ConfigAddedError, NamedConfigNotFoundError, apply_backs
 
 from ingredients.checkpoint import check_resume_config
 from ingredients.fields import Field, FieldIngredient
-from ingredients.tracking import TRACKING_FIELDS, choose_observer
+from ingredients.tracking import TRACKING_FIELDS, choose_observer, raise_recording_failure
 from medseg import config as c
-from medseg.errors import ConfigError, Interrupted, MedsegError, describe
+from medseg.errors import ConfigError, DiskFullError, Interrupted, MedsegError, describe
+from medseg.files import is_no_space, no_space_error
 
 Validator = Callable[[Mapping[str, Any], str], None]
 
@@ -214,8 +215,18 @@ class MedsegExperiment(Experiment):
             meta_info=None, options=None):
         try:
             try:
-                return super().run(command_name, config_updates, named_configs, info, meta_info,
-                                   options)
+                run = super().run(command_name, config_updates, named_configs, info, meta_info,
+                                  options)
+                raise_recording_failure(run)  # met after the last metric (final heartbeat)
+                return run
+            except OSError as error:  # a full disk our own writes did not name
+                if not is_no_space(error):
+                    raise
+                if error.filename2 or error.filename:  # a copy names its target second
+                    raise no_space_error(error.filename2 or error.filename) from None
+                raise DiskFullError(f"no space left on device ({describe(error)}) in a folder "
+                                    "this command writes to; free some space there or write "
+                                    "elsewhere") from None
             except ConfigAddedError as error:
                 raise ConfigError(self._unknown_entries(error.__conflicting_configs__,
                                                         named_configs)) from None

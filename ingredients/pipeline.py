@@ -8,6 +8,7 @@ for all pipelines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from medseg.engine.evaluation import EvaluationReport
 from medseg.engine.memory import device_info
 from medseg.engine.trainer import Callback, Trainer
 from medseg.errors import ConfigError, DataError
+from medseg.files import reporting_full_disk
 from medseg.viz.curves import plot_training_curves
 
 _MB = 1024 * 1024
@@ -110,8 +112,13 @@ class PipelineRun:
             self.reporter.set_info("resumed_from", resumed)
         try:
             result = trainer.fit()
-        finally:
-            self._record_curves(trainer, curve_metrics)
+        except BaseException:
+            # The curves so far are still worth having, but a full disk (or a second
+            # Ctrl-C) while drawing them must not hide why training stopped.
+            with contextlib.suppress(Exception):
+                self._record_curves(trainer, curve_metrics)
+            raise
+        self._record_curves(trainer, curve_metrics)
         self._record_checkpoints()
         return {"best_epoch": result.best_epoch, "best_metric": result.best_metric,
                 "monitor": training["monitor"], "epochs_run": result.epochs_run,
@@ -119,8 +126,10 @@ class PipelineRun:
 
     def _record_curves(self, trainer: Trainer, metrics: Sequence[str]) -> None:
         if trainer.history:
-            path = plot_training_curves(trainer.history, self.output_dir / "training_curves.png",
-                                        monitor=trainer.settings.monitor, metrics=metrics)
+            target = self.output_dir / "training_curves.png"
+            with reporting_full_disk(target):
+                path = plot_training_curves(trainer.history, target,
+                                            monitor=trainer.settings.monitor, metrics=metrics)
             self.reporter.add_artifact(path)
 
     def _record_checkpoints(self) -> None:
@@ -155,7 +164,7 @@ class PipelineRun:
         """Run a pipeline's evaluation; log its metrics as ``<split>_<name>``, attach its files."""
         model.to(self.device).eval()
         directory = self.output_dir / f"evaluation_{split}"
-        with torch.no_grad():
+        with torch.no_grad(), reporting_full_disk(directory):
             report = evaluate_fn(model, loader, task=task, device=self.device,
                                  precision=self.precision, output_dir=directory, split=split)
         metrics = {f"{split}_{name}": float(value) for name, value in report.metrics.items()}
@@ -164,7 +173,8 @@ class PipelineRun:
                 self.reporter.log_scalar(name, value, 0)
         # Not "metrics.json": the file observer keeps its own file of that name.
         summary_path = directory / f"{split}_metrics.json"
-        summary_path.write_text(json.dumps(metrics, indent=2, allow_nan=True))
+        with reporting_full_disk(summary_path):
+            summary_path.write_text(json.dumps(metrics, indent=2, allow_nan=True))
         for path in [summary_path, *report.artifacts]:
             self.reporter.add_artifact(path)
         self.reporter.set_info(f"evaluation_{split}", report.info)

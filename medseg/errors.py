@@ -43,3 +43,7 @@ class Interrupted(KeyboardInterrupt):
         self.checkpoint = checkpoint
         self.epoch = epoch
         self.training = training
+
+
+class DiskFullError(MedsegError):
+    """A write failed for want of space (ENOSPC, or a quota: EDQUOT)."""

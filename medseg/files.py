@@ -10,13 +10,18 @@ what tells a leftover from a file another running process is writing right now.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from medseg.errors import DiskFullError
 
 log = logging.getLogger("medseg")
 
@@ -84,3 +89,35 @@ def remove_leftovers(directory: str | Path, name: str = "*") -> list[Path]:
         log.info("removed %d file(s) an interrupted run left in %s: %s", len(removed), directory,
                  ", ".join(p.name for p in removed))
     return removed
+
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_no_space(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in NO_SPACE
+
+
+def no_space_error(path: str | Path, consequence: str = "") -> DiskFullError:
+    """The one-line error for a write to ``path`` that found its file system full."""
+    path = Path(path)
+    folder = next((p for p in [path, *path.parents] if p.exists()), None)
+    free = ""
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            free = f", {shutil.disk_usage(folder).free // 1024} KiB free"
+    return DiskFullError(f"no space left on the device holding {path}{free}; "
+                         f"{consequence + '; ' if consequence else ''}free some space there or "
+                         "write elsewhere")
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: str | Path, consequence: str = "") -> Iterator[None]:
+    """Turn a full disk (an OSError whose message names no file, or a library's own
+    error) while writing ``path`` into :class:`DiskFullError` naming it."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in NO_SPACE:
+            raise no_space_error(path, consequence) from None
+        raise

@@ -6,6 +6,7 @@ A checkpoint is a plain dict of tensors and Python primitives so that it loads w
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from medseg.errors import DataError, describe
-from medseg.files import make_temporary_file, remove_leftovers
+from medseg.files import make_temporary_file, remove_leftovers, reporting_full_disk
 
 FORMAT_VERSION = 1
 
@@ -30,20 +31,26 @@ def plain(value: Any) -> Any:
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` with ``torch.save`` to a temporary file beside ``path``, then rename.
 
-    A crash or a full disk leaves either the previous file or the new one, never half a file.
+    A crash or a full disk leaves either the previous file or the new one, never half a file;
+    a full disk is a :class:`~medseg.errors.DiskFullError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = make_temporary_file(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    # Serialised in memory first: torch's zip writer reports a failed write as
+    # "unexpected pos", without the OSError (ENOSPC) that says the disk is full.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with reporting_full_disk(path, "the previous checkpoint there, if any, is unchanged"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = make_temporary_file(path)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(buffer.getbuffer())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
     return path
 
 
