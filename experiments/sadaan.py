@@ -24,6 +24,7 @@ from ingredients.tracking import LoggingIngredient, TrackingIngredient  # noqa: 
 from ingredients.training import TrainingIngredient, image_size_field  # noqa: E402
 from medseg import config as c  # noqa: E402
 from medseg.data.hdf5 import SPLITS  # noqa: E402
+from medseg.errors import ConfigError  # noqa: E402
 from medseg.tasks.sadaan import SADAANTask, evaluate_sadaan  # noqa: E402
 
 dataset = HDF5DatasetIngredient()
@@ -82,8 +83,13 @@ ex.add_named_config("demo", dataset_path="data/sadaan_demo", eval_split="test",
 @ex.config_validator
 def dataset_exists(config, command_name):
     if command_name in ("main", "evaluate"):
+        multiple, size = model.input_multiple(), config["training"]["image_size"]
+        if any(s % multiple for s in size):
+            raise ConfigError(f"training.image_size {list(size)} must be multiples of "
+                              f"{multiple} (the SADAAN encoder halves every axis that often)")
         splits = ("train", "val") if command_name == "main" else (config["eval_split"],)
-        dataset.check_splits(config["dataset_path"], splits, config["model"]["in_channels"])
+        dataset.check_splits(config["dataset_path"], splits, config["model"]["in_channels"],
+                             check_cases=config["dataset"]["check_cases"])
 
 
 @ex.command
