@@ -86,7 +86,8 @@ TOP_LEVEL = {
                        "Cubes folder: fold_0 ... fold_4 (+ test/); `prepare` writes it"),
     "volumes_dir": Field("aneurysm_volumes", c.text(),
                          "NIfTI volumes + aneurysm_centres.csv: `prepare` reads, "
-                         "`generate_volumes` writes"),
+                         "`generate_volumes` writes",
+                         resume_may_change=True),
     "val_fold": Field(0, c.integer(minimum=0, maximum=NUM_FOLDS - 1),
                       "Validation fold (the other four train)"),
     "pos_thr": Field(0.1, c.number(minimum=0, maximum=0.999),
@@ -94,22 +95,28 @@ TOP_LEVEL = {
     "classification_score": Field("max", c.choice(*SCORE_METHODS),
                                   "Score ranking cubes for AUC: 'max' probability or "
                                   "'fraction' of voxels above pos_thr"),
-    "sw_batch_size": Field(4, c.integer(minimum=1), "Sliding-window inference: windows per pass"),
+    "sw_batch_size": Field(4, c.integer(minimum=1), "Sliding-window inference: windows per pass",
+                           resume_may_change=True),
     "sw_overlap": Field(0.25, c.number(minimum=0, maximum=0.95),
                         "Sliding-window inference: overlap of neighbouring windows"),
     "sw_mode": Field("gaussian", c.choice(*BLEND_MODES),
                      "Sliding-window inference: blending of overlapping windows"),
     "viz_samples": Field(0, c.integer(minimum=0),
                          "Write this many training-sample panels to viz_dir and exit (0: train)"),
-    "viz_dir": Field("outputs/aneurysm_cubes_viz", c.text(), "Folder of the sample panels"),
+    "viz_dir": Field("outputs/aneurysm_cubes_viz", c.text(), "Folder of the sample panels",
+                     resume_may_change=True),
     "cv_id": Field(None, c.optional(c.text()),
                    "Cross-validation id: groups the five fold runs; cross_validate with an "
-                   "existing id continues it"),
+                   "existing id continues it",
+                   resume_may_change=True),
     "predict_checkpoints": Field([], c.sequence(c.text()),
-                                 "predict: checkpoint(s); several are averaged (fold ensemble)"),
-    "predict_input": Field(None, c.optional(c.text()), "predict: an NPZ cube or a NIfTI volume"),
+                                 "predict: checkpoint(s); several are averaged (fold ensemble)",
+                                 resume_may_change=True),
+    "predict_input": Field(None, c.optional(c.text()), "predict: an NPZ cube or a NIfTI volume",
+                           resume_may_change=True),
     "predict_output_dir": Field("outputs/aneurysm_predictions", c.text(),
-                                "predict: folder of the probability NIfTI and score JSON"),
+                                "predict: folder of the probability NIfTI and score JSON",
+                                resume_may_change=True),
 }
 ex.add_fields(TOP_LEVEL)
 
@@ -240,32 +247,6 @@ def write_sample_panels(_run, records, count, directory, seed):
     return paths
 
 
-@ex.automain
-def main(_run, _config, _seed, cubes_dir, val_fold, viz_samples, viz_dir, cv_id):
-    """Train on four folds, validate on `val_fold`, then score the best epoch on the
-    validation fold (`fold_*` metrics) and on test/ when it exists (`test_*`)."""
-    index = dataset.scan(cubes_dir)
-    train_records, val_records = dataset.split(index, val_fold)
-    if viz_samples:
-        return {"viz_panels": write_sample_panels(_run, train_records, viz_samples, viz_dir, _seed)}
-    pipeline = PipelineRun(_run, training, optimizer, checkpoint)
-    pipeline.record_dataset(cubes_dir, {**dataset.statistics(index),
-                                        "train_cubes": len(train_records),
-                                        "val_cubes": len(val_records)})
-    if cv_id is not None:
-        _run.info["cross_validation"] = {"cv_id": cv_id, "fold": val_fold}
-    net = model.make_model()
-    task = _task(_config)
-    result = pipeline.fit(net, task, _cubes(train_records, True), _cubes(val_records, False),
-                          curve_metrics=[f"val_{name}" for name in METRICS if name != "loss"])
-    for split, records in (("fold", val_records), ("test", dataset.test_records(index))):
-        if records:
-            loader = training.make_loader(_cubes(records, False), train=False)
-            result.update(pipeline.evaluate(evaluate_cubes, net, task, loader, split))
-    result["checkpoint"] = str(pipeline.checkpoints.best_path)
-    return result
-
-
 def cv_root(config, cv_id) -> Path:
     """Where a cross-validation keeps its folds: the checkpoint folder template with the
     run id replaced by ``cv_<cv_id>``."""
@@ -366,3 +347,28 @@ def predict(_run, _config, predict_checkpoints, predict_input, predict_output_di
           f"wrote {map_path}")
     return record
 
+
+@ex.automain
+def main(_run, _config, _seed, cubes_dir, val_fold, viz_samples, viz_dir, cv_id):
+    """Train on four folds, validate on `val_fold`, then score the best epoch on the
+    validation fold (`fold_*` metrics) and on test/ when it exists (`test_*`)."""
+    index = dataset.scan(cubes_dir)
+    train_records, val_records = dataset.split(index, val_fold)
+    if viz_samples:
+        return {"viz_panels": write_sample_panels(_run, train_records, viz_samples, viz_dir, _seed)}
+    pipeline = PipelineRun(_run, training, optimizer, checkpoint)
+    pipeline.record_dataset(cubes_dir, {**dataset.statistics(index),
+                                        "train_cubes": len(train_records),
+                                        "val_cubes": len(val_records)})
+    if cv_id is not None:
+        _run.info["cross_validation"] = {"cv_id": cv_id, "fold": val_fold}
+    net = model.make_model()
+    task = _task(_config)
+    result = pipeline.fit(net, task, _cubes(train_records, True), _cubes(val_records, False),
+                          curve_metrics=[f"val_{name}" for name in METRICS if name != "loss"])
+    for split, records in (("fold", val_records), ("test", dataset.test_records(index))):
+        if records:
+            loader = training.make_loader(_cubes(records, False), train=False)
+            result.update(pipeline.evaluate(evaluate_cubes, net, task, loader, split))
+    result["checkpoint"] = str(pipeline.checkpoints.best_path)
+    return result

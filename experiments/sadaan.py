@@ -19,6 +19,7 @@ from ingredients.tracking import LoggingIngredient, TrackingIngredient
 from ingredients.training import TrainingIngredient, image_size_field
 from medseg import config as c
 from medseg.data.hdf5 import SPLITS
+from medseg.errors import ConfigError
 from medseg.tasks.sadaan import SADAANTask, evaluate_sadaan
 
 dataset = HDF5DatasetIngredient()
@@ -41,8 +42,10 @@ ex.add_fields({
     "dataset_path": Field("./synthetic_medical_dataset_hdf5", c.text(),
                           "Folder with metadata.json, train.h5, val.h5 (and test.h5)"),
     "eval_split": Field("test", c.choice(*SPLITS),
-                        "Split scored after training (when its file exists) and by `evaluate`"),
-    "eval_checkpoint": Field(None, c.optional(c.text()), "Checkpoint scored by `evaluate`"),
+                        "Split scored after training (when its file exists) and by `evaluate`",
+                        resume_may_change=True),
+    "eval_checkpoint": Field(None, c.optional(c.text()), "Checkpoint scored by `evaluate`",
+                             resume_may_change=True),
 })
 
 
@@ -75,8 +78,13 @@ ex.add_named_config("demo", dataset_path="data/sadaan_demo", eval_split="test",
 @ex.config_validator
 def dataset_exists(config, command_name):
     if command_name in ("main", "evaluate"):
+        multiple, size = model.input_multiple(), config["training"]["image_size"]
+        if any(s % multiple for s in size):
+            raise ConfigError(f"training.image_size {list(size)} must be multiples of "
+                              f"{multiple} (the SADAAN encoder halves every axis that often)")
         splits = ("train", "val") if command_name == "main" else (config["eval_split"],)
-        dataset.check_splits(config["dataset_path"], splits, config["model"]["in_channels"])
+        dataset.check_splits(config["dataset_path"], splits, config["model"]["in_channels"],
+                             check_cases=config["dataset"]["check_cases"])
 
 
 @ex.command

@@ -8,8 +8,9 @@ from typing import Any
 
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
-from medseg.engine.checkpoint import CheckpointManager
+from medseg.engine.checkpoint import CheckpointManager, load_checkpoint, plain
 from medseg.errors import ConfigError
+from medseg.tracking.compare import flatten_config
 
 FIELDS = {
     "save_dir": Field("checkpoints/{experiment}/{run_id}", c.text(),
@@ -34,7 +35,7 @@ class CheckpointIngredient(FieldIngredient):
 
     def __init__(self, *, best_name: str = "best_model.pth", last_name: str = "last_model.pth",
                  periodic_name: str = "checkpoint_epoch_{epoch}.pth", **defaults: Any) -> None:
-        super().__init__("checkpoint", FIELDS, defaults)
+        super().__init__("checkpoint", FIELDS, defaults, resume_may_change=True)
 
         @self.capture
         def make_manager(_run, save_dir: str, save_frequency: int, keep_best_only: bool,
@@ -58,3 +59,38 @@ class CheckpointIngredient(FieldIngredient):
         resume = checkpoint["resume"]
         if resume is not None and not Path(resume).is_file():
             raise ConfigError(f"checkpoint.resume: no checkpoint file at {resume}")
+
+
+def check_resume_config(config: dict, may_change: dict[str, bool], *,
+                        seed_given: bool) -> None:
+    """A resumed run continues the training of ``checkpoint.resume``: entries that shaped it
+    (``may_change[key]`` false: data, model, loss, optimizer, seed) must keep the values the
+    checkpoint's run had; refuse in one line listing every difference. An entry the
+    checkpoint's config does not have (it predates the entry) is not compared. ``seed`` not
+    given on the command line is set to the checkpoint's (Sacred drew a new one)."""
+    path = config["checkpoint"]["resume"]
+    saved = load_checkpoint(path).get("config") or {}
+    if not seed_given and "seed" in saved:
+        config["seed"] = saved["seed"]
+    old, new = flatten_config(saved), flatten_config(plain(config))
+    changes = {key: (old[key], new.get(key)) for key in sorted(old)
+               if old[key] != new.get(key) and not may_change.get(key, key == "tags")}
+    if not changes:
+        return
+    shown = ", ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in changes.items())
+    allowed = _allowed_summary(may_change)
+    raise ConfigError(f"checkpoint.resume={path} continues a training run whose config differs in "
+                      f"entries a resume may not change: {shown}; give them the checkpoint's "
+                      f"values, or train a new run without checkpoint.resume (a resume may "
+                      f"change {allowed})")
+
+
+def _allowed_summary(may_change: dict[str, bool]) -> str:
+    sections: dict[str, list[bool]] = {}
+    for key, allowed in may_change.items():
+        if "." in key:
+            sections.setdefault(key.split(".")[0], []).append(allowed)
+    whole = sorted(name for name, flags in sections.items() if all(flags))
+    single = sorted(key for key, allowed in may_change.items()
+                    if allowed and key.split(".")[0] not in whole)
+    return ", ".join([*single, *(f"{name}.*" for name in whole), "tags"])

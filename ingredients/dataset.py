@@ -16,6 +16,7 @@ from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
 from medseg.data.hdf5 import (
     HDF5SegmentationDataset,
+    check_contents,
     dataset_statistics,
     read_metadata,
     validate_split,
@@ -62,6 +63,10 @@ HDF5_FIELDS = {
     "noise_std": Field(8.0, c.number(minimum=0), "generate_data: image noise standard deviation"),
     "seed": Field(0, c.integer(minimum=0), "generate_data: random seed"),
     "overwrite": Field(False, c.boolean(), "generate_data: replace an existing dataset folder"),
+    "check_cases": Field(16, c.integer(minimum=0),
+                         "Cases per split whose values are checked before training or "
+                         "`evaluate` (finite images, 0/1 masks, presence labels matching the "
+                         "masks); 0 skips the check (very large sets)", resume_may_change=True),
 }
 
 
@@ -84,14 +89,16 @@ class HDF5DatasetIngredient(FieldIngredient):
 
     @staticmethod
     def check_splits(dataset_path: str, splits: tuple[str, ...],
-                     in_channels: int | None = None) -> dict[str, Any]:
-        """Metadata and per-split layout, checked before a run starts (raises DataError)."""
+                     in_channels: int | None = None, check_cases: int = 0) -> dict[str, Any]:
+        """Metadata and per-split layout, and the values of ``check_cases`` cases of each
+        split, checked before a run starts (raises DataError)."""
         metadata = read_metadata(dataset_path)
         for split in splits:
             info = validate_split(dataset_path, split, metadata)
             if in_channels is not None and info.num_channels != in_channels:
                 raise ConfigError(f"model.in_channels={in_channels} but {info.path} has images "
                                   f"with {info.num_channels} channel(s)")
+            check_contents(info, metadata["structure_names"], check_cases)
         return metadata
 
     @staticmethod

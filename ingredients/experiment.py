@@ -11,12 +11,16 @@ entry (omniboard shows and filters runs by ``config.tags``; notes come from ``-c
 
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
 import functools
+import inspect
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
 import types
 from collections.abc import Callable, Mapping
@@ -27,10 +31,12 @@ from sacred import Experiment
 from sacred.config import ConfigScope, load_config_file
 from sacred.utils import ConfigAddedError, NamedConfigNotFoundError, apply_backspaces_and_linefeeds
 
+from ingredients.checkpoint import check_resume_config
 from ingredients.fields import Field, FieldIngredient
-from ingredients.tracking import TRACKING_FIELDS, choose_observer
+from ingredients.tracking import TRACKING_FIELDS, choose_observer, raise_recording_failure
 from medseg import config as c
-from medseg.errors import ConfigError, MedsegError, describe
+from medseg.errors import ConfigError, DiskFullError, Interrupted, MedsegError, describe
+from medseg.files import is_no_space, no_space_error
 
 Validator = Callable[[Mapping[str, Any], str], None]
 
@@ -171,6 +177,9 @@ class MedsegExperiment(Experiment):
         if added:
             raise ConfigError(self._unknown_entries(added, named_configs))
         self.validate_config(run.config, run.meta_info["command"])
+        if run.meta_info["command"] == "main" and (run.config.get("checkpoint") or {}).get("resume"):
+            check_resume_config(run.config, self.resume_policy(),
+                                seed_given="seed" in (config_updates or {}))
         # Where relative paths in the config were meant from (``medseg runs rerun``).
         run.meta_info["working_dir"] = os.getcwd()
         self._bound_captured_output(run)
@@ -206,8 +215,18 @@ class MedsegExperiment(Experiment):
             meta_info=None, options=None):
         try:
             try:
-                return super().run(command_name, config_updates, named_configs, info, meta_info,
-                                   options)
+                run = super().run(command_name, config_updates, named_configs, info, meta_info,
+                                  options)
+                raise_recording_failure(run)  # met after the last metric (final heartbeat)
+                return run
+            except OSError as error:  # a full disk our own writes did not name
+                if not is_no_space(error):
+                    raise
+                if error.filename2 or error.filename:  # a copy names its target second
+                    raise no_space_error(error.filename2 or error.filename) from None
+                raise DiskFullError(f"no space left on device ({describe(error)}) in a folder "
+                                    "this command writes to; free some space there or write "
+                                    "elsewhere") from None
             except ConfigAddedError as error:
                 raise ConfigError(self._unknown_entries(error.__conflicting_configs__,
                                                         named_configs)) from None
@@ -218,6 +237,17 @@ class MedsegExperiment(Experiment):
                 raise
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+
+    def resume_policy(self) -> dict[str, bool]:
+        """Dotted key -> whether a resumed run may change it (``Field.resume_may_change``)."""
+        policy = {name: field.resume_may_change
+                  for name, field in self.__dict__.get("top_level_fields", {}).items()}
+        ingredients = [ingredient for ingredient, _ in self.traverse_ingredients()]
+        for ingredient in ingredients:
+            if isinstance(ingredient, FieldIngredient):
+                policy.update({f"{ingredient.path}.{name}": field.resume_may_change
+                               for name, field in ingredient.fields.items()})
+        return policy
 
     def known_entries(self) -> list[str]:
         """Every config key a user can set, dotted (``training.batch_size``)."""
@@ -263,5 +293,74 @@ class MedsegExperiment(Experiment):
                 f"this experiment has {', '.join(available)}")
 
     def run_commandline(self, argv=None):
+        """Sacred's command line; SIGTERM (what ``kill`` and schedulers send) is handled like
+        Ctrl-C, and either ends with one line: what was interrupted, the last checkpoint and
+        the command that resumes from it (exit status 128 + the signal's number)."""
         self._from_command_line = True
-        return super().run_commandline(argv)
+        argv = list(sys.argv if argv is None else argv)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+        try:
+            return super().run_commandline(argv)
+        except KeyboardInterrupt as error:
+            name = getattr(error, "signal_name", "SIGINT")
+            print(f"error: {interruption_message(error, argv)}", file=sys.stderr)
+            sys.exit(128 + int(getattr(signal, name)))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def automain(self, function):
+        """Sacred's ``automain``, refused when commands are defined below it: it runs the
+        command line where it stands, so those commands do not exist yet and the shell says
+        ``Command "predict" not found`` (in-process tests, which import the whole module, do
+        not notice)."""
+        later = _commands_defined_after(function)
+        if later:
+            raise TypeError(f"@ex.automain {function.__name__} in {inspect.getsourcefile(function)} "
+                            f"is followed by the commands {', '.join(later)}, which the command "
+                            "line would not find; put the automain function last")
+        return super().automain(function)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def interruption_message(error: BaseException, argv: list[str]) -> str:
+    """The line printed when Ctrl-C or SIGTERM stops a command started with ``argv``."""
+    name = getattr(error, "signal_name", "SIGINT")
+    checkpoint = getattr(error, "checkpoint", None)
+    if checkpoint is None:
+        what = ("before the first checkpoint was written" if getattr(error, "training", False)
+                else "before it finished")
+        return (f"interrupted ({name}) {what}; nothing to resume from. Run it again with: "
+                f"{_shell_command(argv)}")
+    epoch = f" (epoch {error.epoch})" if getattr(error, "epoch", None) is not None else ""
+    updates = [word for word in argv[1:] if not word.startswith("checkpoint.resume=")]
+    if "with" not in updates:
+        updates.append("with")
+    return (f"interrupted ({name}); the last checkpoint is {checkpoint}{epoch}; resume with: "
+            f"{_shell_command([argv[0], *updates, f'checkpoint.resume={checkpoint}'])}")
+
+
+def _shell_command(argv: list[str]) -> str:
+    return " ".join(["python", *map(shlex.quote, argv)])
+
+
+def _commands_defined_after(function) -> list[str]:
+    """Names of the top-level functions decorated ``@<something>.command`` that come after
+    ``function`` in its source file."""
+    try:
+        tree = ast.parse(Path(inspect.getsourcefile(function)).read_text())
+    except (OSError, TypeError, SyntaxError):
+        return []
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    names = [node.name for node in functions]
+    if function.__name__ not in names:
+        return []
+    later = functions[names.index(function.__name__) + 1:]
+
+    def is_command(decorator) -> bool:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        return isinstance(target, ast.Attribute) and target.attr == "command"
+
+    return [node.name for node in later if any(is_command(d) for d in node.decorator_list)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,19 +26,29 @@ class Field:
     default: Any
     check: Check
     doc: str
+    #: Whether a run resumed from a checkpoint (``checkpoint.resume``) may give this entry
+    #: another value than the checkpoint's run had. Entries that shape what was trained
+    #: (data, model, loss, optimizer, seed) may not: the resume would silently mix two setups.
+    resume_may_change: bool = False
+
+
+def may_change_on_resume(field: Field) -> Field:
+    """``field``, marked as an entry a resumed run may change."""
+    return dataclasses.replace(field, resume_may_change=True)
 
 
 class FieldIngredient(Ingredient):
     """A Sacred ingredient whose config is a set of :class:`Field`."""
 
     def __init__(self, path: str, fields: Mapping[str, Field], defaults: Mapping[str, Any],
-                 ingredients=()) -> None:
+                 ingredients=(), *, resume_may_change: bool = False) -> None:
         unknown = sorted(set(defaults) - set(fields))
         if unknown:
             raise TypeError(f"{path} has no entries {unknown}; it has {sorted(fields)}")
         module_globals = sys.modules[type(self).__module__].__dict__
         super().__init__(path, ingredients=ingredients, _caller_globals=module_globals)
-        self.fields = dict(fields)
+        self.fields = {name: may_change_on_resume(field) if resume_may_change else field
+                       for name, field in fields.items()}
         self.defaults = {name: copy.deepcopy(defaults.get(name, field.default))
                          for name, field in self.fields.items()}
         self.add_config(copy.deepcopy(self.defaults))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -33,6 +34,11 @@ class SADAANModelIngredient(FieldIngredient):
                           base_channels=base_channels)
 
         self.make_model = make_model
+
+    @staticmethod
+    def input_multiple() -> int:
+        """Input sizes must be multiples of this: the encoder's levels halve each axis."""
+        return 2 ** (inspect.signature(SADAAN).parameters["num_levels"].default - 1)
 
 
 DYNUNET_FIELDS = {

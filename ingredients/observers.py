@@ -35,7 +35,8 @@ from sacred.observers import FileStorageObserver, RunObserver
 from sacred.serializer import flatten
 
 from medseg import db
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, DiskFullError, MedsegError
+from medseg.files import is_no_space, no_space_error
 from medseg.tracking import connection
 from medseg.tracking.compare import config_changes
 from medseg.tracking.rundir import SYNC_MARKER
@@ -93,6 +94,24 @@ class FileRunObserver(FileStorageObserver):
         self.max_metric_points = max_metric_points
         self.series: dict[str, MetricSeries] = {}
         self._written_cout: str | None = None
+        #: A full disk met while recording (the run is stopped with it: see SacredReporter).
+        self.failure: DiskFullError | None = None
+
+    def _write(self, target: Path, partial: Path | None, write) -> None:
+        """``write()``; a full disk removes what it left half-written and is kept as
+        ``failure`` (Sacred swallows an observer's errors and drops the observer)."""
+        try:
+            write()
+        except OSError as error:
+            if not is_no_space(error):
+                raise
+            for path in (partial, target if partial is None else None):
+                if path is not None:
+                    path.unlink(missing_ok=True)
+            if self.failure is None:
+                self.failure = no_space_error(target, f"the record of this run in {self.dir} "
+                                                      "is incomplete")
+            raise self.failure from None
 
     def location(self) -> dict[str, str]:
         return {"kind": "file", "dir": str(Path(self.basedir).resolve())}
@@ -109,9 +128,13 @@ class FileRunObserver(FileStorageObserver):
     def save_json(self, obj, filename):
         target = Path(self.dir) / filename
         partial = target.with_name(f".{filename}.partial")
-        with open(partial, "w") as handle:
-            json.dump(flatten(obj), handle, sort_keys=True, indent=2)
-        os.replace(partial, target)
+
+        def write():
+            with open(partial, "w") as handle:
+                json.dump(flatten(obj), handle, sort_keys=True, indent=2)
+            os.replace(partial, target)
+
+        self._write(target, partial, write)
 
     def save_cout(self):
         # Sacred appends only what is new, but the captured output filter rewrites earlier
@@ -120,8 +143,8 @@ class FileRunObserver(FileStorageObserver):
             return
         target = Path(self.dir) / "cout.txt"
         partial = target.with_name(".cout.txt.partial")
-        partial.write_text(self.cout, encoding="utf-8")
-        os.replace(partial, target)
+        self._write(target, partial, lambda: (partial.write_text(self.cout, encoding="utf-8"),
+                                              os.replace(partial, target)))
         self._written_cout = self.cout
 
     def save_file(self, filename, target_name=None):
@@ -131,7 +154,7 @@ class FileRunObserver(FileStorageObserver):
                                   "observer keeps its own file of that name")
         source, target = Path(filename), Path(self.dir) / target_name
         if source.resolve() != target.resolve():
-            _link_or_copy(source, target)
+            self._write(target, None, lambda: _link_or_copy(source, target))
 
     def heartbeat_event(self, info, captured_out, beat_time, result):
         super().heartbeat_event(snapshot(info), captured_out, beat_time, result)
@@ -142,23 +165,43 @@ class FileRunObserver(FileStorageObserver):
             return
         super().artifact_event(name, filename, metadata, content_type)
 
+    def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+        try:
+            return super().started_event(ex_info, command, host_info, start_time, config,
+                                         meta_info, _id)
+        except OSError as error:
+            if not is_no_space(error):
+                raise
+            self.failure = self.failure or no_space_error(
+                error.filename2 or error.filename or self.basedir,
+                f"the run is not recorded in {self.basedir}")
+            raise self.failure from None
+
     def _finish_series(self) -> None:
         for series in self.series.values():
             series.finish()
         if self.series:
             self.write_metrics(self.series)
 
+    def _final(self, event) -> None:
+        """A final event; after a full disk, a best effort (the failure is reported)."""
+        if self.run_entry is None:  # the run could not even be started here
+            return
+        try:
+            self._finish_series()
+            event()
+        except MedsegError:
+            if self.failure is None:
+                raise
+
     def completed_event(self, stop_time, result):
-        self._finish_series()
-        super().completed_event(stop_time, result)
+        self._final(lambda: super(FileRunObserver, self).completed_event(stop_time, result))
 
     def interrupted_event(self, interrupt_time, status):
-        self._finish_series()
-        super().interrupted_event(interrupt_time, status)
+        self._final(lambda: super(FileRunObserver, self).interrupted_event(interrupt_time, status))
 
     def failed_event(self, fail_time, fail_trace):
-        self._finish_series()
-        super().failed_event(fail_time, fail_trace)
+        self._final(lambda: super(FileRunObserver, self).failed_event(fail_time, fail_trace))
 
 
 @dataclass

@@ -29,6 +29,7 @@ from medseg.engine.fit import fit
 from medseg.engine.memory import device_info
 from medseg.engine.trainer import Callback, Trainer, monitor_choices
 from medseg.errors import ConfigError, DataError
+from medseg.files import reporting_full_disk
 
 _MB = 1024 * 1024
 
@@ -102,9 +103,8 @@ class PipelineRun:
                      checkpoints=self.checkpoints, callbacks=callbacks, resume=resume,
                      curves_path=self.output_dir / "training_curves.png",
                      curve_metrics=curve_metrics, config=config)
-        if resume:
-            self.reporter.set_info("resumed_from", {"path": str(resume),
-                                                    "epoch": result.resumed_at_epoch,
+        if result.resumed_from is not None:
+            self.reporter.set_info("resumed_from", {**result.resumed_from,
                                                     "run": read_run_link(resume)})
         self._record_checkpoints()
         return {"best_epoch": result.best_epoch, "best_metric": result.best_metric,
@@ -143,7 +143,7 @@ class PipelineRun:
         """Run a pipeline's evaluation; log its metrics as ``<split>_<name>``, attach its files."""
         model.to(self.device).eval()
         directory = self.output_dir / f"evaluation_{split}"
-        with torch.no_grad():
+        with torch.no_grad(), reporting_full_disk(directory):
             report = evaluate_fn(model, loader, task=task, device=self.device,
                                  precision=self.precision, output_dir=directory, split=split)
         metrics = {f"{split}_{name}": float(value) for name, value in report.metrics.items()}
@@ -152,7 +152,8 @@ class PipelineRun:
                 self.reporter.log_scalar(name, value, 0)
         # Not "metrics.json": the file observer keeps its own file of that name.
         summary_path = directory / f"{split}_metrics.json"
-        summary_path.write_text(json.dumps(metrics, indent=2, allow_nan=True))
+        with reporting_full_disk(summary_path):
+            summary_path.write_text(json.dumps(metrics, indent=2, allow_nan=True))
         for path in [summary_path, *report.artifacts]:
             self.reporter.add_artifact(path)
         self.reporter.set_info(f"evaluation_{split}", report.info)

@@ -68,12 +68,12 @@ TRACKING_FIELDS = {
 
 class LoggingIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
-        super().__init__("logging", LOGGING_FIELDS, defaults)
+        super().__init__("logging", LOGGING_FIELDS, defaults, resume_may_change=True)
 
 
 class TrackingIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
-        super().__init__("tracking", TRACKING_FIELDS, defaults)
+        super().__init__("tracking", TRACKING_FIELDS, defaults, resume_may_change=True)
 
     def validate(self, config) -> None:
         super().validate(config)
@@ -171,6 +171,17 @@ def link_checkpoint_directory(run, directory: str | Path) -> None:
          "database": location}, indent=2))
 
 
+def raise_recording_failure(run) -> None:
+    """Stop the run when an observer could not record it (a full disk): Sacred only logs an
+    observer's error and goes on without it, and the run would end "Completed" with a record
+    left RUNNING."""
+    for observer in run.observers:
+        failure = getattr(observer, "failure", None) or getattr(
+            getattr(observer, "fallback", None), "failure", None)
+        if failure is not None:
+            raise failure
+
+
 class SacredReporter:
     """The library's :class:`~medseg.engine.reporting.Reporter` on top of a Sacred run.
 
@@ -186,9 +197,11 @@ class SacredReporter:
         self.max_info_bytes = int(max_info_kb * 1024)
 
     def log_scalar(self, name: str, value: float, step: int) -> None:
+        raise_recording_failure(self.run)
         self.run.log_scalar(name, float(value), step)
 
     def add_artifact(self, path: str | Path, name: str | None = None) -> None:
+        raise_recording_failure(self.run)
         path = Path(path)
         name = name or path.name
         if not path.is_file():
@@ -197,6 +210,7 @@ class SacredReporter:
         self.run.add_artifact(str(path), name=name)
 
     def set_info(self, key: str, value: Any) -> None:
+        raise_recording_failure(self.run)
         text = json.dumps(value, default=str)
         if len(text) <= self.max_info_bytes:
             self.run.info[key] = value

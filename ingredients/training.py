@@ -19,20 +19,26 @@ from medseg.errors import ConfigError
 
 FIELDS = {
     "batch_size": Field(4, c.integer(minimum=1), "Training batch size"),
-    "learning_rate": Field(5e-4, c.number(above=0), "Initial learning rate"),
-    "num_epochs": Field(100, c.integer(minimum=1), "Maximum training epochs"),
+    "learning_rate": Field(5e-4, c.number(above=0), "Initial learning rate",
+                           resume_may_change=True),
+    "num_epochs": Field(100, c.integer(minimum=1), "Maximum training epochs",
+                        resume_may_change=True),
     "early_stopping_patience": Field(20, c.integer(minimum=0),
-                                     "Epochs without improvement of `monitor` before stopping (0: never)"),
+                                     "Epochs without improvement of `monitor` before stopping (0: never)",
+                                     resume_may_change=True),
     "gradient_clip_norm": Field(0.5, c.number(minimum=0), "Gradient clipping threshold (0: off)"),
-    "num_workers": Field(2, c.integer(minimum=0), "DataLoader worker processes"),
+    "num_workers": Field(2, c.integer(minimum=0), "DataLoader worker processes",
+                         resume_may_change=True),
     "warmup_epochs": Field(5, c.number(minimum=0), "Linear learning-rate warm-up, in epochs"),
     "gradient_accumulation_steps": Field(2, c.integer(minimum=1), "Batches per optimizer update"),
     "memory_cleanup_frequency": Field(10, c.integer(minimum=0),
                                       "Optimizer steps between garbage collection and CUDA cache "
-                                      "clearing (0: never)"),
+                                      "clearing (0: never)",
+                                      resume_may_change=True),
     "mixed_precision": Field("auto", c.choice(*MODES),
                              "'auto' (fp16 on CUDA, fp32 on CPU), 'none', 'fp16' (CUDA), 'bf16'"),
-    "device": Field("auto", c.text(), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    "device": Field("auto", c.text(), "'auto', 'cpu', 'cuda' or 'cuda:N'",
+                    resume_may_change=True),
     "monitor": Field("val_loss", c.text(),
                      "Validation metric for best checkpoint, early stopping and plateau schedule"),
     "monitor_mode": Field("min", c.choice("min", "max"), "Whether `monitor` improves downwards or upwards"),
@@ -102,7 +108,7 @@ def image_size_field(default: list[int]) -> Field:
 
 def val_batch_size_field(default: int) -> Field:
     """``training.val_batch_size``, for data whose validation cases all have one size."""
-    return Field(default, c.integer(minimum=1), "Validation batch size")
+    return Field(default, c.integer(minimum=1), "Validation batch size", resume_may_change=True)
 
 
 def ema_fields(*, enabled: bool = False, decay: float = 0.9999,
@@ -134,4 +140,4 @@ class OverfitIngredient(FieldIngredient):
     without augmentation; a working model, loss and data pipeline memorise them)."""
 
     def __init__(self, **defaults: Any) -> None:
-        super().__init__("overfit", OVERFIT_FIELDS, defaults)
+        super().__init__("overfit", OVERFIT_FIELDS, defaults, resume_may_change=True)

@@ -25,3 +25,25 @@ def describe(error: BaseException) -> str:
     naming a library's failure inside one of our messages."""
     lines = str(error).splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the work. ``checkpoint`` is the newest file that
+    training can resume from (None when none was written); ``epoch`` the epoch it holds;
+    ``training`` whether it stopped a training loop.
+
+    A KeyboardInterrupt, so that Sacred records the run as INTERRUPTED and cleanup written
+    for Ctrl-C (staging folders, temporary checkpoint files) runs for SIGTERM too.
+    """
+
+    def __init__(self, signal_name: str = "SIGINT", checkpoint=None, epoch: int | None = None,
+                 training: bool = False):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.checkpoint = checkpoint
+        self.epoch = epoch
+        self.training = training
+
+
+class DiskFullError(MedsegError):
+    """A write failed for want of space (ENOSPC, or a quota: EDQUOT)."""

@@ -31,7 +31,9 @@ from medseg.errors import DataError
 
 SPLITS = ("train", "val", "test")
 DATASET_NAMES = ("images", "masks", "presence_labels", "scenarios")
-REQUIRED_METADATA = ("structure_names", "num_structures", "image_size")
+#: ``num_structures`` may be left out (it is ``len(structure_names)``; another public SADAAN
+#: generator writes neither it nor ``dataset_info``); when given, the two must agree.
+REQUIRED_METADATA = ("structure_names", "image_size")
 PERCENTILES = (0.5, 5, 25, 50, 75, 95, 99.5)
 
 
@@ -45,17 +47,27 @@ class SplitInfo:
 
 
 def read_metadata(dataset_dir: str | Path) -> dict[str, Any]:
-    """``metadata.json`` of a dataset folder, checked for the keys the pipeline relies on."""
+    """``metadata.json`` of a dataset folder, checked for the keys the pipeline relies on;
+    ``num_structures`` is filled in from ``structure_names`` when missing."""
     dataset_dir = Path(dataset_dir)
+    expected = "expected a folder with metadata.json, train.h5 and val.h5 (test.h5 optional)"
+    if not dataset_dir.exists():
+        raise DataError(f"dataset folder {dataset_dir} does not exist; {expected}")
     if not dataset_dir.is_dir():
-        raise DataError(f"dataset folder {dataset_dir} does not exist; expected a folder with "
-                        "metadata.json, train.h5 and val.h5 (test.h5 optional)")
+        raise DataError(f"dataset folder {dataset_dir} is a file, not a folder; {expected}")
+    try:
+        os.listdir(dataset_dir)
+    except PermissionError:
+        raise DataError(f"dataset folder {dataset_dir} cannot be read (permission denied); "
+                        f"{expected}, readable by this user") from None
     path = dataset_dir / "metadata.json"
     if not path.is_file():
         raise DataError(f"{path} does not exist; expected the dataset's metadata "
                         f"with keys {', '.join(REQUIRED_METADATA)}")
     try:
         metadata = json.loads(path.read_text())
+    except PermissionError:
+        raise DataError(f"{path} cannot be read (permission denied)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(metadata, dict):
@@ -63,20 +75,23 @@ def read_metadata(dataset_dir: str | Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise DataError(f"{path} is missing {', '.join(missing)}; expected keys "
-                        f"{', '.join(REQUIRED_METADATA)}")
+                        f"{', '.join(REQUIRED_METADATA)} (and optionally num_structures)")
     _check_metadata_values(path, metadata)
-    return metadata
+    names = metadata["structure_names"]
+    return {**metadata, "num_structures": metadata.get("num_structures", len(names))}
 
 
 def _check_metadata_values(path: Path, metadata: Mapping[str, Any]) -> None:
-    names, count, size = (metadata[key] for key in REQUIRED_METADATA)
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+    names, size = metadata["structure_names"], metadata["image_size"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise DataError(f"{path}: structure_names must be a list of names, found {names!r}")
-    if not _is_int(count) or count < 1:
-        raise DataError(f"{path}: num_structures must be an integer >= 1, found {count!r}")
-    if len(names) != count:
-        raise DataError(f"{path}: structure_names lists {len(names)} names but num_structures "
-                        f"is {count}")
+    if "num_structures" in metadata:
+        count = metadata["num_structures"]
+        if not _is_int(count) or count < 1:
+            raise DataError(f"{path}: num_structures must be an integer >= 1, found {count!r}")
+        if len(names) != count:
+            raise DataError(f"{path}: structure_names lists {len(names)} names but "
+                            f"num_structures is {count}")
     if not isinstance(size, list) or len(size) != 3 or not all(_is_int(s) and s > 0 for s in size):
         raise DataError(f"{path}: image_size must be [H, W, D] of positive integers, "
                         f"found {size!r}")
@@ -154,6 +169,49 @@ def _check_layout(path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[s
         raise fail("scenarios", f"strings [N] = [{images[0]}]")
     return SplitInfo(path=path, num_cases=images[0], image_shape=tuple(images[-3:]),
                      num_channels=1 if len(images) == 4 else images[1], num_structures=masks[1])
+
+
+def check_contents(info: SplitInfo, structure_names: list[str], max_cases: int) -> int:
+    """Check the values of at most ``max_cases`` cases of a split, evenly spaced: finite
+    images, masks of 0 and 1, presence labels of 0 and 1 that say present exactly when the
+    structure's mask has voxels. Raises DataError naming the file, case and structure;
+    returns the number of cases read."""
+    if max_cases <= 0:
+        return 0
+    indices = np.unique(np.linspace(0, info.num_cases - 1, min(info.num_cases, max_cases))
+                        .round().astype(int))
+    with h5py.File(info.path, "r") as file:
+        for index in indices:
+            _check_case(info.path, int(index), file, structure_names)
+    return len(indices)
+
+
+def _check_case(path: Path, index: int, file: h5py.File, names: list[str]) -> None:
+    where = f"{path}, case {index}"
+    image = file["images"][index]
+    if image.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(image)))
+        if bad:
+            raise DataError(f"{where}: 'images' holds {bad} NaN or infinite values; expected "
+                            "finite intensities")
+    masks = file["masks"][index]
+    values = np.unique(masks)
+    if not set(values.tolist()) <= {0, 1}:
+        shown = ", ".join(str(v) for v in values[:6]) + (" ..." if len(values) > 6 else "")
+        hint = " (0/255 masks: divide them by 255)" if values.max() == 255 else ""
+        raise DataError(f"{where}: 'masks' holds the values {shown}; expected 0 and 1 "
+                        f"(one binary mask per structure){hint}")
+    presence = np.asarray(file["presence_labels"][index])
+    if not set(np.unique(presence).tolist()) <= {0, 1}:
+        raise DataError(f"{where}: 'presence_labels' is {presence.tolist()}; expected 0 "
+                        "(absent) or 1 (present) per structure")
+    voxels = masks.reshape(len(masks), -1).sum(axis=1)
+    for name, present, count in zip(names, presence, voxels):
+        if bool(present) != bool(count):
+            said = "present" if present else "absent"
+            raise DataError(f"{where}: presence_labels says {name!r} is {said} but its mask "
+                            f"has {int(count)} voxels; expected presence 1 exactly when the "
+                            "mask is non-empty")
 
 
 class HDF5SegmentationDataset(Dataset):

@@ -7,11 +7,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from medseg.errors import DataError
+from medseg.files import make_temporary_dir, remove_leftovers
 
 
 def refuse_to_overwrite(output_dir: str | Path, overwrite: bool, what: str,
@@ -33,8 +33,8 @@ def staged_directory(output_dir: str | Path) -> Iterator[Path]:
     ``output_dir`` (an old one is removed only afterwards), on failure it is deleted."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial",
-                                    dir=output_dir.parent))
+    remove_leftovers(output_dir.parent, output_dir.name)  # of a killed earlier run
+    staging = make_temporary_dir(output_dir, ".partial")
     try:
         yield staging
         _move_into_place(staging, output_dir)
@@ -56,8 +56,7 @@ def _move_into_place(staging: Path, output_dir: Path) -> None:
     if not output_dir.exists():
         os.replace(staging, output_dir)
         return
-    retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old",
-                                    dir=output_dir.parent))
+    retired = make_temporary_dir(output_dir, ".old")
     os.replace(output_dir, retired / output_dir.name)
     os.replace(staging, output_dir)
     shutil.rmtree(retired, ignore_errors=True)

@@ -6,10 +6,10 @@ A checkpoint is a plain dict of tensors and Python primitives so that it loads w
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from medseg.errors import DataError, describe
+from medseg.files import make_temporary_file, remove_leftovers, reporting_full_disk
 
 FORMAT_VERSION = 1
 
@@ -30,20 +31,26 @@ def plain(value: Any) -> Any:
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` with ``torch.save`` to a temporary file beside ``path``, then rename.
 
-    A crash or a full disk leaves either the previous file or the new one, never half a file.
+    A crash or a full disk leaves either the previous file or the new one, never half a file;
+    a full disk is a :class:`~medseg.errors.DiskFullError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    # Serialised in memory first: torch's zip writer reports a failed write as
+    # "unexpected pos", without the OSError (ENOSPC) that says the disk is full.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with reporting_full_disk(path, "the previous checkpoint there, if any, is unchanged"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = make_temporary_file(path)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(buffer.getbuffer())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -97,6 +104,11 @@ class CheckpointManager:
         self.last_name = last_name
         self.periodic_name = periodic_name
         self._periodic = self._existing_periodic()
+        #: The newest file written that training can resume from, and its epoch.
+        self.latest: Path | None = None
+        self.latest_epoch: int | None = None
+        for name in {best_name, last_name, periodic_name}:
+            remove_leftovers((self.directory / name).parent)
 
     @property
     def best_path(self) -> Path:
@@ -112,14 +124,17 @@ class CheckpointManager:
         written = []
         if is_best:
             written.append(atomic_save(payload, self.best_path))
-        if self.keep_best_only:
-            return written
-        written.append(atomic_save(payload, self.last_path))
-        if self.save_frequency and epoch % self.save_frequency == 0:
-            periodic = atomic_save(payload, self.directory / self.periodic_name.format(epoch=epoch))
-            written.append(periodic)
-            self._periodic.append(periodic)
-            self._prune_periodic()
+        if not self.keep_best_only:
+            written.append(atomic_save(payload, self.last_path))
+            if self.save_frequency and epoch % self.save_frequency == 0:
+                periodic = atomic_save(payload,
+                                       self.directory / self.periodic_name.format(epoch=epoch))
+                written.append(periodic)
+                self._periodic.append(periodic)
+                self._prune_periodic()
+        if written:  # with keep_best_only the best file is the newest state, else last
+            self.latest = self.best_path if self.keep_best_only else self.last_path
+            self.latest_epoch = epoch
         return written
 
     def _existing_periodic(self) -> list[Path]:

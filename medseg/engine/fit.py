@@ -17,6 +17,7 @@ arguments; a notebook calls it directly::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from medseg.engine.precision import Precision, resolve_device, resolve_precision
 from medseg.engine.reporting import RecordingReporter, Reporter
 from medseg.engine.schedulers import LRSchedule
 from medseg.engine.trainer import Callback, FitResult, Task, Trainer, TrainerSettings
+from medseg.files import reporting_full_disk
 from medseg.viz.curves import plot_training_curves
 
 
@@ -124,17 +126,32 @@ def fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset,
     trainer = Trainer(model, task, opt, schedule, train_loader, val_loader, device=device,
                       precision=precision, settings=settings, reporter=reporter,
                       checkpoints=checkpoints, callbacks=callbacks, config=config)
-    resumed_at = None
+    resumed = None
     if resume:
         trainer.resume(resume)
-        resumed_at = trainer.epoch
-        reporter.set_info("resumed_from", {"path": str(resume), "epoch": resumed_at})
+        resumed = {"path": str(resume), "epoch": trainer.epoch}
+        if trainer.learning_rate_change is not None:
+            before, after = trainer.learning_rate_change
+            resumed["learning_rate"] = {"checkpoint": before[0], "now": after[0]}
+        reporter.set_info("resumed_from", resumed)
     try:
         result = trainer.fit()
-    finally:
-        if curves_path is not None and trainer.history:
-            reporter.add_artifact(plot_training_curves(trainer.history, Path(curves_path),
-                                                       monitor=settings.monitor,
-                                                       metrics=curve_metrics))
-    result.resumed_at_epoch = resumed_at
+    except BaseException:
+        # The curves so far are still worth having, but a full disk (or a second Ctrl-C)
+        # while drawing them must not hide why training stopped.
+        with contextlib.suppress(Exception):
+            _record_curves(trainer, reporter, curves_path, curve_metrics)
+        raise
+    _record_curves(trainer, reporter, curves_path, curve_metrics)
+    result.resumed_from = resumed
     return result
+
+
+def _record_curves(trainer: Trainer, reporter: Reporter, path: str | Path | None,
+                   metrics: Sequence[str]) -> None:
+    if path is None or not trainer.history:
+        return
+    with reporting_full_disk(Path(path)):
+        figure = plot_training_curves(trainer.history, Path(path),
+                                      monitor=trainer.settings.monitor, metrics=metrics)
+    reporter.add_artifact(figure)

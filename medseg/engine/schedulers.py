@@ -112,6 +112,20 @@ class LRSchedule:
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def scale(self, factors: list[float]) -> None:
+        """Multiply every learning rate of the schedule, at the point it has reached, by the
+        factor of its parameter group: a resumed run with a new initial rate continues the
+        same curve scaled to that rate."""
+        for group, factor in zip(self.optimizer.param_groups, factors):
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # the last two: OneCycleLR's
+                if key in group:
+                    group[key] *= factor
+        for scheduler in (self.main, self.warmup):
+            for name in ("base_lrs", "_last_lr"):
+                values = getattr(scheduler, name, None)
+                if values is not None:
+                    setattr(scheduler, name, [v * f for v, f in zip(values, factors)])
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "steps_taken": self.steps_taken,

@@ -23,12 +23,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medseg.engine.checkpoint import CheckpointManager, load_checkpoint, plain
+from medseg.files import remove_leftovers
 from medseg.engine.memory import MemoryMonitor, cleanup_memory
 from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.schedulers import LRSchedule
 from medseg.engine.seeding import capture_rng_state, restore_rng_state
-from medseg.errors import DataError, TrainingDivergedError
+from medseg.errors import DataError, Interrupted, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ class FitResult:
     epochs_run: int
     stopped_early: bool
     history: list[dict[str, float]] = field(default_factory=list)
-    resumed_at_epoch: int | None = None
+    #: ``{path, epoch[, learning_rate]}`` of the checkpoint a resumed run continued.
+    resumed_from: dict[str, Any] | None = None
 
 
 class EarlyStopping:
@@ -186,6 +188,10 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         self._best_weights: dict[str, torch.Tensor] | None = None
+        # The initial rate of each group (the schedulers built before may have moved "lr").
+        self.initial_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        #: ``(checkpoint's initial rates, this run's)`` when a resume changed them.
+        self.learning_rate_change: tuple[list[float], list[float]] | None = None
         self._check_monitor()
 
     def _check_monitor(self) -> None:
@@ -199,6 +205,7 @@ class Trainer:
         """Continue from a checkpoint: weights, optimizer, schedule, scaler, early-stopping
         state, callbacks, epoch and step counters, and the random generators."""
         state = load_checkpoint(path, map_location=self.device)
+        remove_leftovers(Path(path).parent)  # of the run it continues, if that was killed
         try:
             self.model.load_state_dict(state.get("training_model", state["model"]))
         except RuntimeError as error:
@@ -207,6 +214,7 @@ class Trainer:
                             "model config?") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
+        self._apply_new_learning_rate(state)
         self.scaler.load_state_dict(state["scaler"])
         self.early_stopping.load_state_dict(state["early_stopping"])
         for callback, callback_state in zip(self.callbacks, state.get("callbacks", [])):
@@ -219,7 +227,24 @@ class Trainer:
         if state.get("data_seed") is not None and hasattr(self.train_loader, "seed"):
             self.train_loader.seed = state["data_seed"]
         self._best_weights = self._best_weights_beside(Path(path))
+        if self.checkpoints is not None:  # until this run writes its own
+            self.checkpoints.latest, self.checkpoints.latest_epoch = Path(path), self.epoch
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.global_step)
+
+    def _apply_new_learning_rate(self, state: Mapping[str, Any]) -> None:
+        """The optimizer and schedule state continue the checkpoint's rates; a trainer built
+        with another initial rate scales them to it (and says so)."""
+        saved = state.get("initial_lrs")
+        if saved is None:  # written before initial rates were stored
+            saved = [float(g.get("initial_lr", g["lr"])) for g in state["optimizer"]["param_groups"]]
+        wanted = list(self.initial_lrs)
+        if len(saved) != len(wanted) or all(math.isclose(a, b) for a, b in zip(saved, wanted)):
+            return
+        self.schedule.scale([b / a for a, b in zip(saved, wanted)])
+        self.learning_rate_change = (list(saved), wanted)
+        log.info("initial learning rate %s on resume (the checkpoint's was %s): the continued "
+                 "schedule is scaled to it, now at %.4g", _rates(wanted), _rates(saved),
+                 self.schedule.current_lr())
 
     def _best_weights_beside(self, path: Path) -> dict[str, torch.Tensor] | None:
         """The best checkpoint of the run ``path`` belongs to: its folder is the one the file
@@ -252,6 +277,11 @@ class Trainer:
                              self.early_stopping.best_epoch)
                     stopped_early = True
                     break
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM turned into one
+            latest = self.checkpoints.latest if self.checkpoints is not None else None
+            raise Interrupted(getattr(error, "signal_name", "SIGINT"), checkpoint=latest,
+                              epoch=self.checkpoints.latest_epoch if latest else None,
+                              training=True) from None
         finally:
             self.reporter.set_info("best_epoch", self.early_stopping.best_epoch)
             self.reporter.set_info("best_metric", self.early_stopping.best)
@@ -326,6 +356,7 @@ class Trainer:
             "history": plain(self.history),
             "rng": capture_rng_state(),
             "data_seed": getattr(self.train_loader, "seed", None),
+            "initial_lrs": list(self.initial_lrs),
             "config": self.config,
         }
         self.checkpoints.save(state, epoch=epoch, is_best=improved)
@@ -443,6 +474,10 @@ class _LossWindow:
                 "Lower training.learning_rate, raise training.gradient_clip_norm protection "
                 "or check the data for NaN values")
         return means
+
+
+def _rates(values: list[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
 
 
 def _summary(metrics: Mapping[str, float], monitor: str) -> str:

@@ -14,6 +14,7 @@ Every source gives a line in ``predictions.json`` (tumour pixels, slices, volume
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from torch import nn
 from medseg.data.msd import load_volume, slice_to_image, window
 from medseg.data.slice_transforms import image_transform
 from medseg.engine.precision import Precision
-from medseg.errors import ConfigError, DataError
+from medseg.errors import ConfigError, DataError, DiskFullError
+from medseg.files import reporting_full_disk
 from medseg.tasks.lung_tumor import tumour_probability
 from medseg.viz.overlays import mask_overlay_rgb
 
@@ -161,16 +163,29 @@ def run_prediction(predictor: SlicePredictor, sources: list[Path], output_dir: s
     """Predict every source into ``output_dir``; return the path of ``predictions.json``, which
     also holds ``provenance`` (the checkpoint used, ...)."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for path in sources:
-        if is_nifti(path):
-            records.append(predict_volume(predictor, path, output_dir, save_overlay,
-                                          window_center=window_center, window_width=window_width))
-        else:
-            records.append(predict_image(predictor, path, output_dir, save_overlay))
-    summary = output_dir / "predictions.json"
-    summary.write_text(json.dumps({**(provenance or {}), "threshold": predictor.threshold,
-                                   "image_size": list(predictor.image_size),
-                                   "predictions": records}, indent=1))
+    consequence = "the predictions this command had written were removed"
+    with reporting_full_disk(output_dir, consequence):
+        output_dir.mkdir(parents=True, exist_ok=True)
+    existing = set(output_dir.rglob("*"))
+    try:
+        with reporting_full_disk(output_dir, consequence):
+            records = []
+            for path in sources:
+                if is_nifti(path):
+                    records.append(predict_volume(predictor, path, output_dir, save_overlay,
+                                                  window_center=window_center,
+                                                  window_width=window_width))
+                else:
+                    records.append(predict_image(predictor, path, output_dir, save_overlay))
+            summary = output_dir / "predictions.json"
+            summary.write_text(json.dumps({**(provenance or {}), "threshold": predictor.threshold,
+                                           "image_size": list(predictor.image_size),
+                                           "predictions": records}, indent=1))
+    except DiskFullError:  # half the outputs and no predictions.json: none of them, then
+        for path in sorted(set(output_dir.rglob("*")) - existing, reverse=True):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
     return summary

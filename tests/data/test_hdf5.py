@@ -106,7 +106,15 @@ def test_metadata_that_is_not_json(tmp_path):
         read_metadata(tmp_path)
 
 
-@pytest.mark.parametrize("key", ["structure_names", "num_structures", "image_size"])
+def test_metadata_without_num_structures_takes_it_from_the_names(tmp_path):
+    write_dataset(tmp_path)
+    metadata = json.loads((tmp_path / "metadata.json").read_text())
+    expected = metadata.pop("num_structures")
+    (tmp_path / "metadata.json").write_text(json.dumps(metadata))
+    assert read_metadata(tmp_path)["num_structures"] == expected
+
+
+@pytest.mark.parametrize("key", ["structure_names", "image_size"])
 def test_metadata_missing_a_key(tmp_path, key):
     write_dataset(tmp_path)
     metadata = json.loads((tmp_path / "metadata.json").read_text())

@@ -171,6 +171,9 @@ EFFECTS = {
     "dataset.noise_std": ("generate", GENERATE, {"dataset.noise_std": 30.0}),
     "dataset.seed": ("generate", GENERATE, {"dataset.seed": 5}),
     "dataset.overwrite": ("generate:twice", GENERATE, {"dataset.overwrite": True}),
+    # 0/255 masks are refused before training unless the check is skipped.
+    "dataset.check_cases": ("run:epochs", {"dataset_path": "MASKS_0_255_DATASET"},
+                            {"dataset.check_cases": 0}),
     "model.in_channels": ("model", {}, {"model.in_channels": 2}),
     "model.presence_threshold": ("presence_gate", {}, {"model.presence_threshold": 0.3}),
     "model.base_channels": ("model", {}, {"model.base_channels": 6}),
@@ -242,6 +245,19 @@ def checkpoints(sadaan_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def masks_0_255_dataset(sadaan_data, tmp_path_factory):
+    import shutil
+
+    import h5py
+
+    target = tmp_path_factory.mktemp("masks_0_255") / "data"
+    shutil.copytree(sadaan_data, target)
+    with h5py.File(target / "train.h5", "a") as file:
+        file["masks"][...] = file["masks"][:] * 255
+    return target
+
+
+@pytest.fixture(scope="module")
 def other_dataset(tmp_path_factory):
     from medseg.data.synthetic.sadaan import generate_sadaan_dataset
 
@@ -293,10 +309,10 @@ def _observe(probe, dotted, tmp, data, substitutions, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(EFFECTS))
 def test_entry_changes_what_the_user_observes(key, sadaan_data, tmp_path, checkpoints,
-                                              other_dataset, monkeypatch):
+                                              other_dataset, masks_0_255_dataset, monkeypatch):
     probe, base, alternative = EFFECTS[key]
     substitutions = {"CHECKPOINT_1": checkpoints[0], "CHECKPOINT_2": checkpoints[1],
-                     "OTHER_DATASET": other_dataset}
+                     "OTHER_DATASET": other_dataset, "MASKS_0_255_DATASET": masks_0_255_dataset}
     default = observe(probe, base, tmp_path / "base", sadaan_data, substitutions, monkeypatch)
     changed = observe(probe, {**base, **alternative}, tmp_path / "changed", sadaan_data,
                       substitutions, monkeypatch)
