@@ -171,11 +171,19 @@ class MedsegExperiment(Experiment):
         if added:
             raise ConfigError(self._unknown_entries(added, named_configs))
         self.validate_config(run.config, run.meta_info["command"])
+        self._add_docs(run.config_modifications.docs)
         # Where relative paths in the config were meant from (``medseg runs rerun``).
         run.meta_info["working_dir"] = os.getcwd()
         self._bound_captured_output(run)
         self._attach_observer(run)
         return run
+
+    def _add_docs(self, docs: dict[str, str]) -> None:
+        """Each declared entry's doc, which ``print_config`` prints beside it as it does a
+        config scope's comments (fields are added as plain dicts, which carry none)."""
+        for key, _, doc in self.describe_entries():
+            if doc and not docs.get(key):
+                docs[key] = doc
 
     def _add_labels(self) -> None:
         # First, so that an experiment's own config can give default tags. (Added here, not
