@@ -55,14 +55,25 @@ def _db_status(args: argparse.Namespace) -> int:
     print(f"database server answers at {url}{owner}")
     for name, count in sorted(counts.items()):
         print(f"  database {name!r}: {count} runs")
+    print(_where_runs_go())
     return 0
 
 
+def _where_runs_go() -> str:
+    url, source = connection.resolve_url()
+    db_name, why = connection.resolve_db_name(url, None)
+    named = ", named in the URL" if why == "named in the URL" else ""
+    return (f"experiments record into database {db_name!r} at {db.redact(url)} (from {source}"
+            f"{named}; tracking.db_name=NAME overrides it)")
+
+
 def _database(args: argparse.Namespace):
-    """The database the command works on, checked so that problems read as one line."""
+    """The database the command works on, checked so that problems read as one line.
+    ``args.db_name`` becomes its name (``--db-name``, else the URL's, else medseg)."""
     url, source = connection.resolve_url(args.url)
     if args.url:
         source = "--url"
+    args.db_name, _ = connection.resolve_db_name(url, args.db_name)
     try:
         connection.check_database(url, args.db_name, source)
     except connection.DatabaseUnreachable as error:
@@ -154,7 +165,8 @@ def _runs_rerun(args: argparse.Namespace) -> int:
 def _add_database_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None,
                         help=f"MongoDB URL (default ${connection.URL_VARIABLE}, then medseg db)")
-    parser.add_argument("--db-name", default="medseg", help="database name (default medseg)")
+    parser.add_argument("--db-name", default=None,
+                        help="database (default: the one the URL names, else medseg)")
 
 
 def build_parser() -> argparse.ArgumentParser:

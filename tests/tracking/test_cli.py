@@ -6,6 +6,7 @@ import json
 import pytest
 
 from medseg import db
+from medseg.tracking import connection
 from tests.tracking.support import PROBE, environment, medseg_cli, run_experiment
 
 
@@ -19,6 +20,17 @@ from tests.tracking.support import PROBE, environment, medseg_cli, run_experimen
 ])
 def test_redact_hides_the_password_even_in_malformed_urls(url, shown):
     assert db.redact(url) == shown
+
+
+@pytest.mark.parametrize("url, given, expected", [
+    ("mongodb://127.0.0.1:27017/myproject", None, ("myproject", "named in the URL")),
+    ("mongodb://u:p@host/myproject?authSource=admin", None, ("myproject", "named in the URL")),
+    ("mongodb://127.0.0.1:27017/myproject", "other", ("other", "given")),
+    ("mongodb://127.0.0.1:27017/?authSource=admin", None, ("medseg", "default")),
+    ("mongodb://127.0.0.1:27017", None, ("medseg", "default")),
+])
+def test_the_database_named_in_a_url_is_used_unless_one_is_given(url, given, expected):
+    assert connection.resolve_db_name(url, given) == expected
 
 
 def test_db_start_status_stop(tmp_path):
@@ -35,6 +47,15 @@ def test_db_start_status_stop(tmp_path):
         assert status.returncode == 0
         assert f"database server answers at mongodb://127.0.0.1:{port}" in status.stdout
         assert "database 'medseg': 1 runs" in status.stdout
+        assert status.stdout.endswith(f"experiments record into database 'medseg' at mongodb://"
+                                      f"127.0.0.1:{port} (from medseg db; tracking.db_name=NAME "
+                                      "overrides it)\n")
+        named = medseg_cli("db", "status", env={
+            **env, "MEDSEG_MONGO_URL": f"mongodb://127.0.0.1:{port}/myproject"})
+        assert named.stdout.splitlines()[-1] == (
+            f"experiments record into database 'myproject' at mongodb://127.0.0.1:{port}/"
+            "myproject (from MEDSEG_MONGO_URL, named in the URL; tracking.db_name=NAME "
+            "overrides it)")
     finally:
         stopped = medseg_cli("db", "stop", env=env)
     assert stopped.stdout.strip() == "database server stopped"
