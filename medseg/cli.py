@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from medseg import db
@@ -150,16 +149,20 @@ def _runs_compare(args: argparse.Namespace) -> int:
 
 def _runs_rerun(args: argparse.Namespace) -> int:
     from medseg.tracking.compare import load_summaries
-    from medseg.tracking.rerun import plan_rerun
+    from medseg.tracking.omniboard import cache_dir
+    from medseg.tracking.rerun import config_file_for, plan_rerun
 
     summary = load_summaries([args.run], lambda: _database(args))[0]
-    with tempfile.TemporaryDirectory(prefix="medseg-rerun-") as folder:
-        plan = plan_rerun(summary, Path(folder) / "config.json")
-        print(f"re-running {summary.label} ({summary.experiment} {summary.command}): "
-              f"{plan.describe()}")
-        if args.dry_run:
-            return 0
-        return subprocess.run(plan.argv, cwd=plan.cwd).returncode
+    from_database = not Path(args.run).exists()
+    config_file = config_file_for(summary, cache_dir() / "reruns",
+                                  args.db_name if from_database else None)
+    plan = plan_rerun(summary, config_file)
+    what = "the command that re-runs" if args.dry_run else "re-running"
+    print(f"{what} {summary.label} ({summary.experiment} {summary.command}) with its stored "
+          f"config:\n{plan.describe()}", flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.run(plan.argv, cwd=plan.cwd).returncode
 
 
 def _add_database_options(parser: argparse.ArgumentParser) -> None:

@@ -159,8 +159,8 @@ def test_rerun_repeats_a_run_with_its_exact_config(recorded_runs, tmp_path):
     rerun = medseg_cli("runs", "rerun", str(original), "--db-name", database.name, cwd=tmp_path,
                        env=env)
     assert rerun.returncode == 0, rerun.output[-3000:]
-    assert rerun.stdout.startswith(f"re-running run {original} (sadaan main): (in "
-                                   f"{recorded_runs.workdir}) ")
+    assert rerun.stdout.startswith(f"re-running run {original} (sadaan main) with its stored "
+                                   f"config:\ncd {recorded_runs.workdir} && ")
     new_id = rerun.started_id()
     first, second = database.run(original), database.run(new_id)
     assert second["config"] == first["config"]
