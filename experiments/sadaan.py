@@ -84,7 +84,7 @@ def dataset_exists(config, command_name):
         dataset.check_splits(config["dataset_path"], splits, config["model"]["in_channels"])
 
 
-@ex.command
+@ex.data_command
 def generate_data(dataset_path):
     """Write a synthetic dataset in the seed's HDF5 layout to `dataset_path`."""
     path = dataset.generate(dataset_path)

@@ -39,6 +39,8 @@ Validator = Callable[[Mapping[str, Any], str], None]
 CAPTURED_OUTPUT_LIMIT = int(TRACKING_FIELDS["max_output_mb"].default * 1_000_000)
 _LEFT_OUT = re.compile(r"\n\[\.\.\. (\d+) characters left out \.\.\.\]\n")
 _TAGS = c.sequence(c.text())
+#: Runs of data commands are recorded as experiment ``<name>_data`` (``data_command``).
+DATA_SUFFIX = "_data"
 
 
 def collapse_terminal_updates(text: str) -> str:
@@ -134,6 +136,14 @@ class MedsegExperiment(Experiment):
         self.__dict__.setdefault("top_level_fields", {}).update(fields)
         self.add_config({name: copy.deepcopy(field.default) for name, field in fields.items()})
 
+    def data_command(self, function):
+        """A command that makes data (generate, convert, prepare). Its runs are recorded, as
+        provenance, under the experiment name ``<name>_data``, so that the runs of the
+        experiment itself (what omniboard lists under its name, what the notebooks compare)
+        are the training and evaluation runs."""
+        self.__dict__.setdefault("_data_commands", set()).add(function.__name__)
+        return self.command(function)
+
     def config_validator(self, function: Validator) -> Validator:
         """Register ``function(config, command_name)``; it raises ConfigError or DataError."""
         self.__dict__.setdefault("_validators", []).append(function)
@@ -174,6 +184,8 @@ class MedsegExperiment(Experiment):
         self._add_docs(run.config_modifications.docs)
         # Where relative paths in the config were meant from (``medseg runs rerun``).
         run.meta_info["working_dir"] = os.getcwd()
+        if run.meta_info["command"] in self.__dict__.get("_data_commands", ()):
+            run.experiment_info["name"] = f"{self.path}{DATA_SUFFIX}"
         self._bound_captured_output(run)
         self._attach_observer(run)
         return run
@@ -272,4 +284,9 @@ class MedsegExperiment(Experiment):
 
     def run_commandline(self, argv=None):
         self._from_command_line = True
+        # Each line of stdout reaches the terminal and the captured output in one write, as a
+        # whole, when it ends. Unbuffered (python -u, PYTHONUNBUFFERED), print writes the text
+        # and its newline separately, and Sacred's next log line (stderr, copied by another
+        # `tee`) could land between them: "wrote data/sadaan_demoINFO - sadaan - Completed".
+        sys.stdout.reconfigure(line_buffering=True, write_through=False)
         return super().run_commandline(argv)
