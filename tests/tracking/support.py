@@ -142,6 +142,8 @@ def browser_page(width: int = 1400, height: int = 1000):
     """A page of a fresh headless Chromium (no stored settings)."""
     from playwright.sync_api import sync_playwright
 
+    assert Path(CHROMIUM).exists(), (f"no browser at {CHROMIUM}: `make test` installs Debian's "
+                                     "chromium, or `apt-get install chromium`")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
