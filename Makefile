@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The browser tests (omniboard, sacredboard) drive Debian's chromium with Playwright, never a
+# browser that Playwright downloads.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: install demo test test-fast bench clean-venv
 
@@ -24,8 +27,13 @@ demo: install
 	$(BIN)/python experiments/sadaan.py with demo
 	$(BIN)/medseg db status
 
-test: install
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+$(CHROMIUM):
+	if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	$$sudo apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium
 
 test-fast: install
 	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)

@@ -192,14 +192,14 @@ def _check_predict(config):
     check_prediction_input(source)
 
 
-@ex.command
+@ex.data_command
 def generate_volumes(volumes_dir):
     """Write synthetic head CT angiographies (NIfTI) and aneurysm_centres.csv to volumes_dir."""
     path = synthetic.generate(volumes_dir)
     print(f"wrote {path}")
 
 
-@ex.command
+@ex.data_command
 def prepare(_run, _config, volumes_dir, cubes_dir):
     """Cut cubes from the volumes in volumes_dir into cubes_dir (the seed's
     prepare_aneurysm_cubes.py --output-dir cubes_dir --cube-shape D H W)."""

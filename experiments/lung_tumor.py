@@ -160,14 +160,14 @@ def _check_predict_inputs(config) -> None:
     find_sources(config["source"])
 
 
-@ex.command
+@ex.data_command
 def generate_msd(msd_dir, task):
     """Write a synthetic MSD task folder (imagesTr/, labelsTr/, dataset.json) to msd_dir/task."""
     path = dataset.generate(task_dir=str(Path(msd_dir) / task))
     print(f"wrote {path}")
 
 
-@ex.command
+@ex.data_command
 def convert(msd_dir, task, dataset_path):
     """Convert the MSD task msd_dir/task to PNG slices in dataset_path (the seed's
     convert_medical_segmentation.py --task TASK --output DATASET_PATH)."""

@@ -87,7 +87,7 @@ def dataset_exists(config, command_name):
                              check_cases=config["dataset"]["check_cases"])
 
 
-@ex.command
+@ex.data_command
 def generate_data(dataset_path):
     """Write a synthetic dataset in the seed's HDF5 layout to `dataset_path`."""
     path = dataset.generate(dataset_path)

@@ -45,6 +45,8 @@ Validator = Callable[[Mapping[str, Any], str], None]
 CAPTURED_OUTPUT_LIMIT = int(TRACKING_FIELDS["max_output_mb"].default * 1_000_000)
 _LEFT_OUT = re.compile(r"\n\[\.\.\. (\d+) characters left out \.\.\.\]\n")
 _TAGS = c.sequence(c.text())
+#: Runs of data commands are recorded as experiment ``<name>_data`` (``data_command``).
+DATA_SUFFIX = "_data"
 
 
 def collapse_terminal_updates(text: str) -> str:
@@ -140,6 +142,14 @@ class MedsegExperiment(Experiment):
         self.__dict__.setdefault("top_level_fields", {}).update(fields)
         self.add_config({name: copy.deepcopy(field.default) for name, field in fields.items()})
 
+    def data_command(self, function):
+        """A command that makes data (generate, convert, prepare). Its runs are recorded, as
+        provenance, under the experiment name ``<name>_data``, so that the runs of the
+        experiment itself (what omniboard lists under its name, what the notebooks compare)
+        are the training and evaluation runs."""
+        self.__dict__.setdefault("_data_commands", set()).add(function.__name__)
+        return self.command(function)
+
     def config_validator(self, function: Validator) -> Validator:
         """Register ``function(config, command_name)``; it raises ConfigError or DataError."""
         self.__dict__.setdefault("_validators", []).append(function)
@@ -180,11 +190,21 @@ class MedsegExperiment(Experiment):
         if run.meta_info["command"] == "main" and (run.config.get("checkpoint") or {}).get("resume"):
             check_resume_config(run.config, self.resume_policy(),
                                 seed_given="seed" in (config_updates or {}))
+        self._add_docs(run.config_modifications.docs)
         # Where relative paths in the config were meant from (``medseg runs rerun``).
         run.meta_info["working_dir"] = os.getcwd()
+        if run.meta_info["command"] in self.__dict__.get("_data_commands", ()):
+            run.experiment_info["name"] = f"{self.path}{DATA_SUFFIX}"
         self._bound_captured_output(run)
         self._attach_observer(run)
         return run
+
+    def _add_docs(self, docs: dict[str, str]) -> None:
+        """Each declared entry's doc, which ``print_config`` prints beside it as it does a
+        config scope's comments (fields are added as plain dicts, which carry none)."""
+        for key, _, doc in self.describe_entries():
+            if doc and not docs.get(key):
+                docs[key] = doc
 
     def _add_labels(self) -> None:
         # First, so that an experiment's own config can give default tags. (Added here, not
@@ -297,6 +317,11 @@ class MedsegExperiment(Experiment):
         Ctrl-C, and either ends with one line: what was interrupted, the last checkpoint and
         the command that resumes from it (exit status 128 + the signal's number)."""
         self._from_command_line = True
+        # Each line of stdout reaches the terminal and the captured output in one write, as a
+        # whole, when it ends. Unbuffered (python -u, PYTHONUNBUFFERED), print writes the text
+        # and its newline separately, and Sacred's next log line (stderr, copied by another
+        # `tee`) could land between them: "wrote data/sadaan_demoINFO - sadaan - Completed".
+        sys.stdout.reconfigure(line_buffering=True, write_through=False)
         argv = list(sys.argv if argv is None else argv)
         previous = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:

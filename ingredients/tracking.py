@@ -49,7 +49,9 @@ TRACKING_FIELDS = {
                       "starts the local server when no URL is set), 'file', 'none'"),
     "url": Field(None, c.optional(c.text()),
                  f"MongoDB URL without a password (default: ${URL_VARIABLE}, then medseg db)"),
-    "db_name": Field("medseg", c.text(), "MongoDB database name"),
+    "db_name": Field(None, c.optional(c.text()),
+                     "MongoDB database (default: the one the URL names, else 'medseg'); when "
+                     "given, it wins over the URL's"),
     "file_dir": Field("sacred_runs", c.text(),
                       "File observer directory; also keeps runs the database could not take"),
     "max_artifact_mb": Field(200, c.number(minimum=0),
@@ -106,21 +108,21 @@ def choose_observer(tracking: dict[str, Any], resume: str | None = None):
             url, source = db.start().url, "medseg db, started for this run"
         except MedsegError as error:
             return _fallback(tracking, f"the local database server could not start: {error}")
+    db_name, _ = connection.resolve_db_name(url, tracking["db_name"])
     try:
-        connection.check_database(url, tracking["db_name"], source,
-                                  timeout_s=1.0 if implicit else 5.0)
+        connection.check_database(url, db_name, source, timeout_s=1.0 if implicit else 5.0)
     except connection.DatabaseUnreachable as error:
         if implicit and mode == "auto":
             return _fallback(tracking, "no database configured and `medseg db` is not running",
                              logging.INFO)
         return _fallback(tracking, str(error))
     observer = MongoRunObserver(
-        url, tracking["db_name"], source=source, file_dir=tracking["file_dir"],
+        url, db_name, source=source, file_dir=tracking["file_dir"],
         max_metric_points=tracking["max_metric_points"],
         flush_timeout_s=tracking["flush_timeout_s"],
-        continue_run=_run_to_continue(resume, url, tracking["db_name"]))
+        continue_run=_run_to_continue(resume, url, db_name))
     return observer, (f"tracking: recording this run in MongoDB at {db.redact(url)} "
-                      f"(database {tracking['db_name']!r}, from {source})"), logging.INFO
+                      f"(database {db_name!r}, from {source})"), logging.INFO
 
 
 def _file_observer(tracking: dict[str, Any]) -> FileRunObserver:

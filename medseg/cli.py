@@ -5,6 +5,7 @@
     medseg db status                  say whether it runs, where, and how many runs it holds
     medseg db import PATH             load file-observer runs (PATH: a run or a folder of runs)
     medseg db omniboard [--port P]    browse the runs with omniboard (installed with npm once)
+    medseg db sacredboard [--port P]  browse them with sacredboard (in its own environment)
     medseg runs compare REF REF ...   config differences and metrics side by side
     medseg runs rerun REF             run a recorded run again with exactly its config
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from medseg import db
@@ -54,14 +54,25 @@ def _db_status(args: argparse.Namespace) -> int:
     print(f"database server answers at {url}{owner}")
     for name, count in sorted(counts.items()):
         print(f"  database {name!r}: {count} runs")
+    print(_where_runs_go())
     return 0
 
 
+def _where_runs_go() -> str:
+    url, source = connection.resolve_url()
+    db_name, why = connection.resolve_db_name(url, None)
+    named = ", named in the URL" if why == "named in the URL" else ""
+    return (f"experiments record into database {db_name!r} at {db.redact(url)} (from {source}"
+            f"{named}; tracking.db_name=NAME overrides it)")
+
+
 def _database(args: argparse.Namespace):
-    """The database the command works on, checked so that problems read as one line."""
+    """The database the command works on, checked so that problems read as one line.
+    ``args.db_name`` becomes its name (``--db-name``, else the URL's, else medseg)."""
     url, source = connection.resolve_url(args.url)
     if args.url:
         source = "--url"
+    args.db_name, _ = connection.resolve_db_name(url, args.db_name)
     try:
         connection.check_database(url, args.db_name, source)
     except connection.DatabaseUnreachable as error:
@@ -82,19 +93,47 @@ def _db_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _viewer_address(name: str, args: argparse.Namespace) -> str:
+    """The line saying where a viewer is, and who else can open it."""
+    where = f"http://{args.host}:{args.port}"
+    if args.host in ("127.0.0.1", "localhost", "::1"):
+        return f"{where} (this machine only; --host 0.0.0.0 opens it to the network)"
+    return (f"{where} — open to every machine that reaches this one on port {args.port}; "
+            f"{name} has no login")
+
+
 def _db_omniboard(args: argparse.Namespace) -> int:
     from medseg.tracking import omniboard
 
     database = _database(args)
     url = connection.resolve_url(args.url)[0]
+    plot_metrics = omniboard.headline_metrics(database)
     database.client.close()
     executable = omniboard.install()
-    print(f"omniboard {omniboard.VERSION}: http://127.0.0.1:{args.port} shows database "
-          f"{args.db_name!r} at {db.redact(url)} (Ctrl-C stops it)")
-    process = omniboard.start(executable, url, args.db_name, args.port)
+    board = omniboard.Omniboard(executable, url, args.db_name, host=args.host, port=args.port,
+                                plot_metrics=plot_metrics)
+    print(f"omniboard {omniboard.VERSION}: {_viewer_address('omniboard', args)} shows database "
+          f"{args.db_name!r} at {db.redact(url)}; plots open on {', '.join(plot_metrics)} "
+          "(Ctrl-C stops it)", flush=True)
+    try:
+        board.serve()
+    except KeyboardInterrupt:  # the user stopped it, as the line above says to
+        board.close()
+    return 0
+
+
+def _db_sacredboard(args: argparse.Namespace) -> int:
+    from medseg.tracking import sacredboard
+
+    _database(args).client.close()
+    url = connection.resolve_url(args.url)[0]
+    python = sacredboard.install()
+    print(f"sacredboard {sacredboard.VERSION}: {_viewer_address('sacredboard', args)} shows "
+          f"database {args.db_name!r} at {db.redact(url)} (Ctrl-C stops it)", flush=True)
+    process = sacredboard.start(python, url, args.db_name, host=args.host, port=args.port)
     try:
         return process.wait()
-    except KeyboardInterrupt:  # the user stopped it, as the line above says to
+    except KeyboardInterrupt:
         process.terminate()
         process.wait()
         return 0
@@ -110,22 +149,27 @@ def _runs_compare(args: argparse.Namespace) -> int:
 
 def _runs_rerun(args: argparse.Namespace) -> int:
     from medseg.tracking.compare import load_summaries
-    from medseg.tracking.rerun import plan_rerun
+    from medseg.tracking.omniboard import cache_dir
+    from medseg.tracking.rerun import config_file_for, plan_rerun
 
     summary = load_summaries([args.run], lambda: _database(args))[0]
-    with tempfile.TemporaryDirectory(prefix="medseg-rerun-") as folder:
-        plan = plan_rerun(summary, Path(folder) / "config.json")
-        print(f"re-running {summary.label} ({summary.experiment} {summary.command}): "
-              f"{plan.describe()}")
-        if args.dry_run:
-            return 0
-        return subprocess.run(plan.argv, cwd=plan.cwd).returncode
+    from_database = not Path(args.run).exists()
+    config_file = config_file_for(summary, cache_dir() / "reruns",
+                                  args.db_name if from_database else None)
+    plan = plan_rerun(summary, config_file)
+    what = "the command that re-runs" if args.dry_run else "re-running"
+    print(f"{what} {summary.label} ({summary.experiment} {summary.command}) with its stored "
+          f"config:\n{plan.describe()}", flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.run(plan.argv, cwd=plan.cwd).returncode
 
 
 def _add_database_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None,
                         help=f"MongoDB URL (default ${connection.URL_VARIABLE}, then medseg db)")
-    parser.add_argument("--db-name", default="medseg", help="database name (default medseg)")
+    parser.add_argument("--db-name", default=None,
+                        help="database (default: the one the URL names, else medseg)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,10 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "e.g. sacred_runs")
     _add_database_options(load)
     load.set_defaults(handler=_db_import)
-    board = actions.add_parser("omniboard", help="browse the runs with omniboard")
-    board.add_argument("--port", type=int, default=9000, help="HTTP port (default 9000)")
-    _add_database_options(board)
-    board.set_defaults(handler=_db_omniboard)
+    for name, port, handler, how in [("omniboard", 9000, _db_omniboard, "installed with npm"),
+                                     ("sacredboard", 5000, _db_sacredboard,
+                                      "in an environment of its own")]:
+        viewer = actions.add_parser(name, help=f"browse the runs with {name} ({how} once)")
+        viewer.add_argument("--port", type=int, default=port, help=f"HTTP port (default {port})")
+        viewer.add_argument("--host", default="127.0.0.1",
+                            help="address to listen on (default 127.0.0.1: this machine only; "
+                                 f"0.0.0.0 opens {name}, which has no login, to the network)")
+        _add_database_options(viewer)
+        viewer.set_defaults(handler=handler)
 
     runs = commands.add_parser("runs", help="recorded runs")
     run_actions = runs.add_subparsers(dest="action", required=True)

@@ -9,10 +9,12 @@ checkpoints, NaN detection, memory metrics and progress bars.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from medseg.engine.checkpoint import CheckpointManager, load_checkpoint, plain
 from medseg.files import remove_leftovers
@@ -376,27 +379,28 @@ class Trainer:
                    disable=not settings.progress_bar, leave=True, mininterval=2.0,
                    file=sys.stderr, dynamic_ncols=False, ncols=100)
         self.optimizer.zero_grad(set_to_none=True)
-        for index, batch in enumerate(bar):
-            group_start = index - index % accumulation
-            group_size = min(accumulation, num_batches - group_start)
-            with self.precision.autocast():
-                output = self.task.training_step(self.model, batch, self.device)
-            self.scaler.scale(output.loss / group_size).backward()
-            window.add(output)
-            epoch_totals.add(output)
-            samples += output.batch_size
-            if index - group_start + 1 < group_size:
-                continue
-            grad_norm = self._optimizer_step()
-            if grad_norm is not None:
-                window.add_value("grad_norm", grad_norm)
-            if self.global_step % settings.log_frequency == 0:
-                means = window.drain(epoch, self.global_step)
-                for name, value in means.items():
-                    self.reporter.log_scalar(f"train_{name}", value, self.global_step)
-                bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
-            if settings.memory_cleanup_frequency and self.global_step % settings.memory_cleanup_frequency == 0:
-                cleanup_memory(self.device)
+        with _messages_above_bars():
+            for index, batch in enumerate(bar):
+                group_start = index - index % accumulation
+                group_size = min(accumulation, num_batches - group_start)
+                with self.precision.autocast():
+                    output = self.task.training_step(self.model, batch, self.device)
+                self.scaler.scale(output.loss / group_size).backward()
+                window.add(output)
+                epoch_totals.add(output)
+                samples += output.batch_size
+                if index - group_start + 1 < group_size:
+                    continue
+                grad_norm = self._optimizer_step()
+                if grad_norm is not None:
+                    window.add_value("grad_norm", grad_norm)
+                if self.global_step % settings.log_frequency == 0:
+                    means = window.drain(epoch, self.global_step)
+                    for name, value in means.items():
+                        self.reporter.log_scalar(f"train_{name}", value, self.global_step)
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
+                if settings.memory_cleanup_frequency and self.global_step % settings.memory_cleanup_frequency == 0:
+                    cleanup_memory(self.device)
         bar.close()
         totals = epoch_totals.drain(epoch, self.global_step)
         return {"train_loss_epoch": totals.pop("loss"),
@@ -484,3 +488,22 @@ def _summary(metrics: Mapping[str, float], monitor: str) -> str:
     keys = [k for k in metrics if k.startswith("val_") and "_" not in k[4:] and k != monitor]
     keys = ["train_loss_epoch", monitor, *keys[:4], "lr", "epoch_time_s"]
     return "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+@contextlib.contextmanager
+def _messages_above_bars():
+    """Warnings and log lines written while a progress bar is drawn get a line of their own
+    (tqdm clears the bar, writes the line, draws the bar again) instead of running on from the
+    bar's half-drawn line, on the terminal and in the captured output."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        tqdm.write(text.rstrip("\n"), file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        with logging_redirect_tqdm():
+            yield
+    finally:
+        warnings.showwarning = shown

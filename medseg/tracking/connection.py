@@ -15,6 +15,7 @@ from medseg import db
 from medseg.errors import ConfigError, MedsegError
 
 URL_VARIABLE = "MEDSEG_MONGO_URL"
+DEFAULT_DB_NAME = "medseg"
 _SCHEMES = ("mongodb://", "mongodb+srv://")
 _AUTHENTICATION_FAILED = 18
 _UNAUTHORIZED = 13
@@ -33,6 +34,26 @@ def resolve_url(configured: str | None = None) -> tuple[str, str]:
         return os.environ[URL_VARIABLE], URL_VARIABLE
     state = db.read_state()
     return (state.url if state else db.local_url()), "medseg db"
+
+
+def database_in_url(url: str) -> str | None:
+    """The database a URL names in its path (``mongodb://host:port/DB?options``), if any."""
+    rest = url.split("://", 1)[-1]
+    authority_end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=-1)
+    if authority_end < 0 or rest[authority_end] != "/":
+        return None
+    name = rest[authority_end + 1:].split("?", 1)[0]
+    return name or None
+
+
+def resolve_db_name(url: str, configured: str | None) -> tuple[str, str]:
+    """``(database, why)``: the one given (``tracking.db_name``, ``--db-name``) wins, else
+    the one the URL names, else ``medseg``."""
+    if configured:
+        return configured, "given"
+    if database_in_url(url):
+        return database_in_url(url), "named in the URL"
+    return DEFAULT_DB_NAME, "default"
 
 
 def check_url(url: str, source: str) -> None:

@@ -5,6 +5,11 @@ so omniboard, sacredboard and incense show them like any other run.
 Importing is safe to repeat: a run already imported is skipped, and an import cut off half
 way is finished by the next one. A run kept locally while its database was away
 (``medseg_sync.json``) completes its database run instead of becoming a new one.
+
+A run whose process was killed (``kill -9``, a machine going down) never recorded its end: it
+stays RUNNING in its files, with a heartbeat that stopped. Once that heartbeat is older than
+:data:`STILL_RUNNING`, it is imported as FAILED, stopped at its last heartbeat, with a
+``fail_trace`` saying so.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ def import_run(stored: StoredRun, database) -> ImportResult:
     runs = database["runs"]
     target = _database_run_it_completes(stored, database)
     key = import_key(stored)
+    if target is not None and runs.find_one({"_id": target, "meta.medseg_import.key": key}):
+        return ImportResult(stored.path, target, "skipped",
+                            f"already imported into database run {target}")
     if target is None:
         earlier = runs.find_one({"meta.medseg_import.key": key}, {"meta.medseg_import": 1})
         if earlier is not None and not earlier["meta"]["medseg_import"].get("incomplete"):
@@ -57,8 +65,14 @@ def import_run(stored: StoredRun, database) -> ImportResult:
     else:
         run_id, action = target, "completed"
     counts = _write(stored, database, run_id, keep_existing=target is not None)
-    runs.update_one({"_id": run_id}, {"$unset": {"meta.medseg_import.incomplete": ""}})
-    status = stored.run.get("status", "?")
+    if target is None:
+        runs.update_one({"_id": run_id}, {"$unset": {"meta.medseg_import.incomplete": ""}})
+    else:  # marked last: an import cut off before this point is done again
+        runs.update_one({"_id": run_id}, {"$set": {"meta.medseg_import": {
+            "key": key, "source": str(stored.path.resolve())}}})
+    status = _run_document(stored)["status"]
+    if _died(stored):
+        status += f": its process died after its last heartbeat, {_last_heartbeat(stored)} UTC"
     verb = "imported as run" if action == "imported" else "completed database run"
     notes = "".join(f"; {problem}" for problem in stored.problems)
     detail = f"{verb} {run_id} ({status}, {counts[0]} metrics, {counts[1]} artifacts){notes}"
@@ -71,11 +85,20 @@ def import_key(stored: StoredRun) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+def _last_heartbeat(stored: StoredRun) -> datetime | None:
+    return parse_time(stored.run.get("heartbeat")) or stored.start_time
+
+
 def _may_still_run(stored: StoredRun) -> bool:
     if stored.run.get("status") not in ("RUNNING", "QUEUED"):
         return False
-    heartbeat = parse_time(stored.run.get("heartbeat")) or stored.start_time
+    heartbeat = _last_heartbeat(stored)
     return heartbeat is not None and datetime.utcnow() - heartbeat < STILL_RUNNING
+
+
+def _died(stored: StoredRun) -> bool:
+    """Whether the run's process ended without recording an end (it was killed)."""
+    return stored.run.get("status") in ("RUNNING", "QUEUED") and not _may_still_run(stored)
 
 
 def _database_run_it_completes(stored: StoredRun, database) -> int | None:
@@ -134,6 +157,12 @@ def _run_document(stored: StoredRun) -> dict[str, Any]:
             document[key] = run[key]
     if run.get("stop_time"):
         document["stop_time"] = parse_time(run["stop_time"])
+    if _died(stored):
+        heartbeat = _last_heartbeat(stored)
+        document.update(status="FAILED", stop_time=heartbeat, fail_trace=[
+            f"medseg: the process of this run ended without recording how (killed, or its "
+            f"machine went down); its last heartbeat was at {heartbeat} UTC. Imported from "
+            f"{stored.path.resolve()} by `medseg db import`.\n"])
     return document
 
 

@@ -1,18 +1,33 @@
 """omniboard (npm) against medseg's database: installed once into a cache folder, started
-in the foreground with the database URL in its environment (not on its command line, where
-other users of the machine could read a password)."""
+with the database URL in its environment (not on its command line, where other users of the
+machine could read a password), and kept running.
+
+omniboard itself listens on a Unix socket in a private folder; :class:`Omniboard` serves it
+on the address the user chose (127.0.0.1 unless told otherwise: omniboard has no login)
+through :class:`~medseg.tracking.proxy.Proxy`, and restarts it when it stops answering while
+the database answers: omniboard 2.16.1 gives up on its database connection after 30 s (ten
+retries 3 s apart) and then answers every request with HTTP 500 "pool destroyed" until it
+is restarted, so a database restart used to leave it dead.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
+from medseg import db
 from medseg.errors import MedsegError
+from medseg.tracking.proxy import Proxy, UnixHTTPConnection
+
+log = logging.getLogger("medseg")
 
 VERSION = "2.16.1"
 
@@ -70,13 +85,128 @@ def url_with_database(url: str, db_name: str) -> str:
     return f"{scheme}://{authority}/{db_name}{query}"
 
 
-def environment(url: str, db_name: str, port: int) -> dict[str, str]:
-    return {**os.environ, "MONGO_URI": url_with_database(url, db_name), "PORT": str(port)}
+#: What a run's plot opens on: the losses; :func:`headline_metrics` adds each experiment's
+#: monitored metric. The rest (memory, timings, per-structure scores) stay one click away in
+#: the plot's metric list.
+HEADLINE_METRICS = ("train_loss", "val_loss")
+#: Where omniboard 2.16.1 keeps the plot's default selection in the browser's localStorage
+#: (its MetricsPlotView prefixes a ``dbKey`` prop that nothing passes, hence "undefined").
+#: Without an entry, every series of a run is selected.
+PLOT_DEFAULTS_KEY = "undefined|MetricsPlotView|default"
 
 
-def start(executable: Path, url: str, db_name: str, port: int, log=None) -> subprocess.Popen:
-    """Start omniboard; with ``log`` (a file) its output goes there, else to the terminal,
-    where Ctrl-C stops it together with ``medseg db omniboard``."""
-    return subprocess.Popen([str(executable)], env=environment(url, db_name, port),
-                            stdout=log, stderr=subprocess.STDOUT if log else None,
-                            stdin=subprocess.DEVNULL)
+def headline_metrics(database) -> list[str]:
+    """The losses and every monitored metric (``training.monitor``) of the runs in
+    ``database``: what a plot should open on."""
+    monitors = database["runs"].distinct("config.training.monitor")
+    names = list(HEADLINE_METRICS)
+    names += sorted({m for m in monitors if isinstance(m, str)} - set(names))
+    return names
+
+
+def plot_defaults_script(metric_names: list[str]) -> str:
+    """A ``<script>`` that gives omniboard's plot its default selection, ``metric_names``,
+    unless the user has chosen one (omniboard stores the user's choice under the same key)."""
+    selection = {"metricNameOptions": [{"label": name, "value": name, "selected": True}
+                                       for name in metric_names]}
+    return ("<script>(function () { var key = %s; if (!window.localStorage.getItem(key)) "
+            "{ window.localStorage.setItem(key, %s); } })();</script>"
+            % (json.dumps(PLOT_DEFAULTS_KEY), json.dumps(json.dumps(selection))))
+
+
+def environment(url: str, db_name: str, listen: str | int) -> dict[str, str]:
+    """omniboard's settings: the database URL, and where it listens (``PORT``: a port, or
+    the path of a Unix socket)."""
+    return {**os.environ, "MONGO_URI": url_with_database(url, db_name), "PORT": str(listen)}
+
+
+class Omniboard:
+    """omniboard on ``host:port``, restarted whenever it stops answering while its database
+    answers. :meth:`serve` blocks until Ctrl-C (or :meth:`stop` from another thread)."""
+
+    def __init__(self, executable: Path, url: str, db_name: str, *, host: str, port: int,
+                 plot_metrics: list[str], log_file=None, check_interval_s: float = 5.0,
+                 start_grace_s: float = 30.0) -> None:
+        self.executable, self.url, self.db_name = executable, url, db_name
+        self.log_file = log_file
+        self.check_interval_s, self.start_grace_s = check_interval_s, start_grace_s
+        self.restarts = 0
+        self._folder = Path(tempfile.mkdtemp(prefix="medseg-omniboard-"))  # mode 0700
+        self.socket_path = self._folder / "omniboard.sock"
+        try:
+            self.proxy = Proxy((host, port), self.socket_path, plot_defaults_script(plot_metrics),
+                               unavailable="omniboard is restarting; reload in a few seconds")
+        except OSError as error:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            raise MedsegError(f"cannot listen on {host}:{port} ({error.strerror}); choose "
+                              "another port with --port") from None
+        self.process: subprocess.Popen | None = None
+        self._started_at = 0.0
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        host, port = self.proxy.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def serve(self) -> None:
+        self.proxy.serve_in_background()
+        self._start()
+        try:
+            while not self._stopping:
+                time.sleep(self.check_interval_s)
+                if not self._stopping:
+                    self._check()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def close(self) -> None:
+        self._stopping = True
+        self._terminate()
+        self.proxy.shutdown()
+        self.proxy.server_close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def answers(self) -> bool:
+        """Whether omniboard answers a query of the runs (which needs its database)."""
+        connection = UnixHTTPConnection(self.socket_path, timeout=10)
+        try:
+            connection.request("GET", "/sacred/api/v1/Runs?select=_id&limit=1")
+            return connection.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            connection.close()
+
+    def _start(self) -> None:
+        self.socket_path.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [str(self.executable)], env=environment(self.url, self.db_name, self.socket_path),
+            stdout=self.log_file, stderr=subprocess.STDOUT if self.log_file else None,
+            stdin=subprocess.DEVNULL)
+        self._started_at = time.monotonic()
+
+    def _terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def _check(self) -> None:
+        exited = self.process.poll() is not None
+        if not exited and (time.monotonic() - self._started_at < self.start_grace_s
+                           or self.answers() or not db.ping(self.url, timeout_s=2.0)):
+            return
+        reason = (f"omniboard exited (code {self.process.returncode})" if exited else
+                  "omniboard stopped answering while the database answers (it does not "
+                  "reconnect after a database restart)")
+        log.warning("%s; restarting it", reason)
+        self._terminate()
+        self._start()
+        self.restarts += 1

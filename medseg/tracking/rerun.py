@@ -2,13 +2,16 @@
 
 The stored config (seed included) is written to a JSON file and handed to the experiment's
 script as ``with CONFIG.json``, in the working directory the run was started from, with a
-``-c`` comment naming the original run (omniboard shows it as the run's notes).
+``-c`` comment naming the original run (omniboard shows it as the run's notes). The file is
+kept (:func:`config_file_for`), so the printed command can be pasted into a shell later.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,14 @@ class RerunPlan:
     config: dict
 
     def describe(self) -> str:
-        return f"(in {self.cwd}) {' '.join(self.argv)}"
+        """The command as a shell line, ready to paste."""
+        return f"cd {shlex.quote(str(self.cwd))} && {shlex.join(self.argv)}"
+
+
+def config_file_for(summary: RunSummary, folder: Path, db_name: str | None = None) -> Path:
+    """Where the config of a re-run of ``summary`` is kept: one file per recorded run."""
+    source = f"{db_name}-{summary.label}" if db_name else str(Path(summary.label).resolve())
+    return folder / f"{re.sub(r'[^A-Za-z0-9]+', '_', source).strip('_')}.json"
 
 
 def plan_rerun(summary: RunSummary, config_file: Path) -> RerunPlan:
@@ -37,6 +47,7 @@ def plan_rerun(summary: RunSummary, config_file: Path) -> RerunPlan:
     working_dir = Path(summary.meta.get("working_dir") or os.getcwd())
     if not working_dir.is_dir():
         working_dir = Path.cwd()
+    config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(json.dumps(summary.config, indent=2))
     argv = [sys.executable, str(script), summary.command, "with", str(config_file),
             "-c", f"rerun of {summary.label}"]

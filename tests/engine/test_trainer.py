@@ -1,4 +1,6 @@
 import math
+from pathlib import Path
+import warnings
 
 import pytest
 import torch
@@ -6,6 +8,7 @@ import torch
 from medseg.engine import trainer as trainer_module
 from medseg.engine.trainer import StepOutput
 from medseg.errors import TrainingDivergedError
+from tests.engine.conftest import BlobTask
 
 
 def test_training_lowers_loss_and_raises_dice(make_trainer):
@@ -165,3 +168,25 @@ def test_validation_metrics_undefined_this_epoch_are_left_out(make_trainer):
     trainer = make_trainer(task=Partial(), num_epochs=1)
     trainer.fit()
     assert "val_dice_rare" not in trainer.reporter.metrics and "val_dice" in trainer.reporter.metrics
+
+
+def test_a_warning_during_an_epoch_gets_a_line_of_its_own(make_trainer, capsys):
+    """Not glued to the progress bar's half-drawn line, on the terminal or in the output a
+    run records."""
+    class WarningTask(BlobTask):
+        calls = 0
+
+        def training_step(self, model, batch, device):
+            self.calls += 1
+            if self.calls == 3:
+                warnings.warn("a warning in the middle of an epoch", UserWarning)
+            return super().training_step(model, batch, device)
+
+    trainer = make_trainer(task=WarningTask(), num_epochs=1, progress_bar=True)
+    trainer.fit()
+    err = capsys.readouterr().err
+    [line] = [line for line in err.replace("\r", "\n").split("\n") if ": UserWarning: " in line]
+    assert line.endswith("test_trainer.py:{}: UserWarning: a warning in the middle of an epoch"
+                         .format(line.rsplit(":", 3)[1]))
+    assert line.startswith(str(Path(__file__).parent))
+    assert "epoch 1/1" in err

@@ -3,6 +3,7 @@ scratch folder) and a database of its own per test on the session's server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -127,3 +128,36 @@ def interrupt_when(process: subprocess.Popen, ready, timeout: float = 300) -> No
         assert time.monotonic() < deadline, "the run did not get far enough in time"
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
+
+
+#: Debian's chromium, driven by Playwright (which never downloads a browser of its own here:
+#: `make test` installs chromium with apt when it is missing).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@contextlib.contextmanager
+def browser_page(width: int = 1400, height: int = 1000):
+    """A page of a fresh headless Chromium (no stored settings)."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), (f"no browser at {CHROMIUM}: `make test` installs Debian's "
+                                     "chromium, or `apt-get install chromium`")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
+
+
+def start_viewer(name: str, database: Database, port: int, log: Path,
+                 *extra: str) -> subprocess.Popen:
+    """`medseg db omniboard|sacredboard` as a user starts it; Ctrl-C (SIGINT) stops it."""
+    with open(log, "w") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "medseg.cli", "db", name, "--port", str(port), "--url",
+             database.url, "--db-name", database.name, *extra], cwd=REPO, env=environment(),
+            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

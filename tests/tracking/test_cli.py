@@ -2,10 +2,12 @@
 experiment and file-observer runs)."""
 
 import json
+import subprocess
 
 import pytest
 
 from medseg import db
+from medseg.tracking import connection
 from tests.tracking.support import PROBE, environment, medseg_cli, run_experiment
 
 
@@ -19,6 +21,17 @@ from tests.tracking.support import PROBE, environment, medseg_cli, run_experimen
 ])
 def test_redact_hides_the_password_even_in_malformed_urls(url, shown):
     assert db.redact(url) == shown
+
+
+@pytest.mark.parametrize("url, given, expected", [
+    ("mongodb://127.0.0.1:27017/myproject", None, ("myproject", "named in the URL")),
+    ("mongodb://u:p@host/myproject?authSource=admin", None, ("myproject", "named in the URL")),
+    ("mongodb://127.0.0.1:27017/myproject", "other", ("other", "given")),
+    ("mongodb://127.0.0.1:27017/?authSource=admin", None, ("medseg", "default")),
+    ("mongodb://127.0.0.1:27017", None, ("medseg", "default")),
+])
+def test_the_database_named_in_a_url_is_used_unless_one_is_given(url, given, expected):
+    assert connection.resolve_db_name(url, given) == expected
 
 
 def test_db_start_status_stop(tmp_path):
@@ -35,6 +48,15 @@ def test_db_start_status_stop(tmp_path):
         assert status.returncode == 0
         assert f"database server answers at mongodb://127.0.0.1:{port}" in status.stdout
         assert "database 'medseg': 1 runs" in status.stdout
+        assert status.stdout.endswith(f"experiments record into database 'medseg' at mongodb://"
+                                      f"127.0.0.1:{port} (from medseg db; tracking.db_name=NAME "
+                                      "overrides it)\n")
+        named = medseg_cli("db", "status", env={
+            **env, "MEDSEG_MONGO_URL": f"mongodb://127.0.0.1:{port}/myproject"})
+        assert named.stdout.splitlines()[-1] == (
+            f"experiments record into database 'myproject' at mongodb://127.0.0.1:{port}/"
+            "myproject (from MEDSEG_MONGO_URL, named in the URL; tracking.db_name=NAME "
+            "overrides it)")
     finally:
         stopped = medseg_cli("db", "stop", env=env)
     assert stopped.stdout.strip() == "database server stopped"
@@ -80,14 +102,25 @@ def test_compare_unknown_run_is_one_line(tmp_path, database):
     assert done.stderr == f"error: there is no run 999 in database '{database.name}'\n"
 
 
-def test_rerun_dry_run_prints_the_command_with_the_stored_config(tmp_path):
+def test_rerun_dry_run_prints_a_command_that_can_be_pasted(tmp_path):
     run_experiment(PROBE, "tracking.observer=file", "points=7", cwd=tmp_path)
     done = medseg_cli("runs", "rerun", "sacred_runs/1", "--dry-run", cwd=tmp_path)
     assert done.returncode == 0, done.output
-    assert done.stdout.startswith(
-        f"re-running sacred_runs/1 (metrics_probe main): (in {tmp_path}) ")
-    assert f"{PROBE} main with " in done.stdout and "-c rerun of sacred_runs/1" in done.stdout
-    assert json.loads((tmp_path / "sacred_runs" / "1" / "config.json").read_text())["points"] == 7
+    first, command = done.stdout.splitlines()
+    assert first == ("the command that re-runs sacred_runs/1 (metrics_probe main) with its "
+                     "stored config:")
+    assert command.startswith(f"cd {tmp_path} && ") and f"{PROBE} main with " in command
+    assert command.endswith(" -c 'rerun of sacred_runs/1'")
+    assert not (tmp_path / "sacred_runs" / "2").exists()
+    # Pasted into a shell, later, from elsewhere: the same experiment with the same config.
+    pasted = subprocess.run(["bash", "-c", command], cwd="/", env=environment(),
+                            capture_output=True, text=True, timeout=120)
+    assert pasted.returncode == 0, pasted.stderr
+    first, second = (json.loads((tmp_path / "sacred_runs" / str(i) / "config.json").read_text())
+                     for i in (1, 2))
+    assert second == first and second["points"] == 7
+    meta = json.loads((tmp_path / "sacred_runs" / "2" / "run.json").read_text())["meta"]
+    assert meta["comment"] == "rerun of sacred_runs/1"
 
 
 def test_rerun_of_a_file_run_runs_again_with_the_same_config(tmp_path):

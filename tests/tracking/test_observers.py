@@ -5,6 +5,7 @@ at the end of a run costs a bounded wait and leaves a complete local copy to imp
 import json
 import subprocess
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -118,6 +119,47 @@ def test_database_gone_at_the_end_costs_a_bounded_wait_then_import_completes_the
     finally:
         database.client.close()
         server.stop()
+
+
+def test_a_killed_run_is_imported_once_as_dead_at_its_last_heartbeat(tmp_path, database):
+    """`kill -9` mid-run: nothing records the end, the local copy stays RUNNING. Once its
+    heartbeat is old, `medseg db import` marks the database run FAILED at that heartbeat,
+    says so, and a second import leaves it alone."""
+    process = subprocess.Popen(command(PROBE, *database.tracking(), "points=100000",
+                                       "pause_s=0.01"),
+                               cwd=tmp_path, env=environment(MEDSEG_MONGO_URL=database.url),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = ""
+    while "Started run" not in output:
+        output += process.stdout.readline()
+    time.sleep(13)  # past Sacred's first heartbeat (10 s), which delivers the first points
+    process.kill()
+    process.communicate(timeout=30)
+    [journal] = (tmp_path / "sacred_runs" / "unsynced").iterdir()
+    run_file = journal / "1" / "run.json"
+    run = json.loads(run_file.read_text())
+    assert run["status"] == "RUNNING" and database.run(1)["status"] == "RUNNING"
+    # As if it had been killed ten minutes ago: its heartbeat is long past.
+    heartbeat = datetime.utcnow() - timedelta(minutes=10)
+    run_file.write_text(json.dumps({**run, "heartbeat": heartbeat.isoformat()}))
+
+    arguments = ["db", "import", "sacred_runs", "--url", database.url, "--db-name", database.name]
+    loaded = medseg_cli(*arguments, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.output
+    assert (f"completed database run 1 (FAILED: its process died after its last heartbeat, "
+            f"{heartbeat} UTC, 2 metrics, 2 artifacts)") in loaded.stdout
+    assert loaded.stdout.endswith("1 of 1 runs loaded into database "
+                                  f"{database.name!r}\n")
+    stored = database.run(1)
+    assert stored["status"] == "FAILED"
+    assert abs(stored["stop_time"] - heartbeat) < timedelta(milliseconds=2)
+    assert "ended without recording how (killed" in stored["fail_trace"][0]
+    assert len(database.metrics(1)["loss"]["steps"]) > 10
+
+    again = medseg_cli(*arguments, cwd=tmp_path)
+    assert again.returncode == 0, again.output
+    assert "already imported into database run 1" in again.stdout
+    assert again.stdout.endswith(f"0 of 1 runs loaded into database {database.name!r}\n")
 
 
 def test_observer_mongo_starts_the_local_server_when_no_url_is_set(tmp_path, monkeypatch):

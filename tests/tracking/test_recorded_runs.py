@@ -10,7 +10,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -26,17 +25,14 @@ from nbclient import NotebookClient
 from medseg import db
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.tracking import omniboard
-from tests.tracking.support import (REPO, SADAAN, Database, environment, interrupt_when,
-                                    medseg_cli, open_database, run_experiment, sadaan_updates,
-                                    start_experiment)
+from tests.tracking.support import (REPO, SADAAN, Database, browser_page, environment,
+                                    interrupt_when, medseg_cli, open_database, run_experiment,
+                                    sadaan_updates, start_experiment, start_viewer)
 
 pytestmark = pytest.mark.slow
 
 INGREDIENTS = ["dataset", "model", "loss_weights", "augmentation", "optimizer", "checkpoint",
                "training", "logging", "tracking"]
-
-
-SACREDBOARD_REQUIREMENTS = REPO / "docs" / "sacredboard-requirements.txt"
 
 
 @dataclass
@@ -163,8 +159,8 @@ def test_rerun_repeats_a_run_with_its_exact_config(recorded_runs, tmp_path):
     rerun = medseg_cli("runs", "rerun", str(original), "--db-name", database.name, cwd=tmp_path,
                        env=env)
     assert rerun.returncode == 0, rerun.output[-3000:]
-    assert rerun.stdout.startswith(f"re-running run {original} (sadaan main): (in "
-                                   f"{recorded_runs.workdir}) ")
+    assert rerun.stdout.startswith(f"re-running run {original} (sadaan main) with its stored "
+                                   f"config:\ncd {recorded_runs.workdir} && ")
     new_id = rerun.started_id()
     first, second = database.run(original), database.run(new_id)
     assert second["config"] == first["config"]
@@ -206,38 +202,23 @@ def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 30
             time.sleep(0.5)
 
 
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=15)
-
-
 def test_omniboard_lists_runs_metrics_and_artifacts(recorded_runs, tmp_path):
     """`medseg db omniboard` as a user starts it: npm-installed on first use (kept in
-    ~/.cache/medseg/omniboard for the next time), stopped with Ctrl-C."""
+    ~/.cache/medseg/omniboard for the next time), on 127.0.0.1, stopped with Ctrl-C."""
     database = recorded_runs.database
     port = db.free_port()
     log_path = tmp_path / "omniboard.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "medseg.cli", "db", "omniboard", "--port", str(port),
-             "--url", database.url, "--db-name", database.name], cwd=REPO, env=environment(),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = start_viewer("omniboard", database, port, log_path)
     api = f"http://127.0.0.1:{port}/sacred/api/v1"
     try:
         runs = wait_for(f"{api}/Runs?select=_id,status,config,meta,info", process, log_path)
         by_id = {run["_id"]: run for run in runs}
         completed, resumed = by_id[recorded_runs.completed], by_id[recorded_runs.resumed]
         assert completed["status"] == resumed["status"] == "COMPLETED"
-        assert completed["config"]["tags"] == ["baseline", "tiny"]  # omniboard's tags column
+        assert completed["config"]["tags"] == ["baseline", "tiny"]
         assert completed["meta"]["comment"] == "first baseline"  # omniboard's notes column
         stored = database.run(recorded_runs.completed)
         assert completed["info"]["best_epoch"] == stored["info"]["best_epoch"]
-        assert "baseline" in get(f"{api}/Runs?distinct=config.tags")
 
         query = urllib.parse.quote(json.dumps({"run_id": str(recorded_runs.resumed)}))
         series = [m for m in get(f"{api}/Metrics?query={query}") if m["name"] == "val_dice"]
@@ -250,52 +231,75 @@ def test_omniboard_lists_runs_metrics_and_artifacts(recorded_runs, tmp_path):
         assert png["contentType"] == "image/png"
         preview = get(f"{api}/files/preview/{png['_id']}")
         assert preview == database.artifact_bytes(recorded_runs.completed, "training_curves.png")
+
+        plotted, offered = plot_of_run(port, recorded_runs.completed,
+                                       tmp_path / "omniboard-plot.png")
     finally:
         process.send_signal(signal.SIGINT)
         stopped = process.wait(timeout=30)
     assert stopped == 0
-    assert f"omniboard {omniboard.VERSION}: http://127.0.0.1:{port} shows database" in (
-        log_path.read_text())
+    # A SADAAN run logs dozens of series (per-structure scores, memory, timings); the plot
+    # opens on the losses and the monitored metric, the rest one click away in its list.
+    assert plotted == ["train_loss", "val_loss", "val_dice"]
+    assert {"rss_mb", "val_dice_spleen", "epoch_time_s"} <= set(offered)
+    assert len(offered) > 40
+    output = log_path.read_text()
+    assert (f"omniboard {omniboard.VERSION}: http://127.0.0.1:{port} (this machine only; "
+            "--host 0.0.0.0 opens it to the network)") in output
+    assert "plots open on train_loss, val_loss, val_dice" in output
     with pytest.raises(urllib.error.URLError):
         get(f"{api}/Runs", timeout=3)
 
 
-def sacredboard_environment() -> Path:
-    """The environment of docs/sacredboard-requirements.txt, created once and cached."""
-    folder = omniboard.cache_dir() / "sacredboard-env"
-    stamp = folder / "requirements.txt"
-    wanted = SACREDBOARD_REQUIREMENTS.read_text()
-    if not (stamp.is_file() and stamp.read_text() == wanted):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(folder)], check=True)
-        subprocess.run([str(folder / "bin" / "pip"), "install", "-q", "-r",
-                        str(SACREDBOARD_REQUIREMENTS)], check=True)
-        stamp.write_text(wanted)
-    return folder
+def plot_of_run(port: int, run_id: int, screenshot: Path) -> tuple[list[str], list[str]]:
+    """Open omniboard in a fresh browser, click run ``run_id``: the series its plot shows,
+    and every series its metric list offers. Saves a screenshot of the page."""
+    with browser_page() as page:
+        page.goto(f"http://127.0.0.1:{port}/sacred")
+        page.locator(".fixedDataTableRowLayout_rowWrapper", has_text=f"{run_id}").filter(
+            has_text="sadaan").first.wait_for(timeout=120_000)
+        page.get_by_text(str(run_id), exact=True).first.click()
+        page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+        page.wait_for_timeout(1000)
+        plotted = page.evaluate("[...document.querySelector('.js-plotly-plot').data]"
+                                ".map(t => t.name).filter(n => !n.endsWith('.unsmoothed'))")
+        offered = page.evaluate("[...document.querySelectorAll('#metrics select option')]"
+                                ".map(o => o.value)")
+        page.screenshot(path=str(screenshot), full_page=True)
+    return plotted, offered
 
 
-def test_sacredboard_lists_our_runs_and_their_metrics(recorded_runs, tmp_path):
+def test_sacredboard_page_lists_our_runs(recorded_runs, tmp_path):
+    """`medseg db sacredboard`, as the seed's `sacredboard -m localhost:27017:sadaan`: its
+    runs page (which filters by status as it loads) lists the runs, in a real browser."""
     database = recorded_runs.database
-    folder = sacredboard_environment()
     port = db.free_port()
     log_path = tmp_path / "sacredboard.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([str(folder / "bin" / "sacredboard"), "-mu", database.url,
-                                    database.name, "--port", str(port), "--no-browser"],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    process = start_viewer("sacredboard", database, port, log_path)
     base = f"http://127.0.0.1:{port}"
     try:
         listed = wait_for(f"{base}/api/run", process, log_path)
         rows = {int(row["id"]): row for row in listed["data"]}
         assert rows[recorded_runs.completed]["experiment_name"] == "sadaan"
-        assert rows[recorded_runs.completed]["status"] == "COMPLETED"
-        assert recorded_runs.resumed in rows
         detail = get(f"{base}/api/run/{recorded_runs.resumed}")["data"][0]["object"]
         metric_id = next(m["id"] for m in detail["info"]["metrics"] if m["name"] == "val_dice")
         metric = get(f"{base}/api/run/{recorded_runs.resumed}/metric/{metric_id}")
         assert metric["steps"] == [1, 2, 3]
-        assert b"sacredboard" in get(f"{base}/runs").lower()
+
+        with browser_page() as page:
+            page.goto(f"{base}/runs")
+            page.wait_for_selector("text=Showing 1 to", timeout=60_000)
+            table = [row.split("\t") for row in page.locator("table tbody tr").all_inner_texts()]
+            page.screenshot(path=str(tmp_path / "sacredboard-runs.png"), full_page=True)
     finally:
-        stop(process)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    shown = {int(cells[1]): cells for cells in table if len(cells) > 2 and cells[1].isdigit()}
+    assert {recorded_runs.completed, recorded_runs.resumed} <= set(shown)
+    assert "sadaan" in shown[recorded_runs.completed][2]
+    assert not re.search(r'HTTP/1\.1" 5\d\d', log_path.read_text())  # no server error
+    assert (f"sacredboard 0.4.2: http://127.0.0.1:{port} (this machine only; --host 0.0.0.0 "
+            "opens it to the network)") in log_path.read_text()
 
 
 @pytest.mark.parametrize("notebook", sorted((REPO / "notebooks").glob("*.ipynb")),

@@ -121,3 +121,22 @@ def test_tracking_entry_changes_what_is_recorded(case, tmp_path, database):
                           env=environment(MEDSEG_MONGO_URL=url))
     assert done.returncode == 0, done.output
     check(Recorded(tmp_path, database, done))
+
+
+@pytest.mark.parametrize("given", [None, "t_given_name"])
+def test_the_database_named_in_the_url_receives_the_run_unless_db_name_is_given(
+        given, tmp_path, database):
+    """`MEDSEG_MONGO_URL=mongodb://host:port/NAME` (the form omniboard reads) records into
+    NAME; `tracking.db_name`, when given, wins; the run's line names the database."""
+    updates = ["tracking.observer=mongo"] + ([f"tracking.db_name={given}"] if given else [])
+    done = run_experiment(PROBE, *updates, cwd=tmp_path,
+                          env=environment(MEDSEG_MONGO_URL=f"{database.url}/{database.name}"))
+    assert done.returncode == 0, done.output
+    expected = given or database.name
+    assert (f"recording this run in MongoDB at {database.url}/{database.name} (database "
+            f"{expected!r}, from MEDSEG_MONGO_URL)") in done.output
+    client = database.client
+    assert client[expected].runs.find_one({"_id": done.started_id()})["status"] == "COMPLETED"
+    if given:
+        assert database.db.runs.count_documents({}) == 0
+        client.drop_database(given)
