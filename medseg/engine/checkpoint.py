@@ -19,6 +19,10 @@ import torch
 from medseg.errors import DataError, describe
 
 FORMAT_VERSION = 1
+#: Key names a pipeline may store instead of the engine's (SMALabeller's documented
+#: ``model_state``, ``optimizer_state`` ...); loading maps them back.
+KEY_ALIASES = {"model_state": "model", "optimizer_state": "optimizer",
+               "scheduler_state": "scheduler", "scaler_state": "scaler"}
 
 
 def plain(value: Any) -> Any:
@@ -57,6 +61,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise DataError(f"checkpoint {path} could not be read as a medseg checkpoint "
                         f"({describe(error)})") from None
+    if isinstance(state, Mapping):
+        state = {KEY_ALIASES.get(key, key): value for key, value in state.items()}
     if not isinstance(state, Mapping) or "model" not in state:
         raise DataError(f"checkpoint {path} has no 'model' entry; expected a file written "
                         "by medseg (keys: model, optimizer, epoch, ...)")
@@ -88,6 +94,7 @@ class CheckpointManager:
         best_name: str = "best_model.pth",
         last_name: str = "last_model.pth",
         periodic_name: str = "checkpoint_epoch_{epoch}.pth",
+        stored_keys: Mapping[str, str] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.save_frequency = save_frequency
@@ -96,6 +103,8 @@ class CheckpointManager:
         self.best_name = best_name
         self.last_name = last_name
         self.periodic_name = periodic_name
+        #: engine key -> the name written (e.g. ``{"model": "model_state"}``)
+        self.stored_keys = dict(stored_keys or {})
         self._periodic = self._existing_periodic()
 
     @property
@@ -108,7 +117,8 @@ class CheckpointManager:
 
     def save(self, state: Mapping[str, Any], *, epoch: int, is_best: bool) -> list[Path]:
         """Write the files due after ``epoch`` (1-based); return the paths written."""
-        payload = {"format_version": FORMAT_VERSION, **state}
+        payload = {"format_version": FORMAT_VERSION,
+                   **{self.stored_keys.get(key, key): value for key, value in state.items()}}
         written = []
         if is_best:
             written.append(atomic_save(payload, self.best_path))
