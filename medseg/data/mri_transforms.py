@@ -57,7 +57,7 @@ def preprocessing(spacing: Sequence[float]) -> Compose:
     return Compose([
         LoadImaged(keys=KEYS, image_only=True),
         EnsureChannelFirstd(keys=KEYS),
-        Orientationd(keys=KEYS, axcodes="RAS"),
+        Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=KEYS, pixdim=tuple(spacing), mode=("bilinear", "nearest")),
         ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
         CastToTyped(keys="label", dtype=torch.float32),
