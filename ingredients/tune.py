@@ -67,6 +67,8 @@ def choice(*options: Any) -> list:
 class TuneIngredient(FieldIngredient):
     """``tune``: the sweep's settings; ``space`` is the experiment's search space."""
 
+    open_entries = ("space",)
+
     def __init__(self, **defaults: Any) -> None:
         # The space's values mix strings and numbers; it is checked by check_space instead.
         fields = dict(TUNE_FIELDS)
@@ -74,6 +76,14 @@ class TuneIngredient(FieldIngredient):
                                                                  lambda v: isinstance(v, Mapping)),
                                 fields["space"].doc)
         super().__init__("tune", fields, defaults)
+
+        # Sacred accepts new keys below a captured function's argument, so a user can add
+        # entries to the space (they are checked by check_space before the sweep starts).
+        @self.capture
+        def search_space(space):
+            return space
+
+        self.search_space = search_space
 
 
 def flat_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
