@@ -39,11 +39,11 @@ add_tune_command(ex, "experiments.smalabeller",
 # Minutes on a laptop CPU: small generated heads, a narrow U-Net, small crops.
 ex.add_named_config("demo", data_dir="data/sma_demo",
                     training_images="data/sma_demo/imagesTr_resampled",
-                    training_labels="data/sma_demo/labelsTr_resampled", epochs=30, num_workers=0,
-                    config={"lr": 1e-3, "max_lr": 1e-2, "loss_function": "combination",
+                    training_labels="data/sma_demo/labelsTr_resampled", epochs=12, num_workers=0,
+                    config={"lr": 3e-3, "max_lr": 3e-2, "loss_function": "dice",
                             "dropout_rate": 0.1},
                     data={"crop_size": [48, 48, 16], "crops_per_volume": 2},
-                    model={"channels": [16, 32, 64, 128]},
+                    model={"channels": [8, 16, 32, 64]},
                     synthetic={"num_cases": 12, "image_size": [48, 48], "depth_range": [20, 28]},
                     bn_calibration={"warmup_batches": 4})
 # The trial settings of the original's tuning.py (its app_args).

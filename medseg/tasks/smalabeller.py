@@ -61,7 +61,11 @@ class SegmentationLoss(nn.Module):
         if name not in LOSSES:
             raise ValueError(f"name must be one of {', '.join(LOSSES)}, got {name!r}")
         self.name = name
-        smooth = {"smooth_nr": 1e-5, "smooth_dr": 1e-5}
+        # batch=True: Dice over all slices of the batch at once. Per slice (MONAI's default,
+        # the original's), each of the many slices without the ribbon scores a loss of about 1
+        # whatever is predicted there (1e-5 / (sum of probabilities + 1e-5)), which drowns the
+        # slices that hold it.
+        smooth = {"smooth_nr": 1e-5, "smooth_dr": 1e-5, "batch": True}
         # include_background=True: with one output channel the foreground *is* channel 0
         # (MONAI ignores include_background=False for one channel, with a warning).
         if name == "dice":

@@ -124,15 +124,17 @@ def test_generate_and_train_from_the_shell_with_the_seed_entries(tmp_path):
 
 @pytest.mark.slow
 def test_training_lowers_the_loss_and_raises_dice(data, tmp_path):
-    result = run(data, tmp_path, epochs=8, **{"config.loss_function": "dice",
-                                              "config.augmentations": False,
-                                              "config.lr": 3e-3, "config.max_lr": 3e-2}).result
+    result = run(data, tmp_path, epochs=10, batch_size=1,
+                 **{"config.loss_function": "dice", "config.augmentations": False,
+                    "model.channels": [8, 16, 32], "config.lr": 3e-3,
+                    "config.max_lr": 3e-2}).result
     recorded = metrics(tmp_path)
     losses = recorded["train_loss_epoch"]["values"]
     dice = recorded["val_dice"]["values"]
-    assert losses[-1] < 0.9 * losses[0]
-    assert max(dice) > dice[0] + 0.05
-    assert result["epochs_run"] == 8
+    # Ten epochs of four 24-pixel heads on a CPU: a clear trend, far from convergence.
+    assert losses[-1] < 0.95 * losses[0]
+    assert max(dice) > dice[0] + 0.2
+    assert result["epochs_run"] == 10
 
 
 def last(tmp: Path) -> Path:
@@ -161,7 +163,7 @@ def bn_state(tmp: Path) -> dict:
 def test_bn_calibration_sets_the_statistics_validation_and_checkpoints_use(data, tmp_path):
     on = run(data, tmp_path / "on", epochs=2)
     off = run(data, tmp_path / "off", epochs=2, **{"bn_calibration.enabled": False})
-    key = "encoders.0.0.running_mean"
+    key = "encoders.0.1.running_mean"
     assert not torch.allclose(bn_state(tmp_path / "on")[key], bn_state(tmp_path / "off")[key])
     # Same weights up to the first validation: only the statistics differ.
     assert metrics(tmp_path / "on")["train_loss"]["values"][:2] == pytest.approx(

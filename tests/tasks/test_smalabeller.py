@@ -26,7 +26,7 @@ def test_combination_is_monais_dice_ce_with_its_terms():
     torch.manual_seed(0)
     logits, target = torch.randn(4, 1, 8, 8), (torch.rand(4, 1, 8, 8) > 0.7).float()
     total, terms = SegmentationLoss("combination")(logits, target)
-    assert torch.allclose(total, DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)(
+    assert torch.allclose(total, DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)(
         logits, target))
     assert torch.allclose(total, terms["dice"] + terms["bce"])
     bce, no_terms = SegmentationLoss("cross_entropy")(logits, target)

@@ -27,7 +27,7 @@ from medseg.data.staging import staged_folder
 IMAGES = "imagesTr_resampled"
 LABELS = "labelsTr_resampled"
 TISSUE = {"background": 0.0, "scalp": 0.55, "skull": 0.12, "csf": 0.18, "grey": 0.50,
-          "white": 0.78, "ribbon": 0.62}
+          "white": 0.78, "ribbon": 0.95}
 
 
 @dataclass(frozen=True)
