@@ -1,6 +1,6 @@
 """The SMALabeller experiment end to end: generate -> train from the shell (the seed's
 entries), TensorBoard event files, checkpoints and resume, BN calibration on/off, the 3D path,
-the programmatic API, and the bad inputs of issue 9."""
+the programmatic API, Ray Tune sweeps, and the bad inputs of issue 9."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ingredients import tune as tune_module
 from medseg.data.synthetic.smalabeller import BrainSettings, generate_brain_dataset
+from medseg.engine.reporting import RecordingReporter
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.errors import MedsegError
 from support import load_experiment, nested
@@ -281,3 +283,76 @@ def test_bad_input_from_the_shell_is_one_line(data, tmp_path):
     assert len(lines) == 1 and "has no label" in lines[0] or "no image/label pairs" in lines[0]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sacred").exists()
+
+
+# ----------------------------------------------------------------------------- Ray Tune
+TINY = ["num_workers=0", "batch_size=2", "epochs=2", "model.channels=[4,8,16]",
+        "data.crop_size=[16,16,8]", "data.crops_per_volume=2", "bn_calibration.warmup_batches=1",
+        "tensorboard.enabled=False"]
+
+
+@pytest.mark.slow
+def test_a_four_trial_sweep_records_every_trial(data, tmp_path):
+    args = [f"training_images={data / 'imagesTr_resampled'}",
+            f"training_labels={data / 'labelsTr_resampled'}", f"runs_dir={tmp_path / 'runs'}",
+            "tracking.observer=file", f"tracking.file_dir={tmp_path / 'sacred'}",
+            "tune.num_samples=4", "tune.search=random", "tune.max_t=2", "tune.name=tiny",
+            f"tune.storage_path={tmp_path / 'ray'}", *TINY]
+    done = subprocess.run([sys.executable, str(EXPERIMENT), "tune", "with", *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "sacred").glob("*/run.json")]
+    configs = {p.parent.name: json.loads(p.read_text())
+               for p in (tmp_path / "sacred").glob("*/config.json")}
+    trials = [r for r in runs if r["command"] == "main"]
+    assert len(trials) == 4
+    assert all(r["status"] == "COMPLETED" for r in runs), [r["status"] for r in runs]
+    for folder, config in configs.items():
+        if config.get("tags") == ["sweep:tiny"]:
+            metrics = json.loads((tmp_path / "sacred" / folder / "metrics.json").read_text())
+            assert metrics["val_loss"]["values"], folder
+            assert config["config"]["loss_function"] in ("dice", "cross_entropy", "combination")
+    assert sum(c.get("tags") == ["sweep:tiny"] for c in configs.values()) == 4
+    assert sum(r["command"] == "tune" for r in runs) == 1
+    assert "sweep tiny: best validation_loss=" in done.stdout + done.stderr
+    infos = [json.loads(p.read_text()) for p in (tmp_path / "sacred").glob("*/info.json")]
+    summary = [i["sweep"] for i in infos if "sweep" in i][0]
+    assert len(summary["trials"]) == 4 and summary["best_metric"] is not None
+    stopped = [i for i in infos if "stopped_by_scheduler" in i]
+    assert len(stopped) == summary["trials_ended_before_max_t"]
+    for note in stopped:
+        assert note["stopped_by_scheduler"]["reason"].startswith("stopped by the sweep")
+
+
+class FakeTrainer:
+    def __init__(self):
+        self.stop_reason = None
+        self.reporter = RecordingReporter()
+
+
+def test_a_stop_from_the_scheduler_ends_training_with_a_note(monkeypatch):
+    ray_tune = pytest.importorskip("ray.tune")
+    reported = []
+
+    def report(metrics):
+        reported.append(metrics)
+        if metrics["epoch"] == 2:
+            raise SystemExit(0)  # what Ray's scheduler does inside report
+
+    monkeypatch.setattr(ray_tune, "report", report)
+    trainer = FakeTrainer()
+    callback = tune_module.TuneReport()
+    callback.on_epoch_end(trainer, 1, {"train_loss_epoch": 0.9, "val_loss": 0.8})
+    assert trainer.stop_reason is None
+    callback.on_epoch_end(trainer, 2, {"train_loss_epoch": 0.7, "val_loss": 0.6})
+    assert reported[0] == {"train_loss_epoch": 0.9, "val_loss": 0.8, "epoch": 1,
+                           "training_loss": 0.9, "validation_loss": 0.8}
+    assert trainer.stop_reason == "stopped by the sweep's scheduler after epoch 2"
+    assert trainer.reporter.info["stopped_by_scheduler"]["epoch"] == 2
+
+
+def test_only_trials_report_to_tune():
+    assert tune_module.trial_callbacks() == []
+    with tune_module.reporting_to_tune():
+        assert isinstance(tune_module.trial_callbacks()[0], tune_module.TuneReport)
+    assert tune_module.trial_callbacks() == []
