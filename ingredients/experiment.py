@@ -182,8 +182,14 @@ class MedsegExperiment(Experiment):
         # Sacred only warns about a new entry whose name some captured function takes, and
         # takes any new top-level entry (the tags scope, first, lets every name in).
         top_level = {key.split(".")[0] for key in self.known_entries()}
-        added = sorted({*run.config_modifications.added,
-                        *(key for key in run.config if key not in top_level)})
+        # An ingredient's ``open_entries`` (a sweep's search space) take new keys; their
+        # ingredient checks them.
+        open_prefixes = tuple(f"{ingredient.path}.{name}." for ingredient, _ in
+                              self.traverse_ingredients()
+                              for name in getattr(ingredient, "open_entries", ()))
+        added = sorted(key for key in {*run.config_modifications.added,
+                                       *(key for key in run.config if key not in top_level)}
+                       if not key.startswith(open_prefixes))
         if added:
             raise ConfigError(self._unknown_entries(added, named_configs))
         self.validate_config(run.config, run.meta_info["command"])

@@ -22,7 +22,8 @@ class EpochLoader:
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int,
-                 seed: int, drop_last: bool = False, pin_memory: bool = False) -> None:
+                 seed: int, drop_last: bool = False, pin_memory: bool = False,
+                 collate_fn=None) -> None:
         self.dataset = dataset
         self.seed = seed
         self.generator = torch.Generator()
@@ -30,7 +31,8 @@ class EpochLoader:
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                                  num_workers=num_workers, generator=self.generator,
                                  drop_last=drop_last, pin_memory=pin_memory,
-                                 persistent_workers=False)
+                                 persistent_workers=False,
+                                 **({"collate_fn": collate_fn} if collate_fn else {}))
         self._epoch = 0
 
     @property

@@ -20,6 +20,10 @@ from medseg.errors import DataError, describe
 from medseg.files import make_temporary_file, remove_leftovers, reporting_full_disk
 
 FORMAT_VERSION = 1
+#: Key names a pipeline may store instead of the engine's (SMALabeller's documented
+#: ``model_state``, ``optimizer_state`` ...); loading maps them back.
+KEY_ALIASES = {"model_state": "model", "optimizer_state": "optimizer",
+               "scheduler_state": "scheduler", "scaler_state": "scaler"}
 
 
 def plain(value: Any) -> Any:
@@ -64,6 +68,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise DataError(f"checkpoint {path} could not be read as a medseg checkpoint "
                         f"({describe(error)})") from None
+    if isinstance(state, Mapping):
+        state = {KEY_ALIASES.get(key, key): value for key, value in state.items()}
     if not isinstance(state, Mapping) or "model" not in state:
         raise DataError(f"checkpoint {path} has no 'model' entry; expected a file written "
                         "by medseg (keys: model, optimizer, epoch, ...)")
@@ -95,6 +101,7 @@ class CheckpointManager:
         best_name: str = "best_model.pth",
         last_name: str = "last_model.pth",
         periodic_name: str = "checkpoint_epoch_{epoch}.pth",
+        stored_keys: Mapping[str, str] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.save_frequency = save_frequency
@@ -103,6 +110,8 @@ class CheckpointManager:
         self.best_name = best_name
         self.last_name = last_name
         self.periodic_name = periodic_name
+        #: engine key -> the name written (e.g. ``{"model": "model_state"}``)
+        self.stored_keys = dict(stored_keys or {})
         self._periodic = self._existing_periodic()
         #: The newest file written that training can resume from, and its epoch.
         self.latest: Path | None = None
@@ -120,7 +129,8 @@ class CheckpointManager:
 
     def save(self, state: Mapping[str, Any], *, epoch: int, is_best: bool) -> list[Path]:
         """Write the files due after ``epoch`` (1-based); return the paths written."""
-        payload = {"format_version": FORMAT_VERSION, **state}
+        payload = {"format_version": FORMAT_VERSION,
+                   **{self.stored_keys.get(key, key): value for key, value in state.items()}}
         written = []
         if is_best:
             written.append(atomic_save(payload, self.best_path))

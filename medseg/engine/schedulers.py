@@ -56,6 +56,7 @@ class LRSchedule:
         monitor_mode: str = "min",
         max_lr: float | None = None,
         warmup_start_factor: float = 0.01,
+        div_factor: float | None = None,
     ) -> None:
         if name not in SCHEDULERS:
             raise ValueError(f"name must be one of "
@@ -66,6 +67,7 @@ class LRSchedule:
         total_steps = max(1, num_epochs * steps_per_epoch)
         self.warmup_steps = 0 if name == "onecycle" else int(round(warmup_epochs * steps_per_epoch))
         self.steps_taken = 0
+        self.div_factor = div_factor
         self.main = self._build_main(name, num_epochs, total_steps, warmup_epochs, min_lr,
                                      plateau_factor, plateau_patience, monitor_mode, max_lr)
         # Built after the main scheduler: a scheduler's constructor sets the learning rate,
@@ -85,8 +87,10 @@ class LRSchedule:
         if name == "onecycle":
             peak = max_lr if max_lr is not None else self.optimizer.param_groups[0]["lr"] * 10
             rising = warmup_epochs / num_epochs if warmup_epochs else 0.3
+            # div_factor: the starting rate is max_lr / div_factor (torch's default 25).
+            extra = {} if self.div_factor is None else {"div_factor": self.div_factor}
             return OneCycleLR(self.optimizer, max_lr=peak, total_steps=total_steps,
-                              pct_start=min(max(rising, 0.01), 0.99))
+                              pct_start=min(max(rising, 0.01), 0.99), **extra)
         return None
 
     @property

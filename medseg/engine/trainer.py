@@ -82,6 +82,9 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None:
         pass
 
+    def on_before_optimizer_step(self, trainer: Trainer) -> None:
+        """The gradients of this step are in ``.grad`` (unscaled when they are logged)."""
+
     def on_optimizer_step(self, trainer: Trainer) -> None:
         pass
 
@@ -109,6 +112,8 @@ class TrainerSettings:
     memory_cleanup_frequency: int = 0
     log_frequency: int = 10
     progress_bar: bool = True
+    #: Log the gradients' global L2 norm every step even when clipping is off.
+    log_grad_norm: bool = False
 
 
 @dataclass
@@ -190,6 +195,8 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, float]] = []
+        #: Set by a callback (a sweep's scheduler) to end training after this epoch.
+        self.stop_reason: str | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
         # The initial rate of each group (the schedulers built before may have moved "lr").
         self.initial_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
@@ -273,6 +280,10 @@ class Trainer:
                 metrics = self._run_epoch(epoch)
                 for callback in self.callbacks:
                     callback.on_epoch_end(self, epoch, metrics)
+                if self.stop_reason is not None:
+                    log.info("training stopped after epoch %d: %s", epoch, self.stop_reason)
+                    stopped_early = True
+                    break
                 if self.early_stopping.should_stop:
                     log.info("early stopping at epoch %d: %s did not improve for %d epochs "
                              "(best %.4f at epoch %s)", epoch, self.settings.monitor,
@@ -409,10 +420,16 @@ class Trainer:
 
     def _optimizer_step(self) -> torch.Tensor | None:
         grad_norm = None
-        if self.settings.gradient_clip_norm > 0:
+        if self.settings.gradient_clip_norm > 0 or self.settings.log_grad_norm:
             self.scaler.unscale_(self.optimizer)
+        if self.settings.gradient_clip_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                        self.settings.gradient_clip_norm)
+        elif self.settings.log_grad_norm:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None])
+        for callback in self.callbacks:
+            callback.on_before_optimizer_step(self)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,288 @@
+"""Ray Tune sweeps in which every trial is a Sacred run of the same experiment.
+
+Any medseg experiment gets a sweep with :func:`add_tune_command` and a search space: a dict
+from dotted config keys (``config.lr``) to :func:`loguniform`/:func:`uniform`/:func:`choice`
+specs (plain data, so the space can sit in the experiment file without importing Ray).
+Each trial calls ``ex.run`` in a Ray worker with the sweep's base config and the sampled
+values, tagged ``sweep:<name>``; so trials land in the same database as ordinary runs. A
+trial reports every epoch through ``ray.tune.report``: all epoch metrics plus the keys the
+SMALabeller original reported (``training_loss``, ``validation_loss``, ``epoch``). When the
+scheduler stops a trial, Ray raises ``SystemExit`` inside the report call; the trial's run is
+told to stop after that epoch, notes why and when in its info, and ends COMPLETED.
+
+Ray is imported only when a sweep runs: ``medseg`` and every experiment import without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ingredients.fields import Field, FieldIngredient
+from medseg import config as c
+from medseg.engine.trainer import Callback, Trainer
+from medseg.errors import ConfigError
+
+TUNE_FIELDS = {
+    "num_samples": Field(20, c.integer(minimum=1), "Trials to run"),
+    "scheduler": Field("asha", c.choice("asha", "none"),
+                       "'asha' (stops poor trials early) or 'none'"),
+    "max_t": Field(10, c.integer(minimum=1), "ASHA: most epochs of a trial"),
+    "grace_period": Field(1, c.integer(minimum=1), "ASHA: epochs before a trial can be stopped"),
+    "reduction_factor": Field(2, c.integer(minimum=2), "ASHA: halving rate"),
+    "search": Field("optuna", c.choice("optuna", "random"),
+                    "'optuna' (OptunaSearch, as the original) or 'random'"),
+    "metric": Field("validation_loss", c.text(), "Reported metric the sweep optimises"),
+    "mode": Field("min", c.choice("min", "max"), "Whether the metric improves downwards"),
+    "cpus_per_trial": Field(1, c.number(above=0), "CPUs Ray reserves per trial"),
+    "gpus_per_trial": Field(0, c.number(minimum=0), "GPUs Ray reserves per trial"),
+    "max_concurrent": Field(0, c.integer(minimum=0), "Trials at once (0: as resources allow)"),
+    "name": Field("{experiment}-sweep", c.text(), "Sweep name ({experiment} is filled in)"),
+    "storage_path": Field("~/ray_results", c.text(), "Ray's result folder"),
+    "space": Field({}, c.mapping_of(c.sequence(c.text(), min_length=1)),
+                   "Search space, nested like the config (tune.space.config.lr=...): "
+                   "['loguniform', low, high], ['uniform', low, high] or ['choice', [options]]"),
+}
+SPECS = ("loguniform", "uniform", "choice")
+
+
+def loguniform(low: float, high: float) -> list:
+    return ["loguniform", low, high]
+
+
+def uniform(low: float, high: float) -> list:
+    return ["uniform", low, high]
+
+
+def choice(*options: Any) -> list:
+    return ["choice", list(options)]
+
+
+class TuneIngredient(FieldIngredient):
+    """``tune``: the sweep's settings; ``space`` is the experiment's search space."""
+
+    open_entries = ("space",)
+
+    def __init__(self, **defaults: Any) -> None:
+        # The space's values mix strings and numbers; it is checked by check_space instead.
+        fields = dict(TUNE_FIELDS)
+        fields["space"] = Field(fields["space"].default, c.Check("a mapping",
+                                                                 lambda v: isinstance(v, Mapping)),
+                                fields["space"].doc)
+        super().__init__("tune", fields, defaults)
+
+        # Sacred accepts new keys below a captured function's argument, so a user can add
+        # entries to the space (they are checked by check_space before the sweep starts).
+        @self.capture
+        def search_space(space):
+            return space
+
+        self.search_space = search_space
+
+
+def flat_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"config": {"lr": spec}}`` -> ``{"config.lr": spec}``."""
+    flat: dict[str, Any] = {}
+    for key, value in space.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_space(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_space(space: Mapping[str, Any], known_entries) -> None:
+    """Each search-space key must be a config entry, each value a spec of :data:`SPECS`."""
+    known = set(known_entries)
+    space = flat_space(space)
+    if not space:
+        raise ConfigError("tune.space is empty; give at least one entry to search")
+    for key, spec in space.items():
+        if key not in known or key.startswith("tune."):
+            raise ConfigError(f"tune.space entry {key!r} is not a config entry of this "
+                              "experiment; `print_config` lists them")
+        well_formed = (isinstance(spec, (list, tuple)) and spec and spec[0] in SPECS
+                       and (len(spec) == 3 if spec[0] != "choice"
+                            else len(spec) == 2 and isinstance(spec[1], (list, tuple))))
+        if not well_formed:
+            raise ConfigError(f"tune.space[{key!r}] must be ['loguniform', low, high], "
+                              f"['uniform', low, high] or ['choice', [options]], got {spec!r}")
+
+
+def _ray_space(space: Mapping[str, Any]) -> dict:
+    from ray import tune
+
+    build = {"loguniform": tune.loguniform, "uniform": tune.uniform,
+             "choice": lambda options: tune.choice(options)}
+    return {key: _ray_space(value) if isinstance(value, Mapping) else build[value[0]](*value[1:])
+            for key, value in space.items()}
+
+
+def _merge(base: dict, updates: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --------------------------------------------------------------------- inside a trial
+_TRIAL: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def reporting_to_tune(enabled: bool = True) -> Iterator[None]:
+    """Runs started inside report each epoch to Ray Tune (``do2dTraining(ray_tune=True)``)."""
+    previous = _TRIAL.get("active", False)
+    _TRIAL["active"] = bool(enabled) or previous
+    try:
+        yield
+    finally:
+        _TRIAL["active"] = previous
+
+
+def trial_callbacks(reporter=None) -> list[Callback]:
+    """The callbacks a training run adds when it is a trial of a sweep (none otherwise)."""
+    return [TuneReport(reporter)] if _TRIAL.get("active") else []
+
+
+class TuneReport(Callback):
+    """Reports each epoch's metrics to Ray Tune; a stop from the scheduler ends training after
+    this epoch and is noted in the run's info (``stopped_by_scheduler``)."""
+
+    def __init__(self, reporter=None) -> None:
+        self.reporter = reporter
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics) -> None:
+        from ray import tune
+
+        report = {name: float(value) for name, value in metrics.items()}
+        report.update(epoch=epoch, training_loss=float(metrics.get("train_loss_epoch", "nan")),
+                      validation_loss=float(metrics.get("val_loss", "nan")))
+        try:
+            tune.report(report)
+        except SystemExit:
+            reason = f"stopped by the sweep's scheduler after epoch {epoch}"
+            trainer.stop_reason = reason
+            _TRIAL["stopped"] = {"epoch": epoch, "reason": reason,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            reporter = self.reporter or trainer.reporter
+            reporter.set_info("stopped_by_scheduler", _TRIAL["stopped"])
+
+
+def _trainable(sampled: dict, *, module: str, base_updates: dict, named_configs: list,
+               tags: list) -> None:
+    """One trial: the experiment's Sacred run with the sampled values."""
+    experiment = importlib.import_module(module).ex
+    updates = _merge(base_updates, sampled)
+    updates["tags"] = list(updates.get("tags", [])) + tags
+    with reporting_to_tune():
+        experiment.run(config_updates=updates, named_configs=named_configs)
+
+
+def _absolute_paths(config: Mapping[str, Any], keys) -> dict:
+    return {key: str(Path(config[key]).expanduser().resolve()) for key in keys
+            if isinstance(config.get(key), str)}
+
+
+def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
+              path_keys=()) -> dict[str, Any]:
+    """Run the sweep of the ``tune`` settings in ``config`` over ``tune.space``; return the
+    best trial's sampled config and metric. ``path_keys``: top-level entries holding paths
+    (made absolute: trials run in Ray workers)."""
+    settings = config["tune"]
+    space = settings["space"]
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    import ray
+    from ray import tune
+
+    name = settings["name"].format(experiment=ex.path)
+    base = {key: value for key, value in config.items()
+            if key not in ("tune", "seed") and not key.startswith("_")}
+    base.update(_absolute_paths(config, path_keys))
+    tracking = dict(base.get("tracking", {}))
+    if tracking.get("file_dir"):
+        tracking["file_dir"] = str(Path(tracking["file_dir"]).resolve())
+        base["tracking"] = tracking
+    scheduler = None
+    if settings["scheduler"] == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=settings["max_t"],
+                                  grace_period=settings["grace_period"],
+                                  reduction_factor=settings["reduction_factor"], brackets=1)
+    search = None
+    if settings["search"] == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = OptunaSearch()
+    if settings["max_concurrent"]:
+        from ray.tune.search import ConcurrencyLimiter
+
+        search = ConcurrencyLimiter(search or tune.search.BasicVariantGenerator(),
+                                    max_concurrent=settings["max_concurrent"])
+    cwd = os.getcwd()
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"working_dir": None, "env_vars": {
+                     "RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONPATH": os.pathsep.join(
+                         [cwd, *[p for p in sys.path if p]])}})
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, module=module, base_updates=base,
+                             named_configs=list(named_configs), tags=[f"sweep:{name}"]),
+        {"cpu": settings["cpus_per_trial"], "gpu": settings["gpus_per_trial"]})
+    tuner = tune.Tuner(
+        trainable, param_space=_ray_space(space),
+        tune_config=tune.TuneConfig(metric=settings["metric"], mode=settings["mode"],
+                                    num_samples=settings["num_samples"], search_alg=search,
+                                    scheduler=scheduler, reuse_actors=False),
+        run_config=tune.RunConfig(name=name,
+                                  storage_path=str(Path(settings["storage_path"]).expanduser()
+                                                   .resolve()),
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    started = time.perf_counter()
+    results = tuner.fit()
+    wall = time.perf_counter() - started
+    best = results.get_best_result(metric=settings["metric"], mode=settings["mode"])
+    trials = []
+    for result in results:
+        frame = result.metrics_dataframe
+        trials.append({"config": result.config, "epochs": int(len(frame)) if frame is not None else 0,
+                       settings["metric"]: (result.metrics or {}).get(settings["metric"]),
+                       "error": str(result.error) if result.error else None})
+    stopped = sum(1 for t in trials if t["epochs"] < settings["max_t"] and not t["error"])
+    return {"name": name, "best_config": best.config,
+            "best_metric": (best.metrics or {}).get(settings["metric"]),
+            "metric": settings["metric"], "trials": trials, "wall_time_s": wall,
+            "trials_ended_before_max_t": stopped}
+
+
+def add_tune_command(ex, module: str, *, path_keys=()) -> None:
+    """Give ``ex`` (which has a :class:`TuneIngredient`) a ``tune`` command; the search space
+    is checked before the command's run starts."""
+
+    @ex.config_validator
+    def check_tune(config, command_name):
+        if command_name == "tune":
+            check_space(config["tune"]["space"], ex.known_entries())
+
+    @ex.command
+    def tune(_run, _config):
+        """Ray Tune sweep: every trial a Sacred run tagged sweep:<name>; prints the best."""
+        summary = run_sweep(ex, module, _config, path_keys=path_keys)
+        print(f"sweep {summary['name']}: best {summary['metric']}={summary['best_metric']} "
+              f"with {summary['best_config']} ({len(summary['trials'])} trials, "
+              f"{summary['wall_time_s']:.0f} s)")
+        _run.info["sweep"] = summary
+        return {"best_config": summary["best_config"], "best_metric": summary["best_metric"]}
+
+    return tune
