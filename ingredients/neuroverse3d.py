@@ -148,7 +148,11 @@ def check_config(config: Mapping[str, Any], command_name: str, *,
 
 def _tasks(config, key: str):
     try:
-        return select_tasks(find_datasets(config["data_dir"]), config[key], None)
+        available = find_datasets(config["data_dir"])
+    except DataError as error:
+        raise ConfigError(f"data_dir: {error}") from None
+    try:
+        return select_tasks(available, config[key], None)
     except DataError as error:
         raise ConfigError(f"{key}: {error}") from None
 
