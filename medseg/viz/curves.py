@@ -42,3 +42,22 @@ def _plot(axis, epochs, history, names, title) -> None:
     axis.set_xlabel("epoch")
     axis.grid(alpha=0.3)
     axis.legend()
+
+
+def plot_series(x: Sequence[float], y: Sequence[float], path: str | Path, *, xlabel: str,
+                ylabel: str, title: str, baseline: float | None = None,
+                baseline_label: str = "baseline") -> Path:
+    """One line of ``y`` against ``x`` (and a horizontal baseline), saved as a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(list(x), list(y), marker="o")
+    if baseline is not None:
+        axis.axhline(baseline, color="grey", linestyle="--", label=baseline_label)
+        axis.legend()
+    axis.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1))
+    axis.set_xticks(list(x))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,279 @@
+"""In-context-learning episodes from nnU-Net datasets (Neuroverse3D).
+
+A *task* is one (dataset, input channel). An *episode* draws a task (weighted by its sampling
+weight), ``L + 1`` cases of it with replacement, and a random subset of its label values as
+foreground; all ``L + 1`` label volumes are binarised with that subset and augmented together
+(most random parameters shared). Each volume of the episode then takes its turn as the target,
+the others being its context: one training item (one optimizer step) per turn, as the
+original. Episodes are a function of ``(seed, epoch, episode)``, so every turn of an episode
+sees the same volumes and a resumed run sees the episodes an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (
+    Compose,
+    Rand3DElastic,
+    RandFlip,
+    RandGaussianNoise,
+    RandRotate90,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
+from torch.utils.data import Dataset
+
+from medseg.data.nnunet import NnunetDataset, load_image, load_labels
+from medseg.errors import DataError
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One task: a dataset, the input channel used, its relative sampling weight."""
+
+    dataset: NnunetDataset
+    channel: int
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset.name}:{self.channel}"
+
+
+def select_tasks(available: Sequence[NnunetDataset], names: Sequence[str] | None = None,
+                 weights: float | Sequence[float] | None = None) -> list[TaskEntry]:
+    """Tasks of ``names`` (every dataset when ``None``): ``DatasetNNN`` or ``DatasetNNN_Name``
+    (all its channels) or ``DatasetNNN_Name:C`` (channel C only). ``weights``: one sampling
+    weight per name (a single number gives every task the same weight)."""
+    chosen: list[tuple[NnunetDataset, list[int]]] = []
+    for name in (names if names is not None else [d.name for d in available]):
+        base, _, channel = str(name).partition(":")
+        matches = [d for d in available if d.name == base or d.name.split("_")[0] == base]
+        if len(matches) != 1:
+            found = ", ".join(d.name for d in available)
+            raise DataError(f"dataset {base!r} {'is ambiguous' if matches else 'does not exist'} "
+                            f"in the data folder (found: {found})")
+        dataset = matches[0]
+        if channel:
+            if not channel.isdigit() or int(channel) not in dataset.info.channels:
+                raise DataError(f"{name}: {dataset.name} has channels "
+                                f"{sorted(dataset.info.channels)}, not {channel!r}")
+            chosen.append((dataset, [int(channel)]))
+        else:
+            chosen.append((dataset, sorted(dataset.info.channels)))
+    if weights is None or isinstance(weights, (int, float)):
+        per_name = [float(weights or 1.0)] * len(chosen)
+    else:
+        if len(weights) != len(chosen):
+            raise ValueError(f"weights must give one weight per dataset ({len(chosen)}), got "
+                             f"{len(weights)}")
+        per_name = [float(w) for w in weights]
+    if any(w <= 0 for w in per_name):
+        raise ValueError(f"weights must be > 0, got {per_name}")
+    return [TaskEntry(dataset, channel, weight)
+            for (dataset, channels), weight in zip(chosen, per_name) for channel in channels]
+
+
+def split_cases(cases: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """The original's split: in name order, the last ``val_fraction`` of cases (at least one
+    when there are two or more) are validation."""
+    cases = sorted(cases)
+    count = 0 if len(cases) < 2 or val_fraction == 0 else max(1, round(len(cases) * val_fraction))
+    return cases[: len(cases) - count], cases[len(cases) - count:]
+
+
+class VolumeStore:
+    """Cases loaded once at the model's size: normalised images ``[1, *size]`` per channel,
+    integer labels ``[1, *size]``."""
+
+    def __init__(self, size: Sequence[int]) -> None:
+        self.size = tuple(int(s) for s in size)
+        self._images: dict[tuple, torch.Tensor] = {}
+        self._labels: dict[tuple, torch.Tensor] = {}
+
+    def image(self, dataset: NnunetDataset, case: str, channel: int) -> torch.Tensor:
+        key = (str(dataset.root), case, channel)
+        if key not in self._images:
+            self._images[key], geometry = load_image(dataset.image_path(case, channel), self.size)
+            self._shapes = getattr(self, "_shapes", {})
+            self._shapes[(str(dataset.root), case)] = geometry.shape
+        return self._images[key]
+
+    def labels(self, dataset: NnunetDataset, case: str) -> torch.Tensor:
+        key = (str(dataset.root), case)
+        if key not in self._labels:
+            self.image(dataset, case, min(dataset.info.channels))
+            self._labels[key] = load_labels(dataset.label_path(case), self.size,
+                                            expected_shape=self._shapes[key])
+        return self._labels[key]
+
+
+@dataclass(frozen=True)
+class EpisodeSettings:
+    """How episodes are drawn. ``random_context_range`` and ``random_context_probability``:
+    with that probability, L is drawn uniformly from the (inclusive) range, else it is
+    ``context_size``. ``background_in_pool``: label 0 may be among the foreground classes (as
+    the original's ``'random'``)."""
+
+    context_size: int = 3
+    random_context_range: tuple[int, int] | None = None
+    random_context_probability: float = 0.0
+    max_classes: int = 5
+    background_in_pool: bool = True
+
+    def __post_init__(self) -> None:
+        if self.context_size < 1:
+            raise ValueError(f"context_size must be >= 1, got {self.context_size}")
+        if self.random_context_range is not None:
+            low, high = self.random_context_range
+            if not 1 <= low <= high:
+                raise ValueError(f"random_context_range must be [low, high] with 1 <= low <= high, "
+                                 f"got {list(self.random_context_range)}")
+        if self.max_classes < 1:
+            raise ValueError(f"max_classes must be >= 1, got {self.max_classes}")
+
+
+@dataclass(frozen=True)
+class Episode:
+    task: int
+    cases: tuple[str, ...]
+    classes: tuple[int, ...]
+    seed: int
+
+
+def draw_episode(rng: np.random.Generator, tasks: Sequence[TaskEntry],
+                 cases: Mapping[str, Sequence[str]], settings: EpisodeSettings) -> Episode:
+    weights = np.array([t.weight for t in tasks], dtype=float)
+    task = int(rng.choice(len(tasks), p=weights / weights.sum()))
+    entry = tasks[task]
+    size = settings.context_size
+    if settings.random_context_range is not None and rng.random() < settings.random_context_probability:
+        size = int(rng.integers(settings.random_context_range[0], settings.random_context_range[1] + 1))
+    pool = cases[entry.dataset.name]
+    chosen = tuple(pool[int(i)] for i in rng.integers(0, len(pool), size=size + 1))
+    values = sorted(entry.dataset.info.labels)
+    if not settings.background_in_pool:
+        values = [v for v in values if v != 0]
+    count = int(rng.integers(1, max(1, min(len(values) - 1, settings.max_classes)) + 1))
+    classes = tuple(sorted(int(v) for v in rng.choice(values, size=count, replace=False)))
+    return Episode(task, chosen, classes, int(rng.integers(2**31)))
+
+
+@dataclass(frozen=True)
+class AugmentationSettings:
+    """Probabilities of the original's augmentations (0 turns one off)."""
+
+    flip: float = 0.1
+    rotate90: float = 0.1
+    intensity_shift: float = 0.2
+    intensity_scale: float = 0.2
+    noise: float = 0.1
+    elastic: float = 0.05
+    invert_label: float = 0.05
+    invert_image: float = 0.05
+    dilate: float = 0.05
+    erode: float = 0.05
+
+
+class EpisodeAugmentation:
+    """Random transforms of a stacked episode (``images``, ``labels`` both ``[N, *S]``),
+    their parameters shared by the N volumes: MONAI flips, 90-degree rotations and elastic
+    deformation on images and labels together, MONAI intensity shift, scale and noise on the
+    images; label/image inversion and label dilation/erosion (3x3x3 max-pool) written here
+    (MONAI has no binary-mask morphology transform for tensors of this layout)."""
+
+    def __init__(self, settings: AugmentationSettings) -> None:
+        s = settings
+        self.settings = s
+        self.spatial = Compose([*(RandFlip(prob=s.flip, spatial_axis=a) for a in range(3)),
+                                *(RandRotate90(prob=s.rotate90, spatial_axes=axes)
+                                  for axes in ((0, 1), (0, 2), (1, 2))),
+                                Rand3DElastic(sigma_range=(7, 8), magnitude_range=(100, 200),
+                                              prob=s.elastic, rotate_range=(0.3, 0.3, 0.3),
+                                              scale_range=(0.2, 0.2, 0.2), padding_mode="zeros")])
+        self.intensity = Compose([RandShiftIntensity(offsets=0.2, prob=s.intensity_shift),
+                                  RandScaleIntensity(factors=0.1, prob=s.intensity_scale),
+                                  RandGaussianNoise(prob=s.noise, std=0.02)])
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int):
+        rng = np.random.default_rng(seed)
+        self.spatial.set_random_state(seed=seed % 2**32)
+        self.intensity.set_random_state(seed=(seed + 1) % 2**32)
+        n = images.shape[0]
+        both = torch.as_tensor(self.spatial(torch.cat([images, labels])))
+        images, labels = both[:n], (both[n:] > 0.5).float()
+        images = torch.as_tensor(self.intensity(images)).float()
+        s = self.settings
+        if rng.random() < s.invert_label:
+            labels = 1 - labels
+        if rng.random() < s.invert_image:
+            images = 1 - images
+        if rng.random() < s.dilate:
+            labels = F.max_pool3d(labels[None], 3, stride=1, padding=1)[0]
+        elif rng.random() < s.erode:
+            labels = 1 - F.max_pool3d(1 - labels[None], 3, stride=1, padding=1)[0]
+        return images, labels
+
+
+def minmax(volumes: torch.Tensor) -> torch.Tensor:
+    """Each ``[*S]`` volume of ``[N, *S]`` to [0, 1] (constant volumes to 0)."""
+    flat = volumes.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    span = torch.where(high > low, high - low, torch.ones_like(high))
+    shape = (-1,) + (1,) * (volumes.dim() - 1)
+    return (volumes - low.view(shape)) / span.view(shape)
+
+
+class EpisodeDataset(Dataset):
+    """One item per turn of each episode: ``target_in`` ``[1, *S]``, ``target_out``
+    ``[1, *S]``, ``context_in`` / ``context_out`` ``[L, 1, *S]``, ``task`` (its name).
+
+    ``episodes`` episodes per epoch; :meth:`set_epoch` draws the epoch's episodes (the loader
+    calls it). ``augmentation`` ``None``: none (validation).
+    """
+
+    def __init__(self, store: VolumeStore, tasks: Sequence[TaskEntry],
+                 cases: Mapping[str, Sequence[str]], settings: EpisodeSettings, *,
+                 episodes: int, seed: int, augmentation: EpisodeAugmentation | None = None) -> None:
+        if not tasks:
+            raise ValueError("tasks must hold at least one task")
+        for task in tasks:
+            if not cases.get(task.dataset.name):
+                raise DataError(f"dataset {task.dataset.name} has no cases in this split")
+        self.store, self.tasks, self.cases, self.settings = store, list(tasks), cases, settings
+        self.episodes, self.seed, self.augmentation = episodes, seed, augmentation
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch])
+        self.plan = [draw_episode(rng, self.tasks, self.cases, self.settings)
+                     for _ in range(self.episodes)]
+        self.items = [(e, turn) for e, episode in enumerate(self.plan)
+                      for turn in range(len(episode.cases))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def episode_volumes(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """The episode's images and binarised labels, ``[N, *S]`` each, augmented."""
+        entry = self.tasks[episode.task]
+        images = torch.cat([self.store.image(entry.dataset, c, entry.channel) for c in episode.cases])
+        raw = torch.cat([self.store.labels(entry.dataset, c) for c in episode.cases])
+        labels = torch.isin(raw, torch.tensor(episode.classes)).float()
+        if self.augmentation is not None:
+            images, labels = self.augmentation(images, labels, episode.seed)
+        return minmax(images), labels
+
+    def __getitem__(self, index: int) -> dict:
+        e, turn = self.items[index]
+        episode = self.plan[e]
+        images, labels = self.episode_volumes(episode)
+        others = [i for i in range(images.shape[0]) if i != turn]
+        return {"target_in": images[turn][None], "target_out": labels[turn][None],
+                "context_in": images[others][:, None], "context_out": labels[others][:, None],
+                "task": self.tasks[episode.task].name}
