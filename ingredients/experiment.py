@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import io
 import logging
 import os
 import re
@@ -288,5 +289,6 @@ class MedsegExperiment(Experiment):
         # whole, when it ends. Unbuffered (python -u, PYTHONUNBUFFERED), print writes the text
         # and its newline separately, and Sacred's next log line (stderr, copied by another
         # `tee`) could land between them: "wrote data/sadaan_demoINFO - sadaan - Completed".
-        sys.stdout.reconfigure(line_buffering=True, write_through=False)
+        if isinstance(sys.stdout, io.TextIOWrapper):  # not, e.g., a notebook's stream
+            sys.stdout.reconfigure(line_buffering=True, write_through=False)
         return super().run_commandline(argv)
