@@ -16,6 +16,7 @@ import copy
 import difflib
 import functools
 import inspect
+import io
 import logging
 import os
 import re
@@ -327,7 +328,8 @@ class MedsegExperiment(Experiment):
         # whole, when it ends. Unbuffered (python -u, PYTHONUNBUFFERED), print writes the text
         # and its newline separately, and Sacred's next log line (stderr, copied by another
         # `tee`) could land between them: "wrote data/sadaan_demoINFO - sadaan - Completed".
-        sys.stdout.reconfigure(line_buffering=True, write_through=False)
+        if isinstance(sys.stdout, io.TextIOWrapper):  # not, e.g., a notebook's stream
+            sys.stdout.reconfigure(line_buffering=True, write_through=False)
         argv = list(sys.argv if argv is None else argv)
         previous = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:

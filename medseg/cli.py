@@ -98,8 +98,8 @@ def _viewer_address(name: str, args: argparse.Namespace) -> str:
     where = f"http://{args.host}:{args.port}"
     if args.host in ("127.0.0.1", "localhost", "::1"):
         return f"{where} (this machine only; --host 0.0.0.0 opens it to the network)"
-    return (f"{where} — open to every machine that reaches this one on port {args.port}; "
-            f"{name} has no login")
+    return (f"{where} (open to every machine that reaches this one on port {args.port}: "
+            f"{name} has no login)")
 
 
 def _db_omniboard(args: argparse.Namespace) -> int:

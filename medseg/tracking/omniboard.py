@@ -104,14 +104,29 @@ def headline_metrics(database) -> list[str]:
     return names
 
 
-def plot_defaults_script(metric_names: list[str]) -> str:
-    """A ``<script>`` that gives omniboard's plot its default selection, ``metric_names``,
-    unless the user has chosen one (omniboard stores the user's choice under the same key)."""
-    selection = {"metricNameOptions": [{"label": name, "value": name, "selected": True}
-                                       for name in metric_names]}
-    return ("<script>(function () { var key = %s; if (!window.localStorage.getItem(key)) "
-            "{ window.localStorage.setItem(key, %s); } })();</script>"
-            % (json.dumps(PLOT_DEFAULTS_KEY), json.dumps(json.dumps(selection))))
+#: Where omniboard keeps the runs table's state (filters included) for its database "default"
+#: (the one ``MONGO_URI`` names).
+RUNS_TABLE_KEY = "default|RunsTable|1"
+#: The runs table's default filter: the runs of data commands (experiment ``<name>_data``)
+#: left out. It shows as a filter label; one click on it disables it and lists them too.
+TRAINING_RUNS_FILTER = {"name": "experiment.name", "operator": "$regex",
+                        "value": "^(?!.*_data$)", "disabled": False}
+
+
+def defaults_script(metric_names: list[str]) -> str:
+    """A ``<script>`` that gives omniboard its defaults where the browser has none: the plot
+    opens on ``metric_names``, the runs table leaves out data runs. omniboard keeps the
+    user's own choices under the same keys, so once made they are kept."""
+    defaults = {
+        PLOT_DEFAULTS_KEY: {"metricNameOptions": [{"label": name, "value": name,
+                                                   "selected": True} for name in metric_names]},
+        RUNS_TABLE_KEY: {"filters": {"status": [], "advanced": [TRAINING_RUNS_FILTER]}},
+    }
+    settings = "".join(
+        "if (!window.localStorage.getItem(%s)) { window.localStorage.setItem(%s, %s); } "
+        % (json.dumps(key), json.dumps(key), json.dumps(json.dumps(value)))
+        for key, value in defaults.items())
+    return f"<script>(function () {{ {settings}}})();</script>"
 
 
 def environment(url: str, db_name: str, listen: str | int) -> dict[str, str]:
@@ -134,7 +149,7 @@ class Omniboard:
         self._folder = Path(tempfile.mkdtemp(prefix="medseg-omniboard-"))  # mode 0700
         self.socket_path = self._folder / "omniboard.sock"
         try:
-            self.proxy = Proxy((host, port), self.socket_path, plot_defaults_script(plot_metrics),
+            self.proxy = Proxy((host, port), self.socket_path, defaults_script(plot_metrics),
                                unavailable="omniboard is restarting; reload in a few seconds")
         except OSError as error:
             shutil.rmtree(self._folder, ignore_errors=True)
