@@ -20,6 +20,7 @@ from medseg.data.nnunet import NnunetDataset, find_datasets
 from medseg.data.staging import refuse_to_overwrite
 from medseg.errors import ConfigError, DataError
 from medseg.models.neuroverse3d import DEFAULT_CHANNELS, Neuroverse3D
+from medseg.tasks.neuroverse3d import read_weights
 
 log = logging.getLogger("medseg")
 _probability = c.number(minimum=0, maximum=1)
@@ -158,11 +159,18 @@ def _tasks(config, key: str):
 
 
 def _check_training(config, changed_generator_settings) -> None:
+    for name in changed_generator_settings:
+        log.warning("%s has no effect on training; it is a generate_data setting", name)
     if config["stage"] == 2 and not config["weights"] and not config["checkpoint"]["resume"]:
         raise ConfigError("stage=2 continues from a stage-1 checkpoint: set weights=PATH (e.g. "
                           "weights=checkpoints/neuroverse3d/1/best.ckpt)")
     if config["weights"] is not None:
         _require_file(config, "weights", "checkpoints/neuroverse3d/1/best.ckpt")
+        _, channels = read_weights(config["weights"])
+        if channels is not None and list(channels) != list(config["model"]["channels"]):
+            raise ConfigError(f"weights: {config['weights']} is a Neuroverse3D with channels "
+                              f"{list(channels)}, but model.channels is "
+                              f"{list(config['model']['channels'])}; set model.channels to match")
     random = config["stage"] == 2 and config["random_context_probability"] > 0
     if random and config["training"]["batch_size"] > 1:
         raise ConfigError("training.batch_size must be 1 in stage 2: its episodes have different "
@@ -173,5 +181,3 @@ def _check_training(config, changed_generator_settings) -> None:
     if isinstance(rate, (list, tuple)) and len(rate) != len(names):
         raise ConfigError(f"sample_rate gives {len(rate)} weights for {len(names)} datasets "
                           f"({', '.join(names)}); give one per datasets entry")
-    for name in changed_generator_settings:
-        log.warning("%s has no effect on training; it is a generate_data setting", name)

@@ -5,7 +5,7 @@ weight), ``L + 1`` cases of it with replacement, and a random subset of its labe
 foreground; all ``L + 1`` label volumes are binarised with that subset and augmented together
 (most random parameters shared). Each volume of the episode then takes its turn as the target,
 the others being its context: one training item (one optimizer step) per turn, as the
-original. Episodes are a function of ``(seed, epoch, episode)``, so every turn of an episode
+original. Episodes are a function of the epoch's seed, so every turn of an episode
 sees the same volumes and a resumed run sees the episodes an uninterrupted one would.
 """
 
@@ -233,8 +233,8 @@ class EpisodeDataset(Dataset):
     """One item per turn of each episode: ``target_in`` ``[1, *S]``, ``target_out``
     ``[1, *S]``, ``context_in`` / ``context_out`` ``[L, 1, *S]``, ``task`` (its name).
 
-    ``episodes`` episodes per epoch; :meth:`set_epoch` draws the epoch's episodes (the loader
-    calls it). ``augmentation`` ``None``: none (validation).
+    ``episodes`` episodes per epoch; :meth:`set_epoch_seed` draws an epoch's episodes (the
+    loader calls it each epoch; ``seed`` gives those drawn before). ``augmentation`` ``None``: none (validation).
     """
 
     def __init__(self, store: VolumeStore, tasks: Sequence[TaskEntry],
@@ -246,11 +246,13 @@ class EpisodeDataset(Dataset):
             if not cases.get(task.dataset.name):
                 raise DataError(f"dataset {task.dataset.name} has no cases in this split")
         self.store, self.tasks, self.cases, self.settings = store, list(tasks), cases, settings
-        self.episodes, self.seed, self.augmentation = episodes, seed, augmentation
-        self.set_epoch(0)
+        self.episodes, self.augmentation = episodes, augmentation
+        self.set_epoch_seed(seed)
 
-    def set_epoch(self, epoch: int) -> None:
-        rng = np.random.default_rng([self.seed, epoch])
+    def set_epoch_seed(self, seed: int) -> None:
+        """Draw the episodes of the epoch whose seed is ``seed`` (the loader's ``(seed, epoch)``
+        seed, which a resumed run restores)."""
+        rng = np.random.default_rng(seed)
         self.plan = [draw_episode(rng, self.tasks, self.cases, self.settings)
                      for _ in range(self.episodes)]
         self.items = [(e, turn) for e, episode in enumerate(self.plan)

@@ -29,6 +29,7 @@ from medseg.losses.neuroverse3d import SmoothL3L1Loss
 from medseg.models.neuroverse3d import Neuroverse3D
 
 THRESHOLD = 0.5
+VAL_SEED = 12345
 
 
 def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -251,7 +252,8 @@ def open_episode_data(data_dir: str | Path, *, image_size: Sequence[int], settin
                            episodes=episodes, seed=seed, augmentation=augmentation)
     fixed = replace(settings, random_context_range=None, random_context_probability=0.0)
     val_cases = {k: v[1] or v[0] for k, v in splits.items()}
-    val = EpisodeDataset(store, tasks, val_cases, fixed, episodes=val_episodes, seed=seed + 1)
+    # The same validation episodes in every run (whatever its seed), so runs compare.
+    val = EpisodeDataset(store, tasks, val_cases, fixed, episodes=val_episodes, seed=VAL_SEED)
     statistics = {"tasks": [t.name for t in tasks], "weights": [t.weight for t in tasks],
                   "train_cases": {k: len(v[0]) for k, v in splits.items()},
                   "val_cases": {k: len(v[1]) for k, v in splits.items()},
