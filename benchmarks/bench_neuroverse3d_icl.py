@@ -61,7 +61,7 @@ def run() -> dict:
             torch.nn.utils.clip_grad_norm_(net.parameters(), 0.25)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(output.loss))
+            losses.append(float(output.loss.detach()))
             steps += 1
         train_s = time.perf_counter() - started
         cases = nv.open_evaluation_data(tmp / "nn", image_size=SIZE, eval_datasets=None,

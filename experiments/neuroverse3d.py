@@ -20,13 +20,13 @@ from ingredients.neuroverse3d import (
     build_augmentation,
     build_model,
     check_config,
+    open_episodes,
 )
 from ingredients.optimizer import OptimizerIngredient
 from ingredients.pipeline import PipelineRun
 from ingredients.tracking import LoggingIngredient, TrackingIngredient
 from ingredients.training import TrainingIngredient
 from medseg import config as c
-from medseg.data.episodes import EpisodeSettings
 from medseg.data.nnunet import NnunetDataset, prepare_nnunet
 from medseg.data.synthetic.neuroverse3d import generate_neuroverse3d_data
 from medseg.losses.neuroverse3d import SmoothL3L1Loss
@@ -117,24 +117,6 @@ ex.add_named_config("cpu", data_dir="data/neuroverse3d", image_size=[32, 32, 32]
                     logging={"log_frequency": 10})
 
 
-def _episode_settings(config) -> EpisodeSettings:
-    random = config["stage"] == 2 and config["random_context_probability"] > 0
-    return EpisodeSettings(context_size=config["context_size"],
-                           random_context_range=tuple(config["random_context_range"]) if random else None,
-                           random_context_probability=config["random_context_probability"],
-                           max_classes=config["max_classes"],
-                           background_in_pool=config["background_in_pool"])
-
-
-def _episodes(config):
-    return nv.open_episode_data(
-        config["data_dir"], image_size=config["image_size"], settings=_episode_settings(config),
-        datasets=config["datasets"], sample_rate=config["sample_rate"],
-        val_fraction=config["val_fraction"], episodes=config["episodes_per_epoch"],
-        val_episodes=config["val_episodes"], seed=config["seed"],
-        augmentation=build_augmentation(config["augmentation"]))
-
-
 @ex.config_validator
 def check_inputs(config, command_name):
     check_config(config, command_name, changed_generator_settings=synthetic.changed(config))
@@ -186,7 +168,7 @@ def evaluate(_run, _config, weights, data_dir, context_sizes, eval_episodes):
 def main(_run, _config, data_dir, weights):
     """Train one stage; best and last checkpoints by val_loss, training curves."""
     pipeline = PipelineRun(_run, training, optimizer, checkpoint)
-    data = _episodes(_config)
+    data = open_episodes(_config)
     pipeline.record_dataset(data_dir, data["statistics"])
     net = build_model(_config["model"])
     if weights:

@@ -15,12 +15,17 @@ from typing import Any
 
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
-from medseg.data.episodes import AugmentationSettings, EpisodeAugmentation, select_tasks
+from medseg.data.episodes import (
+    AugmentationSettings,
+    EpisodeAugmentation,
+    EpisodeSettings,
+    select_tasks,
+)
 from medseg.data.nnunet import NnunetDataset, find_datasets
 from medseg.data.staging import refuse_to_overwrite
 from medseg.errors import ConfigError, DataError
 from medseg.models.neuroverse3d import DEFAULT_CHANNELS, Neuroverse3D
-from medseg.tasks.neuroverse3d import read_weights
+from medseg.tasks.neuroverse3d import open_episode_data, read_weights
 
 log = logging.getLogger("medseg")
 _probability = c.number(minimum=0, maximum=1)
@@ -181,3 +186,23 @@ def _check_training(config, changed_generator_settings) -> None:
     if isinstance(rate, (list, tuple)) and len(rate) != len(names):
         raise ConfigError(f"sample_rate gives {len(rate)} weights for {len(names)} datasets "
                           f"({', '.join(names)}); give one per datasets entry")
+
+
+def episode_settings(config: Mapping[str, Any]) -> EpisodeSettings:
+    """Stage 2 draws L from random_context_range; stage 1 (and validation) use context_size."""
+    random = config["stage"] == 2 and config["random_context_probability"] > 0
+    return EpisodeSettings(context_size=config["context_size"],
+                           random_context_range=tuple(config["random_context_range"]) if random else None,
+                           random_context_probability=config["random_context_probability"],
+                           max_classes=config["max_classes"],
+                           background_in_pool=config["background_in_pool"])
+
+
+def open_episodes(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Training and validation episodes of a run's config (see :func:`open_episode_data`)."""
+    return open_episode_data(
+        config["data_dir"], image_size=config["image_size"], settings=episode_settings(config),
+        datasets=config["datasets"], sample_rate=config["sample_rate"],
+        val_fraction=config["val_fraction"], episodes=config["episodes_per_epoch"],
+        val_episodes=config["val_episodes"], seed=config["seed"],
+        augmentation=build_augmentation(config["augmentation"]))

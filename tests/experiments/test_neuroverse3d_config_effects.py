@@ -15,7 +15,7 @@ import pytest
 import torch
 from support import add_effect_probe, load_experiment
 
-from ingredients.neuroverse3d import build_augmentation, build_model
+from ingredients.neuroverse3d import build_augmentation, build_model, open_episodes
 from medseg.data.nnunet import prepare_nnunet
 from medseg.data.synthetic.neuroverse3d import generate_neuroverse3d_data
 
@@ -34,7 +34,7 @@ def data_dir(tmp_path_factory):
 
 
 def episodes(config):
-    data = nv_exp._episodes(config)
+    data = open_episodes(config)
     train, val = data["train"], data["val"]
     plan = train.plan
     return {"tasks": Counter(train.tasks[e.task].name for e in plan),
