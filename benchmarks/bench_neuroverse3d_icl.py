@@ -48,7 +48,7 @@ def run() -> dict:
                                     augmentation=EpisodeAugmentation(AugmentationSettings()))
         net = Neuroverse3D(channels=CHANNELS, gs=2)
         task = nv.Neuroverse3DTask(SmoothL3L1Loss(), gs=2, val_gs=4)
-        optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+        optimizer = torch.optim.Adam(net.parameters(), lr=5e-4)
         train = data["train"]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
         started, steps, losses = time.perf_counter(), 0, []
