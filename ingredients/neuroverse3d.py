@@ -63,6 +63,7 @@ AUGMENTATION_FIELDS = {
     **{name: Field(getattr(AugmentationSettings(), name), _probability, doc) for name, doc in [
         ("flip", "Probability of a flip, per axis"),
         ("rotate90", "Probability of a 90-degree rotation, per plane"),
+        ("resample", "Probability of keeping every 2nd-4th slice along one axis, stretched back"),
         ("intensity_shift", "Probability of an intensity shift (up to +-0.2)"),
         ("intensity_scale", "Probability of an intensity scaling (up to +-10%)"),
         ("noise", "Probability of Gaussian noise (std 0.02)"),
@@ -71,6 +72,7 @@ AUGMENTATION_FIELDS = {
         ("invert_image", "Probability of inverting the images (1 - image)"),
         ("dilate", "Probability of dilating the labels (3x3x3)"),
         ("erode", "Probability of eroding the labels (3x3x3), when not dilated"),
+        ("edge", "Probability of replacing the labels by their edges (Sobel)"),
     ]},
 }
 
