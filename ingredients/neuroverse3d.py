@@ -15,11 +15,17 @@ from typing import Any
 
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
-from medseg.data.episodes import AugmentationSettings, EpisodeAugmentation, select_tasks
+from medseg.data.episodes import (
+    AugmentationSettings,
+    EpisodeAugmentation,
+    EpisodeSettings,
+    select_tasks,
+)
 from medseg.data.nnunet import NnunetDataset, find_datasets
 from medseg.data.staging import refuse_to_overwrite
 from medseg.errors import ConfigError, DataError
 from medseg.models.neuroverse3d import DEFAULT_CHANNELS, Neuroverse3D
+from medseg.tasks.neuroverse3d import open_episode_data, read_weights
 
 log = logging.getLogger("medseg")
 _probability = c.number(minimum=0, maximum=1)
@@ -57,6 +63,7 @@ AUGMENTATION_FIELDS = {
     **{name: Field(getattr(AugmentationSettings(), name), _probability, doc) for name, doc in [
         ("flip", "Probability of a flip, per axis"),
         ("rotate90", "Probability of a 90-degree rotation, per plane"),
+        ("resample", "Probability of keeping every 2nd-4th slice along one axis, stretched back"),
         ("intensity_shift", "Probability of an intensity shift (up to +-0.2)"),
         ("intensity_scale", "Probability of an intensity scaling (up to +-10%)"),
         ("noise", "Probability of Gaussian noise (std 0.02)"),
@@ -65,6 +72,7 @@ AUGMENTATION_FIELDS = {
         ("invert_image", "Probability of inverting the images (1 - image)"),
         ("dilate", "Probability of dilating the labels (3x3x3)"),
         ("erode", "Probability of eroding the labels (3x3x3), when not dilated"),
+        ("edge", "Probability of replacing the labels by their edges (Sobel)"),
     ]},
 }
 
@@ -158,11 +166,18 @@ def _tasks(config, key: str):
 
 
 def _check_training(config, changed_generator_settings) -> None:
+    for name in changed_generator_settings:
+        log.warning("%s has no effect on training; it is a generate_data setting", name)
     if config["stage"] == 2 and not config["weights"] and not config["checkpoint"]["resume"]:
         raise ConfigError("stage=2 continues from a stage-1 checkpoint: set weights=PATH (e.g. "
                           "weights=checkpoints/neuroverse3d/1/best.ckpt)")
     if config["weights"] is not None:
         _require_file(config, "weights", "checkpoints/neuroverse3d/1/best.ckpt")
+        _, channels = read_weights(config["weights"])
+        if channels is not None and list(channels) != list(config["model"]["channels"]):
+            raise ConfigError(f"weights: {config['weights']} is a Neuroverse3D with channels "
+                              f"{list(channels)}, but model.channels is "
+                              f"{list(config['model']['channels'])}; set model.channels to match")
     random = config["stage"] == 2 and config["random_context_probability"] > 0
     if random and config["training"]["batch_size"] > 1:
         raise ConfigError("training.batch_size must be 1 in stage 2: its episodes have different "
@@ -173,5 +188,23 @@ def _check_training(config, changed_generator_settings) -> None:
     if isinstance(rate, (list, tuple)) and len(rate) != len(names):
         raise ConfigError(f"sample_rate gives {len(rate)} weights for {len(names)} datasets "
                           f"({', '.join(names)}); give one per datasets entry")
-    for name in changed_generator_settings:
-        log.warning("%s has no effect on training; it is a generate_data setting", name)
+
+
+def episode_settings(config: Mapping[str, Any]) -> EpisodeSettings:
+    """Stage 2 draws L from random_context_range; stage 1 (and validation) use context_size."""
+    random = config["stage"] == 2 and config["random_context_probability"] > 0
+    return EpisodeSettings(context_size=config["context_size"],
+                           random_context_range=tuple(config["random_context_range"]) if random else None,
+                           random_context_probability=config["random_context_probability"],
+                           max_classes=config["max_classes"],
+                           background_in_pool=config["background_in_pool"])
+
+
+def open_episodes(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Training and validation episodes of a run's config (see :func:`open_episode_data`)."""
+    return open_episode_data(
+        config["data_dir"], image_size=config["image_size"], settings=episode_settings(config),
+        datasets=config["datasets"], sample_rate=config["sample_rate"],
+        val_fraction=config["val_fraction"], episodes=config["episodes_per_epoch"],
+        val_episodes=config["val_episodes"], seed=config["seed"],
+        augmentation=build_augmentation(config["augmentation"]))

@@ -5,7 +5,7 @@ weight), ``L + 1`` cases of it with replacement, and a random subset of its labe
 foreground; all ``L + 1`` label volumes are binarised with that subset and augmented together
 (most random parameters shared). Each volume of the episode then takes its turn as the target,
 the others being its context: one training item (one optimizer step) per turn, as the
-original. Episodes are a function of ``(seed, epoch, episode)``, so every turn of an episode
+original. Episodes are a function of the epoch's seed, so every turn of an episode
 sees the same volumes and a resumed run sees the episodes an uninterrupted one would.
 """
 
@@ -25,6 +25,7 @@ from monai.transforms import (
     RandRotate90,
     RandScaleIntensity,
     RandShiftIntensity,
+    SobelGradients,
 )
 from torch.utils.data import Dataset
 
@@ -170,6 +171,7 @@ class AugmentationSettings:
 
     flip: float = 0.1
     rotate90: float = 0.1
+    resample: float = 0.15
     intensity_shift: float = 0.2
     intensity_scale: float = 0.2
     noise: float = 0.1
@@ -178,14 +180,16 @@ class AugmentationSettings:
     invert_image: float = 0.05
     dilate: float = 0.05
     erode: float = 0.05
+    edge: float = 0.05
 
 
 class EpisodeAugmentation:
     """Random transforms of a stacked episode (``images``, ``labels`` both ``[N, *S]``),
     their parameters shared by the N volumes: MONAI flips, 90-degree rotations and elastic
     deformation on images and labels together, MONAI intensity shift, scale and noise on the
-    images; label/image inversion and label dilation/erosion (3x3x3 max-pool) written here
-    (MONAI has no binary-mask morphology transform for tensors of this layout)."""
+    images, MONAI Sobel gradients for the label's edge map; label/image inversion, label
+    dilation/erosion (3x3x3 max-pool) and slice resampling written here (MONAI has no
+    binary-mask morphology, and no "keep every k-th slice" transform)."""
 
     def __init__(self, settings: AugmentationSettings) -> None:
         s = settings
@@ -196,6 +200,7 @@ class EpisodeAugmentation:
                                 Rand3DElastic(sigma_range=(7, 8), magnitude_range=(100, 200),
                                               prob=s.elastic, rotate_range=(0.3, 0.3, 0.3),
                                               scale_range=(0.2, 0.2, 0.2), padding_mode="zeros")])
+        self.sobel = SobelGradients(kernel_size=3)
         self.intensity = Compose([RandShiftIntensity(offsets=0.2, prob=s.intensity_shift),
                                   RandScaleIntensity(factors=0.1, prob=s.intensity_scale),
                                   RandGaussianNoise(prob=s.noise, std=0.02)])
@@ -217,7 +222,21 @@ class EpisodeAugmentation:
             labels = F.max_pool3d(labels[None], 3, stride=1, padding=1)[0]
         elif rng.random() < s.erode:
             labels = 1 - F.max_pool3d(1 - labels[None], 3, stride=1, padding=1)[0]
+        if rng.random() < s.edge:  # the task becomes "segment the boundary"
+            grads = torch.as_tensor(self.sobel(labels)).unflatten(0, (n, -1))
+            labels = (grads.abs().sum(1) > 0).float()
+        if rng.random() < s.resample:
+            images, labels = _resample_slices(images, labels, axis=int(rng.integers(3)),
+                                              step=int(rng.integers(2, 5)))
         return images, labels
+
+
+def _resample_slices(images: torch.Tensor, labels: torch.Tensor, axis: int, step: int):
+    """Keep every ``step``-th slice along spatial ``axis`` and stretch back (nearest): a
+    thick-slice acquisition, as the original's ``RandomResample``."""
+    size = images.shape[1:]
+    kept = [t.index_select(axis + 1, torch.arange(0, size[axis], step)) for t in (images, labels)]
+    return tuple(F.interpolate(t[None], size=size, mode="nearest")[0] for t in kept)
 
 
 def minmax(volumes: torch.Tensor) -> torch.Tensor:
@@ -233,8 +252,8 @@ class EpisodeDataset(Dataset):
     """One item per turn of each episode: ``target_in`` ``[1, *S]``, ``target_out``
     ``[1, *S]``, ``context_in`` / ``context_out`` ``[L, 1, *S]``, ``task`` (its name).
 
-    ``episodes`` episodes per epoch; :meth:`set_epoch` draws the epoch's episodes (the loader
-    calls it). ``augmentation`` ``None``: none (validation).
+    ``episodes`` episodes per epoch; :meth:`set_epoch_seed` draws an epoch's episodes (the
+    loader calls it each epoch; ``seed`` gives those drawn before). ``augmentation`` ``None``: none (validation).
     """
 
     def __init__(self, store: VolumeStore, tasks: Sequence[TaskEntry],
@@ -246,11 +265,13 @@ class EpisodeDataset(Dataset):
             if not cases.get(task.dataset.name):
                 raise DataError(f"dataset {task.dataset.name} has no cases in this split")
         self.store, self.tasks, self.cases, self.settings = store, list(tasks), cases, settings
-        self.episodes, self.seed, self.augmentation = episodes, seed, augmentation
-        self.set_epoch(0)
+        self.episodes, self.augmentation = episodes, augmentation
+        self.set_epoch_seed(seed)
 
-    def set_epoch(self, epoch: int) -> None:
-        rng = np.random.default_rng([self.seed, epoch])
+    def set_epoch_seed(self, seed: int) -> None:
+        """Draw the episodes of the epoch whose seed is ``seed`` (the loader's ``(seed, epoch)``
+        seed, which a resumed run restores)."""
+        rng = np.random.default_rng(seed)
         self.plan = [draw_episode(rng, self.tasks, self.cases, self.settings)
                      for _ in range(self.episodes)]
         self.items = [(e, turn) for e, episode in enumerate(self.plan)

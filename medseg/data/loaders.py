@@ -47,10 +47,10 @@ class EpochLoader:
         self._epoch = epoch
         seed = epoch_seed(self.seed, epoch)
         self.generator.manual_seed(seed)
-        # A dataset that draws its items per epoch (Neuroverse3D episodes) is told the epoch
-        # here, before the workers copy it.
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
+        # A dataset that draws its items per epoch (Neuroverse3D episodes) is given the epoch's
+        # seed here, before the workers copy it.
+        if hasattr(self.dataset, "set_epoch_seed"):
+            self.dataset.set_epoch_seed(seed)
         if self.loader.num_workers == 0:
             set_rnd(self.dataset, seed)
 

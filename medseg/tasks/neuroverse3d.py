@@ -29,6 +29,7 @@ from medseg.losses.neuroverse3d import SmoothL3L1Loss
 from medseg.models.neuroverse3d import Neuroverse3D
 
 THRESHOLD = 0.5
+VAL_SEED = 12345
 
 
 def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -133,8 +134,8 @@ def context_size_curve(model: Neuroverse3D, dataset: EpisodeDataset, context_siz
                        *, episodes: int, gs: int, device: torch.device, seed: int = 0
                        ) -> dict[str, Any]:
     """Dice against context size on ``dataset``'s cases: for each of ``episodes`` targets
-    (one label value each, not background), nested contexts of other cases (the first L of
-    one shuffled list), so a larger L only adds pairs. Also the Dice of segmenting every
+    (one label value each, not background), nested contexts of the dataset's other cases (the
+    first L of one shuffled list), so a larger L only adds pairs. Also the Dice of segmenting every
     labelled structure (what a model that ignores the context labels could do best without
     knowing which one is asked)."""
     rng = np.random.default_rng(seed)
@@ -144,10 +145,11 @@ def context_size_curve(model: Neuroverse3D, dataset: EpisodeDataset, context_siz
     for index in range(episodes):
         entry = dataset.tasks[int(rng.integers(len(dataset.tasks)))]
         cases = list(dataset.cases[entry.dataset.name])
-        if len(cases) < 2:
-            raise DataError(f"{entry.dataset.name} needs at least 2 cases to evaluate, has {len(cases)}")
         target = cases[int(rng.integers(len(cases)))]
-        others = [c for c in cases if c != target]
+        # Context pairs may be any other case of the dataset (training cases included).
+        others = [c for c in entry.dataset.cases if c != target]
+        if not others:
+            raise DataError(f"{entry.dataset.name} needs at least 2 cases to evaluate, has 1")
         order = [others[int(i)] for i in rng.permutation(len(others))]
         order = (order * (largest // len(order) + 1))[:largest]
         values = [v for v in entry.dataset.info.labels if v != 0]
@@ -251,7 +253,8 @@ def open_episode_data(data_dir: str | Path, *, image_size: Sequence[int], settin
                            episodes=episodes, seed=seed, augmentation=augmentation)
     fixed = replace(settings, random_context_range=None, random_context_probability=0.0)
     val_cases = {k: v[1] or v[0] for k, v in splits.items()}
-    val = EpisodeDataset(store, tasks, val_cases, fixed, episodes=val_episodes, seed=seed + 1)
+    # The same validation episodes in every run (whatever its seed), so runs compare.
+    val = EpisodeDataset(store, tasks, val_cases, fixed, episodes=val_episodes, seed=VAL_SEED)
     statistics = {"tasks": [t.name for t in tasks], "weights": [t.weight for t in tasks],
                   "train_cases": {k: len(v[0]) for k, v in splits.items()},
                   "val_cases": {k: len(v[1]) for k, v in splits.items()},

@@ -68,11 +68,11 @@ def test_labels_are_binarised_with_the_episode_classes(data_dir):
 
 def test_epochs_are_reproducible_and_differ(data_dir):
     data = _dataset(data_dir)
-    data.set_epoch(2)
+    data.set_epoch_seed(2)
     plan = list(data.plan)
-    data.set_epoch(5)
+    data.set_epoch_seed(5)
     assert data.plan != plan
-    data.set_epoch(2)
+    data.set_epoch_seed(2)
     assert data.plan == plan
 
 

@@ -28,7 +28,7 @@ def _structure_specs(rng: np.random.Generator, count: int, held_out: bool) -> li
     specs = []
     for kind in kinds:
         base = rng.uniform(0.75, 1.0) if not held_out else rng.uniform(0.85, 1.1)
-        specs.append({"kind": kind, "radius": float(rng.uniform(0.10, 0.16)),
+        specs.append({"kind": kind, "radius": float(rng.uniform(0.16, 0.24)),
                       "intensity": 0.15 if kind == "dark" else float(base)})
     return specs
 
@@ -67,8 +67,8 @@ def synthetic_case(rng: np.random.Generator, shape, specs, noise_std: float):
     for value, spec in enumerate(specs, start=1):
         radius = spec["radius"] * rng.uniform(0.85, 1.15)
         for _ in range(50):  # apart from the structures already placed
-            centre = rng.uniform(-0.45, 0.45, size=3)
-            if all(np.linalg.norm(centre - other) > 2.6 * radius + 0.05 for other in placed):
+            centre = rng.uniform(-0.5, 0.5, size=3)
+            if all(np.linalg.norm(centre - other) > 2.2 * radius + 0.05 for other in placed):
                 break
         placed.append(centre)
         mask = _structure_mask(spec["kind"], grid, centre, radius, rng) & brain
