@@ -129,14 +129,14 @@ def check_inputs(config, command_name):
     check_config(config, command_name, changed_generator_settings=synthetic.changed(config))
 
 
-@ex.command
+@ex.data_command
 def generate_data(data_dir, synthetic):
     """Write synthetic *_img / *_gt pairs, one folder per dataset, to data_dir."""
     folders = generate_neuroverse3d_data(data_dir, **synthetic)
     print(f"wrote {len(folders)} datasets to {data_dir}: {', '.join(f.name for f in folders)}")
 
 
-@ex.command
+@ex.data_command
 def prepare(input_dir, output_dir, dataset_name, modality, image_pattern, mask_pattern, overwrite):
     """Convert image/mask pairs to the nnU-Net v2 layout (the seed's
     prepare_neuroverse3d_data.py)."""
