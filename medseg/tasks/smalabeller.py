@@ -9,6 +9,7 @@ of it, and Dice of the thresholded sigmoid per volume, averaged over volumes.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +30,8 @@ from medseg.engine.reporting import Reporter
 from medseg.engine.schedulers import LRSchedule
 from medseg.engine.trainer import Callback, StepOutput, Trainer, TrainerSettings
 from medseg.models.unet import UNet
+
+log = logging.getLogger(__name__)
 
 LOSSES = ("dice", "cross_entropy", "combination")
 DIMENSIONS = {"2D": 2, "3D": 3}
@@ -304,5 +307,5 @@ def _restore_best_optimizer(trainer: Trainer, checkpoints: CheckpointManager | N
         return
     best = load_checkpoint(checkpoints.best_path, map_location=trainer.device)
     trainer.optimizer.load_state_dict(best["optimizer"])
-    print(f"Restored best model from epoch {best['epoch']} "
-          f"(validation loss {best['monitor_value']:.4f})")
+    log.info("Restored best model from epoch %s (validation loss %.4f)", best["epoch"],
+             best["monitor_value"])

@@ -307,6 +307,7 @@ def test_a_four_trial_sweep_records_every_trial(data, tmp_path):
     trials = [r for r in runs if r["command"] == "main"]
     assert len(trials) == 4
     assert all(r["status"] == "COMPLETED" for r in runs), [r["status"] for r in runs]
+    assert len(runs) == 5  # the sweep's own run and its four trials
     for folder, config in configs.items():
         if config.get("tags") == ["sweep:tiny"]:
             metrics = json.loads((tmp_path / "sacred" / folder / "metrics.json").read_text())
@@ -325,9 +326,10 @@ def test_a_four_trial_sweep_records_every_trial(data, tmp_path):
 
 
 class FakeTrainer:
-    def __init__(self):
+    def __init__(self, num_epochs=10):
         self.stop_reason = None
         self.reporter = RecordingReporter()
+        self.settings = type("Settings", (), {"num_epochs": num_epochs})()
 
 
 def test_a_stop_from_the_scheduler_ends_training_with_a_note(monkeypatch):
@@ -349,6 +351,9 @@ def test_a_stop_from_the_scheduler_ends_training_with_a_note(monkeypatch):
                            "training_loss": 0.9, "validation_loss": 0.8}
     assert trainer.stop_reason == "stopped by the sweep's scheduler after epoch 2"
     assert trainer.reporter.info["stopped_by_scheduler"]["epoch"] == 2
+    last = FakeTrainer(num_epochs=2)  # a stop at the last epoch stops nothing early
+    callback.on_epoch_end(last, 2, {"train_loss_epoch": 0.7, "val_loss": 0.6})
+    assert last.stop_reason is None and "stopped_by_scheduler" not in last.reporter.info
 
 
 def test_only_trials_report_to_tune():
