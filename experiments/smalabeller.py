@@ -16,7 +16,8 @@ from __future__ import annotations
 from ingredients import smalabeller as sma
 from ingredients.experiment import MedsegExperiment
 from ingredients.tracking import TrackingIngredient
-from ingredients.tune import TuneIngredient, add_tune_command, choice, loguniform, reporting_to_tune, uniform
+from ingredients.tune import (TuneIngredient, add_tune_command, choice, loguniform,
+                              reporting_to_tune, uniform)
 from medseg.data.synthetic.smalabeller import generate_brain_dataset
 
 # The original's search space (pytorch_model/model/tuning.py) and its ASHA settings.

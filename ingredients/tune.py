@@ -277,7 +277,8 @@ def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
     trials = []
     for result in results:
         frame = result.metrics_dataframe
-        trials.append({"config": result.config, "epochs": int(len(frame)) if frame is not None else 0,
+        trials.append({"config": result.config,
+                       "epochs": int(len(frame)) if frame is not None else 0,
                        settings["metric"]: (result.metrics or {}).get(settings["metric"]),
                        "error": str(result.error) if result.error else None})
     stopped = sum(1 for t in trials if t["epochs"] < settings["max_t"] and not t["error"])

@@ -138,11 +138,13 @@ class SMALabellerTask:
             with precision.autocast():
                 logits, target = self.forward(model, batch, device)
             total, terms = self.loss(logits, target)
-            for name, value in {"loss": total, **{f"loss_{k}": v for k, v in terms.items()}}.items():
+            named = {"loss": total, **{f"loss_{k}": v for k, v in terms.items()}}
+            for name, value in named.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
             batches += 1
             volumes = torch.as_tensor(batch["label"]).shape[0]
-            pred, truth = self.as_volumes(logits > 0, volumes), self.as_volumes(target > 0.5, volumes)
+            pred = self.as_volumes(logits > 0, volumes)
+            truth = self.as_volumes(target > 0.5, volumes)
             dices += volume_dice(pred, truth)
         defined = [d for d in dices if not math.isnan(d)]
         return {**{name: value / max(batches, 1) for name, value in sums.items()},
