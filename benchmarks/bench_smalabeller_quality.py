@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 QUICK = False
-EPOCHS = int(os.environ.get("SMALABELLER_BENCH_EPOCHS", "10"))
+EPOCHS = int(os.environ.get("SMALABELLER_BENCH_EPOCHS", "12"))
 # One crop per volume: half the demo's step cost, so that both runs fit a few minutes each on
 # a shared two-core machine.
 CROPS = 1

@@ -16,7 +16,8 @@ from __future__ import annotations
 from ingredients import smalabeller as sma
 from ingredients.experiment import MedsegExperiment
 from ingredients.tracking import TrackingIngredient
-from ingredients.tune import TuneIngredient, add_tune_command, choice, loguniform, reporting_to_tune, uniform
+from ingredients.tune import (TuneIngredient, add_tune_command, choice, loguniform,
+                              reporting_to_tune, uniform)
 from medseg.data.synthetic.smalabeller import generate_brain_dataset
 
 # The original's search space (pytorch_model/model/tuning.py) and its ASHA settings.
@@ -40,7 +41,7 @@ add_tune_command(ex, "experiments.smalabeller",
 ex.add_named_config("demo", data_dir="data/sma_demo",
                     training_images="data/sma_demo/imagesTr_resampled",
                     training_labels="data/sma_demo/labelsTr_resampled", epochs=12, num_workers=0,
-                    config={"lr": 3e-3, "max_lr": 3e-2, "loss_function": "dice",
+                    config={"lr": 4e-4, "max_lr": 1e-2, "loss_function": "dice",
                             "dropout_rate": 0.1},
                     data={"crop_size": [48, 48, 16], "crops_per_volume": 2},
                     model={"channels": [8, 16, 32, 64]},
@@ -56,7 +57,7 @@ def check_inputs(config, command_name):
         sma.check_training_inputs(config)
 
 
-@ex.command
+@ex.data_command
 def generate_data(data_dir, synthetic, _config):
     """Write synthetic brain MRI with a cortical ribbon label to data_dir (the documented
     imagesTr_resampled/ and labelsTr_resampled/ folders)."""

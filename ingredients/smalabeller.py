@@ -56,9 +56,11 @@ CONFIG_FIELDS = {
                 "AdamW starting learning rate: OneCycleLR starts at lr (div_factor = max_lr / lr)"),
     "max_lr": Field(5.1206e-3, c.number(above=0), "OneCycleLR peak learning rate"),
     "loss_function": Field("cross_entropy", c.choice(*LOSSES),
-                           "'dice', 'cross_entropy' (BCE with logits) or 'combination' (Dice + BCE)"),
+                           "'dice', 'cross_entropy' (BCE with logits) or 'combination' "
+                           "(Dice + BCE)"),
     "augmentations": Field(True, c.boolean(),
-                           "Random crops and the augmentation list for training (off: whole volumes)"),
+                           "Random crops and the augmentation list for training "
+                           "(off: whole volumes)"),
     "dropout_rate": Field(0.45012, c.number(minimum=0, maximum=0.99),
                           "Dropout probability of the U-Net's encoder blocks"),
 }
@@ -67,12 +69,14 @@ DATA_FIELDS = {
     "crop_size": Field([128, 128, 64], c.sequence(c.integer(minimum=4), length=3),
                        "Foreground-aware random crop size [H, W, D] (with augmentations)"),
     "crops_per_volume": Field(3, c.integer(minimum=1),
-                              "Crops per volume (half centred on foreground), flattened into the batch"),
+                              "Crops per volume (half centred on foreground), flattened "
+                              "into the batch"),
     "spacing": Field([1.0, 1.0, 1.0], c.sequence(c.number(above=0), length=3),
                      "Voxel size in mm the volumes are resampled to"),
     "split_seed": Field(42, c.integer(minimum=0), "random_state of the train/validation split"),
     "cache": Field("memory", c.choice(*CACHE_MODES),
-                   "Preprocessed cases: 'memory' (CacheDataset), 'disk' (PersistentDataset), 'none'"),
+                   "Preprocessed cases: 'memory' (CacheDataset), 'disk' "
+                   "(PersistentDataset), 'none'"),
     "cache_dir": Field("cache/smalabeller", c.text(), "PersistentDataset folder (cache='disk')"),
 }
 
@@ -190,7 +194,8 @@ def output_folders(config: Mapping[str, Any], resume: str | None = None) -> dict
             suffix += 1
             stamp = f"{base}_{suffix}"
     comment = config["comment"]
-    return {"train": root / f"{stamp}-trn_cls-{comment}", "val": root / f"{stamp}-val_cls-{comment}",
+    return {"train": root / f"{stamp}-trn_cls-{comment}",
+            "val": root / f"{stamp}-val_cls-{comment}",
             "checkpoints": root / stamp / "checkpoints"}
 
 

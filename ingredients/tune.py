@@ -15,10 +15,12 @@ Ray is imported only when a sweep runs: ``medseg`` and every experiment import w
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,7 +29,12 @@ from typing import Any
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
 from medseg.engine.trainer import Callback, Trainer
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, MedsegError, describe
+
+#: How long a stopped trial's worker waits for its run to finish before it exits.
+FINISH_TIMEOUT_S = 120.0
+#: The folder that holds experiments/ and ingredients/ (trials import experiments.<name>).
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 TUNE_FIELDS = {
     "num_samples": Field(20, c.integer(minimum=1), "Trials to run"),
@@ -170,6 +177,8 @@ class TuneReport(Callback):
         try:
             tune.report(report)
         except SystemExit:
+            if epoch >= trainer.settings.num_epochs:
+                return  # the scheduler's stop at the last epoch ends nothing early
             reason = f"stopped by the sweep's scheduler after epoch {epoch}"
             trainer.stop_reason = reason
             _TRIAL["stopped"] = {"epoch": epoch, "reason": reason,
@@ -184,8 +193,16 @@ def _trainable(sampled: dict, *, module: str, base_updates: dict, named_configs:
     experiment = importlib.import_module(module).ex
     updates = _merge(base_updates, sampled)
     updates["tags"] = list(updates.get("tags", [])) + tags
-    with reporting_to_tune():
-        experiment.run(config_updates=updates, named_configs=named_configs)
+    # Ray ends a stopped trial's worker right after the stop (the training thread is a daemon),
+    # which would leave the Sacred run RUNNING; the worker's exit runs atexit handlers, and
+    # this one waits until the run has finished and recorded its end.
+    finished = threading.Event()
+    atexit.register(finished.wait, FINISH_TIMEOUT_S)
+    try:
+        with reporting_to_tune():
+            experiment.run(config_updates=updates, named_configs=named_configs)
+    finally:
+        finished.set()
 
 
 def _absolute_paths(config: Mapping[str, Any], keys) -> dict:
@@ -230,12 +247,13 @@ def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
 
         search = ConcurrencyLimiter(search or tune.search.BasicVariantGenerator(),
                                     max_concurrent=settings["max_concurrent"])
-    cwd = os.getcwd()
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"working_dir": None, "env_vars": {
-                     "RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONPATH": os.pathsep.join(
-                         [cwd, *[p for p in sys.path if p]])}})
+        # Workers inherit the environment of the node started here: the import path of this
+        # process (experiments/ and the repository) and the cwd-keeping switch.
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            dict.fromkeys([str(REPOSITORY), os.getcwd(), *[p for p in sys.path if p],
+                           *os.environ.get("PYTHONPATH", "").split(os.pathsep)]))
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, module=module, base_updates=base,
                              named_configs=list(named_configs), tags=[f"sweep:{name}"]),
@@ -252,11 +270,15 @@ def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
     started = time.perf_counter()
     results = tuner.fit()
     wall = time.perf_counter() - started
+    if all(result.error for result in results):
+        raise MedsegError(f"every trial of sweep {name} failed; the first: "
+                          f"{describe(results[0].error)}")
     best = results.get_best_result(metric=settings["metric"], mode=settings["mode"])
     trials = []
     for result in results:
         frame = result.metrics_dataframe
-        trials.append({"config": result.config, "epochs": int(len(frame)) if frame is not None else 0,
+        trials.append({"config": result.config,
+                       "epochs": int(len(frame)) if frame is not None else 0,
                        settings["metric"]: (result.metrics or {}).get(settings["metric"]),
                        "error": str(result.error) if result.error else None})
     stopped = sum(1 for t in trials if t["epochs"] < settings["max_t"] and not t["error"])

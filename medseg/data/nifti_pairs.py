@@ -49,12 +49,14 @@ def find_pairs(images_dir: str | Path, labels_dir: str | Path) -> list[CasePair]
     images = {p.name[:-len(IMAGE_SUFFIX)]: p for p in images_dir.glob(f"*{IMAGE_SUFFIX}")}
     no_image = sorted(set(labels) - set(images))
     if no_image:
-        raise DataError(f"label {labels[no_image[0]]} has no image {images_dir / (no_image[0] + IMAGE_SUFFIX)}"
+        expected = images_dir / (no_image[0] + IMAGE_SUFFIX)
+        raise DataError(f"label {labels[no_image[0]]} has no image {expected}"
                         + (f" (and {len(no_image) - 1} more labels without images)"
                            if len(no_image) > 1 else ""))
     no_label = sorted(set(images) - set(labels))
     if no_label:
-        raise DataError(f"image {images[no_label[0]]} has no label {labels_dir / (no_label[0] + LABEL_SUFFIX)}"
+        expected = labels_dir / (no_label[0] + LABEL_SUFFIX)
+        raise DataError(f"image {images[no_label[0]]} has no label {expected}"
                         + (f" (and {len(no_label) - 1} more images without labels)"
                            if len(no_label) > 1 else ""))
     if not labels:

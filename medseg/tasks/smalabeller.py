@@ -9,6 +9,7 @@ of it, and Dice of the thresholded sigmoid per volume, averaged over volumes.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +30,8 @@ from medseg.engine.reporting import Reporter
 from medseg.engine.schedulers import LRSchedule
 from medseg.engine.trainer import Callback, StepOutput, Trainer, TrainerSettings
 from medseg.models.unet import UNet
+
+log = logging.getLogger(__name__)
 
 LOSSES = ("dice", "cross_entropy", "combination")
 DIMENSIONS = {"2D": 2, "3D": 3}
@@ -135,11 +138,13 @@ class SMALabellerTask:
             with precision.autocast():
                 logits, target = self.forward(model, batch, device)
             total, terms = self.loss(logits, target)
-            for name, value in {"loss": total, **{f"loss_{k}": v for k, v in terms.items()}}.items():
+            named = {"loss": total, **{f"loss_{k}": v for k, v in terms.items()}}
+            for name, value in named.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
             batches += 1
             volumes = torch.as_tensor(batch["label"]).shape[0]
-            pred, truth = self.as_volumes(logits > 0, volumes), self.as_volumes(target > 0.5, volumes)
+            pred = self.as_volumes(logits > 0, volumes)
+            truth = self.as_volumes(target > 0.5, volumes)
             dices += volume_dice(pred, truth)
         defined = [d for d in dices if not math.isnan(d)]
         return {**{name: value / max(batches, 1) for name, value in sums.items()},
@@ -304,5 +309,5 @@ def _restore_best_optimizer(trainer: Trainer, checkpoints: CheckpointManager | N
         return
     best = load_checkpoint(checkpoints.best_path, map_location=trainer.device)
     trainer.optimizer.load_state_dict(best["optimizer"])
-    print(f"Restored best model from epoch {best['epoch']} "
-          f"(validation loss {best['monitor_value']:.4f})")
+    log.info("Restored best model from epoch %s (validation loss %.4f)", best["epoch"],
+             best["monitor_value"])

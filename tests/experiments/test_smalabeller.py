@@ -150,7 +150,8 @@ def test_resumed_run_matches_the_uninterrupted_one(data, tmp_path):
     run(data, tmp_path / "first", **common)
     periodic = run_folder(tmp_path / "first") / "checkpoints" / "periodic_0002.pth"
     resumed = run(data, tmp_path / "resumed", **common, **{"checkpoint.resume": str(periodic)})
-    expected, got = load_checkpoint(last(tmp_path / "straight")), load_checkpoint(periodic.parent / "last.pth")
+    expected = load_checkpoint(last(tmp_path / "straight"))
+    got = load_checkpoint(periodic.parent / "last.pth")
     assert got["epoch"] == 3 and got["global_step"] == expected["global_step"]
     for name, value in expected["model"].items():
         assert torch.allclose(value.float(), got["model"][name].float(), atol=1e-5), name
@@ -307,6 +308,7 @@ def test_a_four_trial_sweep_records_every_trial(data, tmp_path):
     trials = [r for r in runs if r["command"] == "main"]
     assert len(trials) == 4
     assert all(r["status"] == "COMPLETED" for r in runs), [r["status"] for r in runs]
+    assert len(runs) == 5  # the sweep's own run and its four trials
     for folder, config in configs.items():
         if config.get("tags") == ["sweep:tiny"]:
             metrics = json.loads((tmp_path / "sacred" / folder / "metrics.json").read_text())
@@ -325,9 +327,10 @@ def test_a_four_trial_sweep_records_every_trial(data, tmp_path):
 
 
 class FakeTrainer:
-    def __init__(self):
+    def __init__(self, num_epochs=10):
         self.stop_reason = None
         self.reporter = RecordingReporter()
+        self.settings = type("Settings", (), {"num_epochs": num_epochs})()
 
 
 def test_a_stop_from_the_scheduler_ends_training_with_a_note(monkeypatch):
@@ -349,6 +352,9 @@ def test_a_stop_from_the_scheduler_ends_training_with_a_note(monkeypatch):
                            "training_loss": 0.9, "validation_loss": 0.8}
     assert trainer.stop_reason == "stopped by the sweep's scheduler after epoch 2"
     assert trainer.reporter.info["stopped_by_scheduler"]["epoch"] == 2
+    last = FakeTrainer(num_epochs=2)  # a stop at the last epoch stops nothing early
+    callback.on_epoch_end(last, 2, {"train_loss_epoch": 0.7, "val_loss": 0.6})
+    assert last.stop_reason is None and "stopped_by_scheduler" not in last.reporter.info
 
 
 def test_only_trials_report_to_tune():
