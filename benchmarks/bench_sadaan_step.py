@@ -7,7 +7,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 BATCH, SIZE, STRUCTURES = 4, (64, 64, 32), 13
 WARMUP, STEPS, ROUNDS = 2, 10, 4

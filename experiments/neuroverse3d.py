@@ -17,7 +17,6 @@ from ingredients.neuroverse3d import (
     Neuroverse3DAugmentationIngredient,
     Neuroverse3DModelIngredient,
     Neuroverse3DSyntheticIngredient,
-    build_augmentation,
     build_model,
     check_config,
     open_episodes,
