@@ -105,6 +105,12 @@ def number_range(minimum: float | None = None) -> Check:
                  lambda v: pair.accepts(v) and v[0] <= v[1])
 
 
+def mapping_of(item: Check) -> Check:
+    """A mapping whose every value passes ``item``."""
+    return Check(f"a mapping whose values are each {item.expected}",
+                 lambda v: isinstance(v, Mapping) and all(item.accepts(x) for x in v.values()))
+
+
 def validate(config: Mapping[str, Any], checks: Mapping[str, Check], prefix: str = "") -> None:
     """Apply ``checks`` (keyed by entry name) to ``config``; raise on the first failure."""
     for name, check in checks.items():
