@@ -266,7 +266,7 @@ def other_volumes(env):
 
 def other_centres(env):
     path = env.tmp.mktemp("centres") / "centres.csv"
-    rows = ["series_id,x,y,z"] + [f"9.8.{i},20,20,10" for i in range(5)]
+    rows = ["series_id,voxel_x,voxel_y,voxel_z"] + [f"9.8.{i},20,20,10" for i in range(5)]
     path.write_text("\n".join(rows) + "\n")
     return str(path)
 

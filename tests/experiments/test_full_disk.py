@@ -73,23 +73,6 @@ def test_checkpoint_folder_on_a_full_disk(sadaan_data, tmp_path, small_disk):
     assert json.loads((tmp_path / "runs" / "1" / "run.json").read_text())["status"] == "FAILED"
 
 
-@pytest.fixture(scope="module")
-def lung_checkpoint(tmp_path_factory):
-    """One epoch of a tiny lung network on tiny generated slices, trained from the shell."""
-    cwd = tmp_path_factory.mktemp("lung-full-disk")
-    for arguments in (["generate_msd", "with", "msd_dir=msd", "dataset.num_volumes=5",
-                       "dataset.volume_size=[32,32,16]"],
-                      ["convert", "with", "msd_dir=msd", "dataset_path=dataset"],
-                      ["with", "dataset_path=dataset", "training.image_size=[32,32]",
-                       "training.num_epochs=1", "training.num_workers=0", "training.batch_size=8",
-                       "training.gradient_accumulation_steps=1", "model.channels=[4,8,16]",
-                       "logging.progress_bar=False", "tracking.observer=none",
-                       "checkpoint.save_dir=ck"]):
-        done = shell(LUNG, *arguments, cwd=cwd)
-        assert done.returncode == 0, done.stderr[-3000:]
-    return cwd
-
-
 @pytest.mark.slow
 def test_lung_predictions_onto_a_full_disk(lung_checkpoint, tmp_path, small_disk):
     out = small_disk.path / "predictions"
