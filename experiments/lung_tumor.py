@@ -24,7 +24,7 @@ from ingredients.dataset import LungDatasetIngredient  # noqa: E402
 from ingredients.experiment import MedsegExperiment  # noqa: E402
 from ingredients.fields import Field  # noqa: E402
 from ingredients.loss_weights import LossIngredient  # noqa: E402
-from ingredients.model import AttentionUNetModelIngredient  # noqa: E402
+from ingredients.model import AttentionUNetModelIngredient, trained_model_config  # noqa: E402
 from ingredients.optimizer import OptimizerIngredient  # noqa: E402
 from ingredients.pipeline import PipelineRun  # noqa: E402
 from ingredients.tracking import LoggingIngredient, SacredReporter, TrackingIngredient  # noqa: E402
@@ -158,6 +158,9 @@ def _check_predict_inputs(config) -> None:
                           "weights=runs/lung_tumor/1/weights/best.pt")
     if not Path(config["weights"]).is_file():
         raise ConfigError(f"weights: no checkpoint file at {config['weights']}")
+    trained = load_checkpoint(config["weights"]).get("config") or {}
+    trained_model_config(model, config["model"], trained.get("model"), config["weights"],
+                         "weights")
     if config["source"] is None:
         raise ConfigError("source is not set; give an image, a NIfTI volume or a folder, "
                           "e.g. source=image.png")
@@ -222,7 +225,8 @@ def predict(_config, weights, source, threshold, save_overlay, predict_dir):
     device, precision = training.device_and_precision()
     state = load_checkpoint(weights)
     trained = state.get("config") or _config
-    net = model.make_model(**trained.get("model", _config["model"]))
+    net = model.make_model(**trained_model_config(model, _config["model"], trained.get("model"),
+                                                  weights, "weights"))
     try:
         net.load_state_dict(state["model"])
     except RuntimeError as error:

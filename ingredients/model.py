@@ -12,7 +12,7 @@ from torch import nn
 
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, DataError
 from medseg.models.attention_unet import AttentionUNet
 from medseg.models.sadaan import SADAAN
 
@@ -22,6 +22,27 @@ SADAAN_FIELDS = {
                                 "Presence probability above which a structure counts as present"),
     "base_channels": Field(8, c.integer(minimum=2), "Feature channels of the first level (doubling per level)"),
 }
+
+
+def trained_model_config(ingredient: FieldIngredient, given: dict, trained: dict | None,
+                         path: str, key: str) -> dict:
+    """The model entries a checkpoint was trained with, for rebuilding its network; refuses a
+    checkpoint of another pipeline (other model entries) and a ``model.*`` the user set to
+    another value than the checkpoint's (it would be replaced silently)."""
+    if not trained:
+        return dict(given)
+    fields = set(ingredient.fields)
+    if set(trained) != fields:
+        raise DataError(f"{key}: checkpoint {path} was written by another pipeline: its model "
+                        f"entries are {', '.join(sorted(trained))}, this pipeline's "
+                        f"{', '.join(sorted(fields))}")
+    changed = [name for name in sorted(fields) if given[name] != trained[name]
+               and given[name] != ingredient.defaults[name]]
+    if changed:
+        shown = ", ".join(f"model.{n}={given[n]!r} (checkpoint: {trained[n]!r})" for n in changed)
+        raise ConfigError(f"{shown}: the network is rebuilt as the checkpoint {path} was "
+                          "trained; leave these model entries unset")
+    return dict(trained)
 
 
 class SADAANModelIngredient(FieldIngredient):
