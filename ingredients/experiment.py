@@ -177,7 +177,8 @@ class MedsegExperiment(Experiment):
         if added:
             raise ConfigError(self._unknown_entries(added, named_configs))
         self.validate_config(run.config, run.meta_info["command"])
-        if run.meta_info["command"] == "main" and (run.config.get("checkpoint") or {}).get("resume"):
+        resume = (run.config.get("checkpoint") or {}).get("resume")
+        if run.meta_info["command"] == "main" and resume:
             check_resume_config(run.config, self.resume_policy(),
                                 seed_given="seed" in (config_updates or {}))
         # Where relative paths in the config were meant from (``medseg runs rerun``).
@@ -315,7 +316,8 @@ class MedsegExperiment(Experiment):
         not notice)."""
         later = _commands_defined_after(function)
         if later:
-            raise TypeError(f"@ex.automain {function.__name__} in {inspect.getsourcefile(function)} "
+            source = inspect.getsourcefile(function)
+            raise TypeError(f"@ex.automain {function.__name__} in {source} "
                             f"is followed by the commands {', '.join(later)}, which the command "
                             "line would not find; put the automain function last")
         return super().automain(function)

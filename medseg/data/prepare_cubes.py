@@ -302,7 +302,8 @@ def negative_starts(volume: Volume, cube_shape: Sequence[int], count: int, sigma
         if key in tried:
             continue
         tried.add(key)
-        if mask_peak(start, cube_shape, volume.centres, volume.spacing, sigma_mm) < NEGATIVE_MASK_LIMIT:
+        peak = mask_peak(start, cube_shape, volume.centres, volume.spacing, sigma_mm)
+        if peak < NEGATIVE_MASK_LIMIT:
             starts.append(start)
     return starts
 

@@ -229,7 +229,8 @@ class Trainer:
         with another initial rate scales them to it (and says so)."""
         saved = state.get("initial_lrs")
         if saved is None:  # written before initial rates were stored
-            saved = [float(g.get("initial_lr", g["lr"])) for g in state["optimizer"]["param_groups"]]
+            saved = [float(g.get("initial_lr", g["lr"]))
+                     for g in state["optimizer"]["param_groups"]]
         wanted = list(self.initial_lrs)
         if len(saved) != len(wanted) or all(math.isclose(a, b) for a, b in zip(saved, wanted)):
             return

@@ -38,7 +38,8 @@ def write_inputs(folder: Path, *, positives: int = 6, negatives: int = 4, space:
                  lps: bool = False) -> Path:
     """``positives`` series with a ball (listed in the CSV), ``negatives`` without."""
     folder.mkdir(parents=True, exist_ok=True)
-    columns = ("voxel_x", "voxel_y", "voxel_z") if space == "voxel" else ("world_x", "world_y", "world_z")
+    columns = (("voxel_x", "voxel_y", "voxel_z") if space == "voxel"
+               else ("world_x", "world_y", "world_z"))
     rows = []
     for index in range(positives + negatives):
         series = f"1.2.3.{index}"

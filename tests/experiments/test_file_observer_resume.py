@@ -38,7 +38,7 @@ def test_a_resume_continues_the_file_observer_run(sadaan_data, tmp_path):
                               f"training.num_epochs={epoch + 1}"], cwd=tmp_path,
                              env=environment(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"tracking: the resumed training continues run 1 in runs/1" in resumed.stderr
+    assert "tracking: the resumed training continues run 1 in runs/1" in resumed.stderr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "_sources") == ["1"]
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "COMPLETED"

@@ -52,7 +52,8 @@ def test_tracking_folder_on_a_full_disk(sadaan_data, tmp_path, small_disk):
     for record in (small_disk.path / "runs").glob("*/run.json"):
         assert json.loads(record.read_text())["status"] != "COMPLETED"
     for copy in (small_disk.path / "runs").glob("*/*.pth"):  # no truncated checkpoint copy
-        assert copy.stat().st_size == (tmp_path / "ck" / copy.parent.name / copy.name).stat().st_size
+        original = tmp_path / "ck" / copy.parent.name / copy.name
+        assert copy.stat().st_size == original.stat().st_size
     assert not list((small_disk.path / "runs").rglob(".*.partial"))
 
 

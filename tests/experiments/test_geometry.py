@@ -122,9 +122,9 @@ def test_aneurysm_prepare_checks_columns_cube_size_and_volumes_up_front(tmp_path
     done = prepare(tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
-        "error: volumes/aneurysm_centres.csv: columns x, y, z do not say whether they are voxel indices or "
-        "millimetres; name them voxel_x, voxel_y, voxel_z (voxel indices i, j, k of the stored "
-        "array) or world_x, world_y, world_z (mm in the NIfTI affine's frame)")
+        "error: volumes/aneurysm_centres.csv: columns x, y, z do not say whether they are voxel "
+        "indices or millimetres; name them voxel_x, voxel_y, voxel_z (voxel indices i, j, k of "
+        "the stored array) or world_x, world_y, world_z (mm in the NIfTI affine's frame)")
     assert not (tmp_path / "runs").exists()
     table.write_text(original)
 
