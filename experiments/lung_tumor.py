@@ -159,8 +159,9 @@ def _check_predict_inputs(config) -> None:
     if not Path(config["weights"]).is_file():
         raise ConfigError(f"weights: no checkpoint file at {config['weights']}")
     trained = load_checkpoint(config["weights"]).get("config") or {}
-    trained_model_config(model, config["model"], trained.get("model"), config["weights"],
-                         "weights")
+    if trained.get("model") and set(trained["model"]) != set(model.fields):
+        trained_model_config(model, config["model"], trained["model"], config["weights"],
+                             "weights")  # another pipeline's checkpoint: refused up front
     if config["source"] is None:
         raise ConfigError("source is not set; give an image, a NIfTI volume or a folder, "
                           "e.g. source=image.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import Any
 
@@ -27,8 +28,8 @@ SADAAN_FIELDS = {
 def trained_model_config(ingredient: FieldIngredient, given: dict, trained: dict | None,
                          path: str, key: str) -> dict:
     """The model entries a checkpoint was trained with, for rebuilding its network; refuses a
-    checkpoint of another pipeline (other model entries) and a ``model.*`` the user set to
-    another value than the checkpoint's (it would be replaced silently)."""
+    checkpoint of another pipeline (other model entries) and says so when a ``model.*`` set
+    to another value than the checkpoint's is replaced by the checkpoint's."""
     if not trained:
         return dict(given)
     fields = set(ingredient.fields)
@@ -39,9 +40,10 @@ def trained_model_config(ingredient: FieldIngredient, given: dict, trained: dict
     changed = [name for name in sorted(fields) if given[name] != trained[name]
                and given[name] != ingredient.defaults[name]]
     if changed:
-        shown = ", ".join(f"model.{n}={given[n]!r} (checkpoint: {trained[n]!r})" for n in changed)
-        raise ConfigError(f"{shown}: the network is rebuilt as the checkpoint {path} was "
-                          "trained; leave these model entries unset")
+        shown = ", ".join(f"model.{n}={given[n]!r} is replaced by the checkpoint's "
+                          f"{trained[n]!r}" for n in changed)
+        logging.getLogger("medseg").warning(
+            "%s: the network is rebuilt as the checkpoint %s was trained", shown, path)
     return dict(trained)
 
 
