@@ -158,14 +158,14 @@ def _check_predict_inputs(config) -> None:
                           "weights=runs/lung_tumor/1/weights/best.pt")
     if not Path(config["weights"]).is_file():
         raise ConfigError(f"weights: no checkpoint file at {config['weights']}")
-    trained = load_checkpoint(config["weights"]).get("config") or {}
-    if trained.get("model") and set(trained["model"]) != set(model.fields):
-        trained_model_config(model, config["model"], trained["model"], config["weights"],
-                             "weights")  # another pipeline's checkpoint: refused up front
     if config["source"] is None:
         raise ConfigError("source is not set; give an image, a NIfTI volume or a folder, "
                           "e.g. source=image.png")
     find_sources(config["source"])
+    trained = load_checkpoint(config["weights"]).get("config") or {}
+    if trained.get("model") and set(trained["model"]) != set(model.fields):
+        trained_model_config(model, config["model"], trained["model"], config["weights"],
+                             "weights")  # another pipeline's checkpoint: refused up front
 
 
 @ex.command
