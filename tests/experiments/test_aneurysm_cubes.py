@@ -298,8 +298,9 @@ def resumed_ensemble(env):
 
 def check_resume(env: Env, key: str) -> None:
     fresh = env.build()
+    # A resume keeps the entries that shaped the training (the trained run's pos_weight).
     resumed = env.build(**{key: str(env.trained.directory / "last_model.pth"),
-                           "training.num_epochs": 8, "seed": 1})
+                           "training.num_epochs": 8, "seed": 1, "loss_weights.pos_weight": 10.0})
     assert (fresh.epoch, resumed.epoch) == (0, 6)
 
 
