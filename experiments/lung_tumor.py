@@ -20,7 +20,7 @@ from ingredients.dataset import LungDatasetIngredient
 from ingredients.experiment import MedsegExperiment
 from ingredients.fields import Field
 from ingredients.loss_weights import LossIngredient
-from ingredients.model import AttentionUNetModelIngredient
+from ingredients.model import AttentionUNetModelIngredient, trained_model_config
 from ingredients.optimizer import OptimizerIngredient
 from ingredients.pipeline import PipelineRun
 from ingredients.tracking import LoggingIngredient, SacredReporter, TrackingIngredient
@@ -158,6 +158,10 @@ def _check_predict_inputs(config) -> None:
         raise ConfigError("source is not set; give an image, a NIfTI volume or a folder, "
                           "e.g. source=image.png")
     find_sources(config["source"])
+    trained = load_checkpoint(config["weights"]).get("config") or {}
+    if trained.get("model") and set(trained["model"]) != set(model.fields):
+        trained_model_config(model, config["model"], trained["model"], config["weights"],
+                             "weights")  # another pipeline's checkpoint: refused up front
 
 
 @ex.data_command
@@ -218,7 +222,8 @@ def predict(_config, weights, source, threshold, save_overlay, predict_dir):
     device, precision = training.device_and_precision()
     state = load_checkpoint(weights)
     trained = state.get("config") or _config
-    net = model.make_model(**trained.get("model", _config["model"]))
+    net = model.make_model(**trained_model_config(model, _config["model"], trained.get("model"),
+                                                  weights, "weights"))
     try:
         net.load_state_dict(state["model"])
     except RuntimeError as error:

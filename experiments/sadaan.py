@@ -85,6 +85,8 @@ def dataset_exists(config, command_name):
         splits = ("train", "val") if command_name == "main" else (config["eval_split"],)
         dataset.check_splits(config["dataset_path"], splits, config["model"]["in_channels"],
                              check_cases=config["dataset"]["check_cases"])
+    elif command_name == "generate_data":
+        dataset.check_output(config["dataset_path"])
 
 
 @ex.data_command

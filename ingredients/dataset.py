@@ -85,7 +85,12 @@ class HDF5DatasetIngredient(FieldIngredient):
                 in_channels=channels, absent_probability=absent_probability,
                 noise_std=noise_std, seed=seed, overwrite=overwrite)
 
+        @self.capture
+        def check_output(dataset_path: str, overwrite: bool) -> None:
+            refuse_to_overwrite(dataset_path, overwrite, "SADAAN dataset", "dataset.overwrite")
+
         self.generate = generate
+        self.check_output = check_output
 
     @staticmethod
     def check_splits(dataset_path: str, splits: tuple[str, ...],
@@ -218,7 +223,7 @@ class AneurysmPrepareIngredient(FieldIngredient):
             """Everything `prepare` reads exists and its output may be written."""
             volumes = find_volumes(volumes_dir)
             read_centres(centres_csv or Path(volumes_dir) / CENTRES_FILE, list(volumes))
-            refuse_to_overwrite(cubes_dir, overwrite, "aneurysm cubes")
+            refuse_to_overwrite(cubes_dir, overwrite, "aneurysm cubes", "prepare.overwrite")
 
         self.run = run
         self.check_inputs = check_inputs
@@ -253,7 +258,7 @@ class AneurysmVolumesIngredient(FieldIngredient):
 
         @self.capture
         def check_output(volumes_dir: str, overwrite: bool) -> None:
-            refuse_to_overwrite(volumes_dir, overwrite, "synthetic volumes")
+            refuse_to_overwrite(volumes_dir, overwrite, "synthetic volumes", "synthetic.overwrite")
 
         self.generate = generate
         self.check_output = check_output

@@ -194,7 +194,8 @@ class MedsegExperiment(Experiment):
         if added:
             raise ConfigError(self._unknown_entries(added, named_configs))
         self.validate_config(run.config, run.meta_info["command"])
-        if run.meta_info["command"] == "main" and (run.config.get("checkpoint") or {}).get("resume"):
+        resume = (run.config.get("checkpoint") or {}).get("resume")
+        if run.meta_info["command"] == "main" and resume:
             check_resume_config(run.config, self.resume_policy(),
                                 seed_given="seed" in (config_updates or {}))
         self._add_docs(run.config_modifications.docs)
@@ -305,9 +306,9 @@ class MedsegExperiment(Experiment):
         parts = []
         for entry in entries:
             origin = _config_file_setting(entry, named_configs)
-            close = difflib.get_close_matches(entry, known, n=1)
+            close = _closest_entry(entry, known)
             where = f" (set in {origin})" if origin else ""
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = f" (did you mean {close}?)" if close else ""
             parts.append(f"{entry}{where}{hint}")
         return (f"unknown config entr{'y' if len(parts) == 1 else 'ies'} {', '.join(parts)}; "
                 f"`print_config` lists them all")
@@ -348,10 +349,37 @@ class MedsegExperiment(Experiment):
         not notice)."""
         later = _commands_defined_after(function)
         if later:
-            raise TypeError(f"@ex.automain {function.__name__} in {inspect.getsourcefile(function)} "
+            source = inspect.getsourcefile(function)
+            raise TypeError(f"@ex.automain {function.__name__} in {source} "
                             f"is followed by the commands {', '.join(later)}, which the command "
                             "line would not find; put the automain function last")
         return super().automain(function)
+
+
+def _closest_entry(entry: str, known: list[str]) -> str | None:
+    """The known name ``entry`` most likely meant: a misspelt section is matched against the
+    sections (``trainng`` -> ``training``, not the nearest of its entries), the rest against
+    that section's entries; a bare name is also found as an entry of a section
+    (``overwrite`` -> ``dataset.overwrite``)."""
+    tops = sorted({key.split(".")[0] for key in known})
+    section, _, rest = entry.partition(".")
+    if not rest:
+        close = difflib.get_close_matches(entry, tops, n=1, cutoff=0.75)
+        if close:
+            return close[0]
+        same_name = [key for key in known if key.rsplit(".", 1)[-1] == entry]
+        if same_name:
+            return " or ".join(same_name)
+        close = difflib.get_close_matches(entry, [k.rsplit(".", 1)[-1] for k in known], n=1)
+        return next((k for k in known if close and k.rsplit(".", 1)[-1] == close[0]), None)
+    if section not in tops:
+        close = difflib.get_close_matches(section, tops, n=1)
+        if not close:
+            return None
+        section = close[0]
+    entries = [key.partition(".")[2] for key in known if key.startswith(f"{section}.")]
+    close = difflib.get_close_matches(rest, entries, n=1)
+    return f"{section}.{close[0]}" if close else section
 
 
 def _raise_interrupted(signum, frame):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, DataError
 from medseg.models.attention_unet import AttentionUNet
 from medseg.models.sadaan import SADAAN
 
@@ -22,6 +23,28 @@ SADAAN_FIELDS = {
                                 "Presence probability above which a structure counts as present"),
     "base_channels": Field(8, c.integer(minimum=2), "Feature channels of the first level (doubling per level)"),
 }
+
+
+def trained_model_config(ingredient: FieldIngredient, given: dict, trained: dict | None,
+                         path: str, key: str) -> dict:
+    """The model entries a checkpoint was trained with, for rebuilding its network; refuses a
+    checkpoint of another pipeline (other model entries) and says so when a ``model.*`` set
+    to another value than the checkpoint's is replaced by the checkpoint's."""
+    if not trained:
+        return dict(given)
+    fields = set(ingredient.fields)
+    if set(trained) != fields:
+        raise DataError(f"{key}: checkpoint {path} was written by another pipeline: its model "
+                        f"entries are {', '.join(sorted(trained))}, this pipeline's "
+                        f"{', '.join(sorted(fields))}")
+    changed = [name for name in sorted(fields) if given[name] != trained[name]
+               and given[name] != ingredient.defaults[name]]
+    if changed:
+        shown = ", ".join(f"model.{n}={given[n]!r} is replaced by the checkpoint's "
+                          f"{trained[n]!r}" for n in changed)
+        logging.getLogger("medseg").warning(
+            "%s: the network is rebuilt as the checkpoint %s was trained", shown, path)
+    return dict(trained)
 
 
 class SADAANModelIngredient(FieldIngredient):

@@ -89,11 +89,14 @@ def _to_millisecond(moment: datetime) -> datetime:
 
 
 class FileRunObserver(FileStorageObserver):
-    def __init__(self, basedir: str | Path, max_metric_points: int) -> None:
+    def __init__(self, basedir: str | Path, max_metric_points: int,
+                 continue_run: ContinueRun | None = None) -> None:
         super().__init__(str(basedir))
         self.max_metric_points = max_metric_points
+        self.continue_run = continue_run
         self.series: dict[str, MetricSeries] = {}
         self._written_cout: str | None = None
+        self._prior_out, self._prior_info = "", {}
         #: A full disk met while recording (the run is stopped with it: see SacredReporter).
         self.failure: DiskFullError | None = None
 
@@ -157,16 +160,82 @@ class FileRunObserver(FileStorageObserver):
             self._write(target, None, lambda: _link_or_copy(source, target))
 
     def heartbeat_event(self, info, captured_out, beat_time, result):
-        super().heartbeat_event(snapshot(info), captured_out, beat_time, result)
+        super().heartbeat_event({**self._prior_info, **snapshot(info)},
+                                self._prior_out + captured_out, beat_time, result)
 
     def artifact_event(self, name, filename, metadata=None, content_type=None):
         if not Path(filename).is_file():
             report_missing_artifact(name, filename)
             return
+        if name in self.run_entry["artifacts"]:  # replaced (a continued run's checkpoints)
+            self.run_entry["artifacts"].remove(name)
         super().artifact_event(name, filename, metadata, content_type)
+
+    def _continue(self, ex_info, command, host_info, start_time, config, meta_info):
+        """Continue the recorded run of the resumed checkpoint, as MongoRunObserver does:
+        same folder and id, its metric points logged after the checkpoint was saved dropped
+        (the resumed training logs those steps again), output and info kept."""
+        target = self.continue_run
+        folder = Path(self.basedir) / str(target.run_id)
+        try:
+            previous = json.loads((folder / "run.json").read_text())
+        except (OSError, ValueError):
+            log.warning("tracking: run %s is not in %s/; recording the resumed training as a "
+                        "new run", target.run_id, self.basedir)
+            return None
+        heartbeat = previous.get("heartbeat")
+        if previous.get("status") == "RUNNING" and heartbeat and _recent(
+                datetime.fromisoformat(heartbeat)):
+            log.warning("tracking: run %s is still running; recording the resumed training as "
+                        "a new run", target.run_id)
+            return None
+        self.dir = str(folder)
+        ex_info["sources"] = self.save_sources(ex_info)
+        old_config = _read_json(folder / "config.json")
+        resume = {"time": start_time.isoformat(), "checkpoint": str(target.checkpoint),
+                  "previous_status": previous.get("status"),
+                  "config_changes": [{"key": key, "before": before, "after": after}
+                                     for key, (before, after)
+                                     in config_changes(old_config, flatten(config)).items()]}
+        prior_info = _read_json(folder / "info.json")
+        self._prior_info = {**prior_info, "resumes": [*prior_info.get("resumes", []), resume]}
+        try:
+            earlier_out = (folder / "cout.txt").read_text(encoding="utf-8")
+        except OSError:
+            earlier_out = ""
+        self._prior_out = (f"{earlier_out}\n[medseg: resumed {start_time:%Y-%m-%d %H:%M:%S} "
+                           f"UTC from {target.checkpoint}]\n")
+        given = {k: v for k, v in meta_info.items() if v is not None}
+        self.run_entry = {**{k: v for k, v in previous.items()
+                             if k not in ("stop_time", "result", "fail_trace")},
+                          "experiment": dict(ex_info), "command": command,
+                          "host": dict(host_info), "meta": {**previous.get("meta", {}), **given},
+                          "status": "RUNNING", "heartbeat": None,
+                          "artifacts": list(previous.get("artifacts", [])),
+                          "resources": list(previous.get("resources", []))}
+        self.config, self.info, self.cout = config, dict(self._prior_info), self._prior_out
+        self.cout_write_cursor = 0
+        for name, points in _read_json(folder / "metrics.json").items():
+            series = MetricSeries.restore(self.max_metric_points, points["steps"],
+                                          points["values"],
+                                          [datetime.fromisoformat(t) for t in points["timestamps"]])
+            series.drop_after(target.saved_at)
+            self.series[name] = series
+        self.write_metrics(self.series)
+        self.save_json(self.run_entry, "run.json")
+        self.save_json(self.config, "config.json")
+        self.save_json(self.info, "info.json")
+        self.save_cout()
+        log.info("tracking: the resumed training continues run %s in %s", target.run_id, folder)
+        return target.run_id
 
     def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
         try:
+            if self.continue_run is not None:
+                run_id = self._continue(ex_info, command, host_info, start_time, config,
+                                        meta_info)
+                if run_id is not None:
+                    return run_id
             return super().started_event(ex_info, command, host_info, start_time, config,
                                          meta_info, _id)
         except OSError as error:
@@ -602,6 +671,14 @@ class MongoRunObserver(RunObserver):
 
 def _recent(moment: datetime | None) -> bool:
     return moment is not None and datetime.utcnow() - moment < STILL_RUNNING
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _remove_if_empty(directory: Path) -> None:

@@ -98,7 +98,7 @@ def choose_observer(tracking: dict[str, Any], resume: str | None = None):
     if mode == "none":
         return None, "tracking: this run is not recorded (tracking.observer='none')", logging.INFO
     if mode == "file":
-        return (_file_observer(tracking), f"tracking: recording this run in "
+        return (_file_observer(tracking, resume), f"tracking: recording this run in "
                 f"{tracking['file_dir']}/ (tracking.observer='file')", logging.INFO)
     url, source = connection.resolve_url(tracking["url"])
     connection.check_url(url, source)
@@ -107,15 +107,16 @@ def choose_observer(tracking: dict[str, Any], resume: str | None = None):
         try:
             url, source = db.start().url, "medseg db, started for this run"
         except MedsegError as error:
-            return _fallback(tracking, f"the local database server could not start: {error}")
+            return _fallback(tracking, f"the local database server could not start: {error}",
+                             resume=resume)
     db_name, _ = connection.resolve_db_name(url, tracking["db_name"])
     try:
         connection.check_database(url, db_name, source, timeout_s=1.0 if implicit else 5.0)
     except connection.DatabaseUnreachable as error:
         if implicit and mode == "auto":
             return _fallback(tracking, "no database configured and `medseg db` is not running",
-                             logging.INFO)
-        return _fallback(tracking, str(error))
+                             logging.INFO, resume=resume)
+        return _fallback(tracking, str(error), resume=resume)
     observer = MongoRunObserver(
         url, db_name, source=source, file_dir=tracking["file_dir"],
         max_metric_points=tracking["max_metric_points"],
@@ -125,13 +126,27 @@ def choose_observer(tracking: dict[str, Any], resume: str | None = None):
                       f"(database {db_name!r}, from {source})"), logging.INFO
 
 
-def _file_observer(tracking: dict[str, Any]) -> FileRunObserver:
-    return FileRunObserver(tracking["file_dir"], tracking["max_metric_points"])
+def _file_observer(tracking: dict[str, Any], resume: str | None = None) -> FileRunObserver:
+    return FileRunObserver(tracking["file_dir"], tracking["max_metric_points"],
+                           continue_run=_file_run_to_continue(resume, tracking["file_dir"]))
 
 
-def _fallback(tracking: dict[str, Any], reason: str, level: int = logging.WARNING):
+def _file_run_to_continue(resume: str | None, file_dir: str) -> ContinueRun | None:
+    """The file-observer run that wrote checkpoint ``resume``, if it is in ``file_dir``."""
+    link = read_run_link(resume)
+    database = link.get("database") or {}
+    if (database.get("kind") != "file" or link.get("run_id") is None
+            or Path(database.get("dir", "")).resolve() != Path(file_dir).resolve()):
+        return None
+    checkpoint = Path(resume)
+    return ContinueRun(link["run_id"], checkpoint,
+                       datetime.utcfromtimestamp(checkpoint.stat().st_mtime))
+
+
+def _fallback(tracking: dict[str, Any], reason: str, level: int = logging.WARNING,
+              resume: str | None = None):
     directory = tracking["file_dir"]
-    return (_file_observer(tracking),
+    return (_file_observer(tracking, resume),
             f"tracking: {reason}; recording this run in {directory}/ instead "
             f"(`medseg db import {directory}` loads it into MongoDB later)", level)
 

@@ -68,7 +68,7 @@ def write_volumes(folder: Path, *, positives: int = 5, negatives: int = 2,
 
     folder.mkdir(parents=True, exist_ok=True)
     ball = (14, 20, 10)
-    rows = ["series_id,x,y,z"]
+    rows = ["series_id,voxel_x,voxel_y,voxel_z"]
     for index in range(positives + negatives):
         rng = np.random.default_rng(index)
         data = rng.normal(30, 5, shape_xyz)

@@ -7,8 +7,11 @@ A task folder (``Task006_Lung`` ...) holds::
     labelsTr/*.nii.gz   their label maps, same shape
 
 Conversion writes the PNG slice dataset of :mod:`medseg.data.png_slices`: each axial slice
-(the volume's last axis) shown through a CT window as 8-bit grey, and its label with every
-non-zero class as 255. Slices with tumour are all kept; of the others a sampled share is kept,
+shown through a CT window as 8-bit grey, and its label with every non-zero class as 255.
+Volumes are first turned to one display orientation, whatever the order they were stored
+in (:data:`DISPLAY_AXES`, from the NIfTI affine): image rows run anterior to posterior, columns
+from the patient's right to left (the radiological view), and slice ``k`` counts from
+inferior to superior. Slices with tumour are all kept; of the others a sampled share is kept,
 so the dataset is not dominated by empty slices. Slice ``k`` of volume ``lung_001.nii.gz``
 becomes ``lung_001_slice_0042.png`` in ``images/`` and ``labels/``.
 """
@@ -21,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import nibabel as nib
 import numpy as np
 from monai.data import load_decathlon_datalist
+from nibabel import orientations
 from PIL import Image
 
 from medseg.data.staging import staged_folder
@@ -31,6 +37,35 @@ from medseg.errors import DataError, describe
 
 NIFTI_SUFFIX = ".nii.gz"
 CONVERSION_RECORD = "conversion.json"
+#: Voxel axes of the display orientation (nibabel axis codes): X toward the patient's left, Y
+#: posterior, Z superior, so ``slice_to_image`` shows anterior up and the patient's right on
+#: the image's left.
+DISPLAY_AXES = ("L", "P", "S")
+DISPLAY_ORIENTATION = ("rows anterior to posterior, columns the patient's right to left "
+                       "(radiological view), slice index inferior to superior")
+
+log = logging.getLogger(__name__)
+
+
+def stored_axes(affine: np.ndarray) -> str:
+    """The axis codes of a volume as stored (``"RAS"``, ``"LPS"`` ...)."""
+    return "".join(orientations.aff2axcodes(affine))
+
+
+def to_display(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A volume stored with ``affine`` in :data:`DISPLAY_AXES` order (flips and transposes
+    only; no resampling)."""
+    transform = orientations.ornt_transform(orientations.io_orientation(affine),
+                                            orientations.axcodes2ornt(DISPLAY_AXES))
+    return orientations.apply_orientation(data, transform)
+
+
+def from_display(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_display`: back to the order of the volume stored with
+    ``affine`` (what a prediction saved with that affine needs)."""
+    transform = orientations.ornt_transform(orientations.axcodes2ornt(DISPLAY_AXES),
+                                            orientations.io_orientation(affine))
+    return orientations.apply_orientation(data, transform)
 
 
 @dataclass(frozen=True)
@@ -170,6 +205,8 @@ def convert_task(task_dir: str | Path, output_dir: str | Path, settings: Convers
         record = {"task": str(task.path), "name": task.description.get("name"),
                   "window_center": settings.window_center, "window_width": settings.window_width,
                   "empty_slice_fraction": settings.empty_slice_fraction, "seed": settings.seed,
+                  "orientation": {"axes": "".join(DISPLAY_AXES),
+                                  "slices": DISPLAY_ORIENTATION},
                   "volumes": volumes,
                   "slices": sum(v["kept_slices"] for v in volumes),
                   "tumour_slices": sum(v["tumour_slices"] for v in volumes)}
@@ -199,8 +236,14 @@ def _header_shape(path: Path) -> tuple[int, ...]:
 
 def _convert_case(case: MSDCase, number: int, output: Path,
                   settings: ConversionSettings) -> dict[str, Any]:
-    hu, _ = load_volume(case.image)
+    hu, image = load_volume(case.image)
     label, _ = load_volume(case.label)
+    stored = stored_axes(image.affine)
+    hu, label = to_display(hu, image.affine), to_display(label, image.affine)
+    classes = [float(v) for v in np.unique(label) if v != 0]
+    if len(classes) > 1:
+        log.warning("%s: label values %s; every non-zero class counts as tumour (255 in "
+                    "labels/)", case.label, ", ".join(f"{v:g}" for v in [0.0, *classes]))
     foreground = label > 0
     has_tumour = foreground.any(axis=(0, 1))
     empty = np.flatnonzero(~has_tumour)
@@ -214,5 +257,7 @@ def _convert_case(case: MSDCase, number: int, output: Path,
         Image.fromarray(slice_to_image(grey[:, :, index])).save(output / "images" / name)
         mask = slice_to_image(foreground[:, :, index]).astype(np.uint8) * 255
         Image.fromarray(mask).save(output / "labels" / name)
-    return {"volume": case.name, "slices": int(hu.shape[2]), "kept_slices": len(keep),
+    return {"volume": case.name, "stored_orientation": stored,
+            "label_values": [0, *(int(v) if v.is_integer() else v for v in classes)],
+            "slices": int(hu.shape[2]), "kept_slices": len(keep),
             "tumour_slices": int(has_tumour.sum()), "tumour_voxels": int(foreground.sum())}

@@ -1,9 +1,11 @@
 """Cutting aneurysm cubes out of whole volumes (the seed's ``prepare_aneurysm_cubes.py``).
 
 Input: a folder of NIfTI volumes, ``<series_id>.nii.gz`` (or ``.nii``), and a CSV of
-aneurysm centres with a ``series_id`` column and either voxel coordinates ``x, y, z`` (indices
-``i, j, k`` of the stored array) or world coordinates ``world_x, world_y, world_z`` (mm, the
-NIfTI affine's frame). Other columns are ignored; a series without rows has no aneurysm.
+aneurysm centres with a ``series_id`` column and either voxel coordinates ``voxel_x, voxel_y,
+voxel_z`` (indices ``i, j, k`` of the stored array) or world coordinates ``world_x, world_y,
+world_z`` (mm, the NIfTI affine's frame). Plain ``x, y, z`` are refused: they could be either,
+and millimetres that happen to fall inside the grid would silently be taken as voxels. Other
+columns are ignored; a series without rows has no aneurysm.
 
 For every series: reorient to RAS, optionally resample to ``target_spacing``, map
 intensities to uint8 (a fixed window, or the volume's 0.5-99.5 percentiles), then cut
@@ -38,13 +40,17 @@ from scipy.ndimage import zoom
 from medseg.config import integer, number, optional, sequence
 from medseg.data.npz_cubes import NUM_FOLDS, TEST_FOLD, fold_folder
 from medseg.data.staging import refuse_to_overwrite, staged_directory
-from medseg.errors import ConfigError, DataError
+from medseg.errors import ConfigError, DataError, describe
 
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CENTRES_FILE = "aneurysm_centres.csv"
-COORDINATE_COLUMNS = {"voxel": ("x", "y", "z"), "world": ("world_x", "world_y", "world_z")}
+COORDINATE_COLUMNS = {"voxel": ("voxel_x", "voxel_y", "voxel_z"),
+                      "world": ("world_x", "world_y", "world_z")}
+AMBIGUOUS_COLUMNS = ("x", "y", "z")
+_CHOICES = ("voxel_x, voxel_y, voxel_z (voxel indices i, j, k of the stored array) or world_x, "
+            "world_y, world_z (mm in the NIfTI affine's frame)")
 PERCENTILES = (0.5, 99.5)
 NEGATIVE_MASK_LIMIT = 0.01
 NEGATIVE_ATTEMPTS = 200
@@ -107,16 +113,21 @@ def read_centres(csv_path: str | Path, series_ids: Sequence[str]) -> dict[str, l
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"aneurysm centres file {csv_path} does not exist; expected a CSV with "
-                        "series_id and x, y, z (voxel) or world_x, world_y, world_z (mm)")
+                        f"series_id and {_CHOICES}")
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
-        space = next((s for s, names in COORDINATE_COLUMNS.items()
-                      if set(names) <= set(columns)), None)
-        if "series_id" not in columns or space is None:
+        spaces = [s for s, names in COORDINATE_COLUMNS.items() if set(names) <= set(columns)]
+        if len(spaces) > 1:
+            raise DataError(f"{csv_path} has both voxel_x, voxel_y, voxel_z and world_x, "
+                            "world_y, world_z columns; keep one of them")
+        if not spaces and set(AMBIGUOUS_COLUMNS) <= set(columns):
+            raise DataError(f"{csv_path}: columns x, y, z do not say whether they are voxel "
+                            f"indices or millimetres; name them {_CHOICES}")
+        if "series_id" not in columns or not spaces:
             raise DataError(f"{csv_path} has columns {', '.join(columns) or 'none'}; expected "
-                            "series_id and either x, y, z (voxel indices) or world_x, world_y, "
-                            "world_z (mm)")
+                            f"series_id and either {_CHOICES}")
+        space = spaces[0]
         known = set(series_ids)
         centres: dict[str, list[Centre]] = {}
         for line, row in enumerate(reader, start=2):
@@ -183,8 +194,7 @@ def _read_nifti(path: Path) -> nib.Nifti1Image:
     try:
         return nib.load(path)
     except Exception as error:  # nibabel raises many types for foreign or truncated files
-        raise DataError(f"{path} could not be read as a NIfTI volume ({type(error).__name__}: "
-                        f"{error})") from None
+        raise DataError(f"{path} could not be read as a NIfTI volume ({describe(error)})") from None
 
 
 def load_volume(path: Path, centres: Sequence[Centre], *, target_spacing: Sequence[float] | None,
@@ -197,8 +207,7 @@ def load_volume(path: Path, centres: Sequence[Centre], *, target_spacing: Sequen
     try:
         data = np.asarray(canonical.dataobj, dtype=np.float32)
     except Exception as error:
-        raise DataError(f"{path}: the voxel data could not be read ({type(error).__name__}: "
-                        f"{error})") from None
+        raise DataError(f"{path}: the voxel data could not be read ({describe(error)})") from None
     zyx = np.ascontiguousarray(data.transpose(2, 1, 0))
     spacing = np.array(canonical.header.get_zooms()[:3][::-1], dtype=float)
     world_to_voxel = _SWAP_XYZ @ np.linalg.inv(canonical.affine)
@@ -279,6 +288,7 @@ def negative_starts(volume: Volume, cube_shape: Sequence[int], count: int, sigma
         body = np.argwhere(np.ones_like(data, dtype=bool))
     shape = np.asarray(cube_shape)
     starts: list[np.ndarray] = []
+    tried: set[tuple[int, ...]] = set()
     for attempt in range(NEGATIVE_ATTEMPTS):
         if len(starts) == count:
             break
@@ -288,10 +298,30 @@ def negative_starts(volume: Volume, cube_shape: Sequence[int], count: int, sigma
         else:
             centre = body[rng.integers(len(body))]
         start = cube_start(centre, data.shape, cube_shape)
-        mask = gaussian_mask(start, cube_shape, volume.centres, volume.spacing, sigma_mm)
-        if mask.max() < NEGATIVE_MASK_LIMIT and not any(np.array_equal(start, s) for s in starts):
+        key = tuple(int(v) for v in start)
+        if key in tried:
+            continue
+        tried.add(key)
+        peak = mask_peak(start, cube_shape, volume.centres, volume.spacing, sigma_mm)
+        if peak < NEGATIVE_MASK_LIMIT:
             starts.append(start)
     return starts
+
+
+def mask_peak(start: np.ndarray, cube_shape: Sequence[int], centres: Sequence[np.ndarray],
+              spacing: np.ndarray, sigma_mm: float) -> float:
+    """``gaussian_mask(...).max()`` without drawing the mask: each Gaussian peaks in the
+    cube at the voxel nearest its centre (per axis: the centre's index clipped to the cube),
+    so testing a position costs nothing however large the cube (a cube as large as the
+    volume made the search draw a volume-sized mask per attempt)."""
+    peak = 0.0
+    low = np.asarray(start, dtype=float)
+    high = low + np.asarray(cube_shape) - 1
+    for centre in centres:
+        nearest = np.clip(np.round(centre), low, high)
+        distance = float(np.sum(((nearest - centre) * spacing) ** 2))
+        peak = max(peak, math.exp(-distance / (2 * sigma_mm ** 2)))
+    return peak
 
 
 def prepare_cubes(
@@ -332,6 +362,11 @@ def prepare_cubes(
     refuse_to_overwrite(output_dir, overwrite, "aneurysm cubes")
     aneurysms_anywhere = [world for series, rows in centres.items()
                           for world in world_centres(volumes[series], rows)]
+    # Every volume is read once before the first cube is cut, so a bad one is found before
+    # the good series have been worked through.
+    for series, path in volumes.items():
+        _check_readable(path)
+    _warn_about_cube_size(volumes, centres, cube_shape, target_spacing)
     rng = np.random.default_rng(seed)
     folds = assign_folds(list(volumes), set(centres), num_folds=num_folds,
                          test_fraction=test_fraction, rng=rng)
@@ -365,6 +400,40 @@ def prepare_cubes(
         log.warning("%d negative cubes could not be placed clear of every aneurysm",
                     summary.negatives_not_placed)
     return summary
+
+
+def _check_readable(path: Path) -> None:
+    image = _read_nifti(path)
+    if len(image.shape) != 3:
+        raise DataError(f"{path}: expected a 3D volume, found shape {list(image.shape)}")
+    try:
+        data = np.asarray(image.dataobj)
+    except Exception as error:
+        raise DataError(f"{path}: the voxel data could not be read ({describe(error)})") from None
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise DataError(f"{path}: the volume holds NaN or infinite values")
+
+
+def _warn_about_cube_size(volumes: Mapping[str, Path], centres: Mapping[str, list],
+                          cube_shape: Sequence[int], target_spacing) -> None:
+    """Say up front when ``cube_shape`` exceeds a volume (zero padding; a single position on
+    those axes) and when no negative cube can exist (the cube covers a volume with an
+    aneurysm)."""
+    for series, path in volumes.items():
+        canonical = nib.as_closest_canonical(_read_nifti(path))
+        shape = np.array(canonical.shape[:3][::-1], dtype=float)  # (z, y, x)
+        if target_spacing is not None:
+            spacing = np.array(canonical.header.get_zooms()[:3][::-1], dtype=float)
+            shape = np.maximum(np.round(shape * spacing / np.asarray(target_spacing)), 2)
+        larger = [axis for axis, (c, v) in zip("zyx", zip(cube_shape, shape)) if c > v]
+        if not larger:
+            continue
+        covers = len(larger) == 3 or all(c >= v for c, v in zip(cube_shape, shape))
+        note = ("; it covers the whole volume, which holds an aneurysm, so no negative cube "
+                "can be cut from it" if covers and series in centres else "")
+        log.warning("dataset.cube_shape %s (z, y, x) is larger than series %s (%s voxels) on "
+                    "axis %s: its cubes are padded with zeros%s", list(cube_shape), series,
+                    [int(v) for v in shape], ", ".join(larger), note)
 
 
 def _write_series(staging: Path, series: str, fold: int, volume: Volume, cube_shape,

@@ -66,8 +66,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
+        reason = describe(error)
+        if "weights_only" in str(error):  # torch's advice to load unsafely: never repeated
+            reason = (f"{type(error).__name__}: it is not a file of tensors and plain values; "
+                      "random or damaged bytes, or pickled Python objects, which are not loaded")
         raise DataError(f"checkpoint {path} could not be read as a medseg checkpoint "
-                        f"({describe(error)})") from None
+                        f"({reason})") from None
     if isinstance(state, Mapping):
         state = {KEY_ALIASES.get(key, key): value for key, value in state.items()}
     if not isinstance(state, Mapping) or "model" not in state:

@@ -246,7 +246,8 @@ class Trainer:
         with another initial rate scales them to it (and says so)."""
         saved = state.get("initial_lrs")
         if saved is None:  # written before initial rates were stored
-            saved = [float(g.get("initial_lr", g["lr"])) for g in state["optimizer"]["param_groups"]]
+            saved = [float(g.get("initial_lr", g["lr"]))
+                     for g in state["optimizer"]["param_groups"]]
         wanted = list(self.initial_lrs)
         if len(saved) != len(wanted) or all(math.isclose(a, b) for a, b in zip(saved, wanted)):
             return
@@ -355,10 +356,15 @@ class Trainer:
         if self.checkpoints is None:
             return
         trained = {} if validated is self.model else {"training_model": self.model.state_dict()}
+        weights, optimizer_state = validated.state_dict(), self.optimizer.state_dict()
         state = {
-            "model": validated.state_dict(),
+            "model": weights,
+            # The names of PyTorch's own resume recipe, which the seeds use
+            # (checkpoint['model_state_dict']); the same objects, so saved once.
+            "model_state_dict": weights,
+            "optimizer_state_dict": optimizer_state,
             **trained,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,

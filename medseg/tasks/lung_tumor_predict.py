@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from medseg.data.msd import load_volume, slice_to_image, window
+from medseg.data.msd import from_display, load_volume, slice_to_image, to_display, window
 from medseg.data.slice_transforms import image_transform
 from medseg.engine.precision import Precision
 from medseg.errors import ConfigError, DataError, DiskFullError
@@ -133,17 +133,19 @@ def predict_image(predictor: SlicePredictor, path: Path, output_dir: Path,
 def predict_volume(predictor: SlicePredictor, path: Path, output_dir: Path, save_overlay: bool,
                    *, window_center: float, window_width: float) -> dict[str, Any]:
     hu, source = load_volume(path)
-    grey = window(hu, window_center, window_width)
+    # Slices as `convert` shows them (display orientation), the mask back in stored order.
+    grey = window(to_display(hu, source.affine), window_center, window_width)
     slices = [slice_to_image(grey[:, :, k]) for k in range(grey.shape[2])]
     masks = predictor.masks([s.astype(np.float32) / 255.0 for s in slices])
-    volume = np.stack([slice_to_image(m) for m in masks], axis=-1).astype(np.uint8)
+    volume = from_display(np.stack([slice_to_image(m) for m in masks], axis=-1),
+                          source.affine).astype(np.uint8)
     name = _stem(path)
     header = source.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
     mask_path = output_dir / f"{name}_mask.nii.gz"
     nib.save(nib.Nifti1Image(volume, source.affine, header), mask_path)
-    tumour_slices = [k for k, m in enumerate(masks) if m.any()]
+    tumour_slices = [k for k, m in enumerate(masks) if m.any()]  # display order
     voxel_ml = float(np.prod(source.header.get_zooms()[:3])) / 1000.0
     record = {"source": str(path), "mask": str(mask_path), "tumour_voxels": int(volume.sum()),
               "tumour_slices": tumour_slices, "tumour_volume_ml": round(volume.sum() * voxel_ml, 3)}

@@ -23,14 +23,16 @@ from medseg.errors import DataError
 
 def write_task(root: Path, volumes: dict[str, tuple[np.ndarray, np.ndarray]],
                modality: str = "CT") -> Path:
-    """An MSD task folder from ``{name: (hu [X, Y, Z], label [X, Y, Z])}``."""
+    """An MSD task folder from ``{name: (hu [X, Y, Z], label [X, Y, Z])}``, stored LPS (the
+    display orientation, so slices come out in stored order)."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     entries = []
     for name, (hu, label) in volumes.items():
-        nib.save(nib.Nifti1Image(hu.astype(np.int16), np.eye(4)),
+        nib.save(nib.Nifti1Image(hu.astype(np.int16), lps),
                  root / "imagesTr" / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(label.astype(np.uint8), np.eye(4)),
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), lps),
                  root / "labelsTr" / f"{name}.nii.gz")
         entries.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
     # A macOS resource fork, as in the downloaded MSD archives: not listed, so not read.

@@ -38,7 +38,8 @@ def write_inputs(folder: Path, *, positives: int = 6, negatives: int = 4, space:
                  lps: bool = False) -> Path:
     """``positives`` series with a ball (listed in the CSV), ``negatives`` without."""
     folder.mkdir(parents=True, exist_ok=True)
-    columns = ("x", "y", "z") if space == "voxel" else ("world_x", "world_y", "world_z")
+    columns = (("voxel_x", "voxel_y", "voxel_z") if space == "voxel"
+               else ("world_x", "world_y", "world_z"))
     rows = []
     for index in range(positives + negatives):
         series = f"1.2.3.{index}"
@@ -160,10 +161,14 @@ def test_compressed_cubes_are_smaller_and_identical(tmp_path):
 
 @pytest.mark.parametrize("csv_text, message", [
     (None, r"aneurysm centres file .* does not exist"),
-    ("series,x,y,z\n1.2.3.0,1,2,3\n", r"has columns series, x, y, z; expected series_id and "
-                                      r"either x, y, z"),
-    ("series_id,x,y,z\n9.9.9,1,2,3\n", r"aneurysm_centres\.csv:2: series '9\.9\.9' has no volume"),
-    ("series_id,x,y,z\n1.2.3.0,1,two,3\n", r"aneurysm_centres\.csv:2: y='two' is not a number"),
+    ("series,voxel_x,voxel_y,voxel_z\n1.2.3.0,1,2,3\n",
+     r"has columns series, voxel_x, voxel_y, voxel_z; expected series_id and either voxel_x"),
+    ("series_id,x,y,z\n1.2.3.0,1,2,3\n", r"columns x, y, z do not say whether they are voxel "
+                                         r"indices or millimetres; name them voxel_x"),
+    ("series_id,voxel_x,voxel_y,voxel_z\n9.9.9,1,2,3\n",
+     r"aneurysm_centres\.csv:2: series '9\.9\.9' has no volume"),
+    ("series_id,voxel_x,voxel_y,voxel_z\n1.2.3.0,1,two,3\n",
+     r"aneurysm_centres\.csv:2: voxel_y='two' is not a number"),
     ("+1.2.3.7,1,2,300\n", r"centres CSV line 8: voxel coordinates \[1\.0, 2\.0, 300\.0\] "
                            r"lie outside 1\.2\.3\.7\.nii\.gz"),
 ])

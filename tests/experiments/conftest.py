@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+LUNG = Path(__file__).resolve().parents[2] / "experiments" / "lung_tumor.py"
 
 @pytest.fixture(scope="session")
 def sadaan_data(tmp_path_factory):
@@ -27,3 +33,21 @@ def sadaan_quick(sadaan_data, tmp_path):
         "checkpoint": {"save_dir": str(tmp_path / "checkpoints" / "{run_id}")},
         "tracking": {"observer": "file", "file_dir": str(tmp_path / "runs")},
     }
+
+
+@pytest.fixture(scope="session")
+def lung_checkpoint(tmp_path_factory):
+    """One epoch of a tiny lung network on tiny generated slices, trained from the shell."""
+    cwd = tmp_path_factory.mktemp("lung-full-disk")
+    for arguments in (["generate_msd", "with", "msd_dir=msd", "dataset.num_volumes=5",
+                       "dataset.volume_size=[32,32,16]"],
+                      ["convert", "with", "msd_dir=msd", "dataset_path=dataset"],
+                      ["with", "dataset_path=dataset", "training.image_size=[32,32]",
+                       "training.num_epochs=1", "training.num_workers=0", "training.batch_size=8",
+                       "training.gradient_accumulation_steps=1", "model.channels=[4,8,16]",
+                       "logging.progress_bar=False", "tracking.observer=none",
+                       "checkpoint.save_dir=ck"]):
+        done = subprocess.run([sys.executable, str(LUNG), *arguments], cwd=cwd,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return cwd

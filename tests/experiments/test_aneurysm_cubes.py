@@ -266,7 +266,7 @@ def other_volumes(env):
 
 def other_centres(env):
     path = env.tmp.mktemp("centres") / "centres.csv"
-    rows = ["series_id,x,y,z"] + [f"9.8.{i},20,20,10" for i in range(5)]
+    rows = ["series_id,voxel_x,voxel_y,voxel_z"] + [f"9.8.{i},20,20,10" for i in range(5)]
     path.write_text("\n".join(rows) + "\n")
     return str(path)
 
@@ -298,8 +298,9 @@ def resumed_ensemble(env):
 
 def check_resume(env: Env, key: str) -> None:
     fresh = env.build()
+    # A resume keeps the entries that shaped the training (the trained run's pos_weight).
     resumed = env.build(**{key: str(env.trained.directory / "last_model.pth"),
-                           "training.num_epochs": 8, "seed": 1})
+                           "training.num_epochs": 8, "seed": 1, "loss_weights.pos_weight": 10.0})
     assert (fresh.epoch, resumed.epoch) == (0, 6)
 
 

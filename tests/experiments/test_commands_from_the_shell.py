@@ -47,7 +47,8 @@ def test_the_documentation_names_commands_of_every_experiment():
     experiments = {path.stem for path in (ROOT / "experiments").glob("*.py")
                    if path.stem != "__init__"}
     assert experiments <= set(COMMANDS), experiments - set(COMMANDS)
-    assert {"predict", "cross_validate", "prepare", "generate_volumes"} <= COMMANDS["aneurysm_cubes"]
+    aneurysm = COMMANDS["aneurysm_cubes"]
+    assert {"predict", "cross_validate", "prepare", "generate_volumes"} <= aneurysm
 
 
 @pytest.mark.slow

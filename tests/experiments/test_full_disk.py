@@ -52,7 +52,8 @@ def test_tracking_folder_on_a_full_disk(sadaan_data, tmp_path, small_disk):
     for record in (small_disk.path / "runs").glob("*/run.json"):
         assert json.loads(record.read_text())["status"] != "COMPLETED"
     for copy in (small_disk.path / "runs").glob("*/*.pth"):  # no truncated checkpoint copy
-        assert copy.stat().st_size == (tmp_path / "ck" / copy.parent.name / copy.name).stat().st_size
+        original = tmp_path / "ck" / copy.parent.name / copy.name
+        assert copy.stat().st_size == original.stat().st_size
     assert not list((small_disk.path / "runs").rglob(".*.partial"))
 
 
@@ -71,23 +72,6 @@ def test_checkpoint_folder_on_a_full_disk(sadaan_data, tmp_path, small_disk):
     assert "unexpected pos" not in done.stderr
     assert not list((small_disk.path / "ck").glob(".*"))  # no temporary left
     assert json.loads((tmp_path / "runs" / "1" / "run.json").read_text())["status"] == "FAILED"
-
-
-@pytest.fixture(scope="module")
-def lung_checkpoint(tmp_path_factory):
-    """One epoch of a tiny lung network on tiny generated slices, trained from the shell."""
-    cwd = tmp_path_factory.mktemp("lung-full-disk")
-    for arguments in (["generate_msd", "with", "msd_dir=msd", "dataset.num_volumes=5",
-                       "dataset.volume_size=[32,32,16]"],
-                      ["convert", "with", "msd_dir=msd", "dataset_path=dataset"],
-                      ["with", "dataset_path=dataset", "training.image_size=[32,32]",
-                       "training.num_epochs=1", "training.num_workers=0", "training.batch_size=8",
-                       "training.gradient_accumulation_steps=1", "model.channels=[4,8,16]",
-                       "logging.progress_bar=False", "tracking.observer=none",
-                       "checkpoint.save_dir=ck"]):
-        done = shell(LUNG, *arguments, cwd=cwd)
-        assert done.returncode == 0, done.stderr[-3000:]
-    return cwd
 
 
 @pytest.mark.slow

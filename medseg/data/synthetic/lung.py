@@ -94,7 +94,9 @@ def generate_lung_task(
         (staging / "imagesTr").mkdir()
         (staging / "labelsTr").mkdir()
         names = [f"lung_{index + 1:03d}" for index in range(num_volumes)]
-        affine = np.diag([settings.spacing[0], -settings.spacing[1], settings.spacing[2], 1.0])
+        # Voxel X toward the patient's left, Y posterior, Z superior (LPS), as documented above;
+        # nibabel's affine maps to RAS+ world coordinates, hence -X and -Y.
+        affine = np.diag([-settings.spacing[0], -settings.spacing[1], settings.spacing[2], 1.0])
         for index, name in enumerate(names):
             volume, label = render_volume(np.random.default_rng([seed, index]), settings)
             nib.save(nib.Nifti1Image(volume, affine), staging / "imagesTr" / f"{name}.nii.gz")
