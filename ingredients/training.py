@@ -67,11 +67,15 @@ class TrainingIngredient(FieldIngredient):
     def validate(self, config) -> None:
         super().validate(config)
         training = config[self.path]
+        name = training["device"]
         try:
-            device = resolve_device(training["device"])
+            device = resolve_device(name)
         except ValueError:
-            raise ConfigError(f"{self.path}.device must be 'auto', 'cpu' or 'cuda[:N]' with a "
-                              f"CUDA device present, got {training['device']!r}") from None
+            if name.startswith("cuda") and not torch.cuda.is_available():
+                raise ConfigError(f"{self.path}.device={name!r} but no CUDA device is "
+                                  "available") from None
+            raise ConfigError(f"{self.path}.device must be 'auto', 'cpu' or 'cuda[:N]', "
+                              f"got {name!r}") from None
         if training["mixed_precision"] == "fp16" and device.type != "cuda":
             raise ConfigError(f"{self.path}.mixed_precision='fp16' needs a CUDA device "
                               f"({self.path}.device is {training['device']!r}); use 'bf16' on "
