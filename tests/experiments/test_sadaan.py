@@ -86,10 +86,12 @@ def test_resume_continues_from_the_checkpoint(sadaan_quick, tmp_path):
     run(merge(sadaan_quick, {"training": {"num_epochs": 2}}))
     last = tmp_path / "checkpoints" / "1" / "last_model.pth"
     run(merge(sadaan_quick, {"training": {"num_epochs": 3}, "checkpoint": {"resume": str(last)}}))
-    resumed = tmp_path / "runs" / "2"
+    # The file observer continues the resumed run: one run id, one series of epochs.
+    assert not (tmp_path / "runs" / "2").exists()
+    resumed = tmp_path / "runs" / "1"
     info = json.loads((resumed / "info.json").read_text())
     assert info["resumed_from"]["epoch"] == 2
-    assert json.loads((resumed / "metrics.json").read_text())["val_dice"]["steps"] == [3]
+    assert json.loads((resumed / "metrics.json").read_text())["val_dice"]["steps"] == [1, 2, 3]
 
 
 def test_generate_data_writes_the_documented_layout(tmp_path):
