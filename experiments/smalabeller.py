@@ -33,7 +33,7 @@ ex = MedsegExperiment("smalabeller", ingredients=[
     sma.group("checkpoint", sma.CHECKPOINT_FIELDS), sma.group("training", sma.ENGINE_FIELDS),
     sma.group("tensorboard", sma.TENSORBOARD_FIELDS), sma.group("synthetic", sma.SYNTHETIC_FIELDS),
     tune, TrackingIngredient()])
-ex.add_fields(sma.ARGUMENT_FIELDS)
+ex.add_fields(sma.resumable(sma.ARGUMENT_FIELDS))
 add_tune_command(ex, "experiments.smalabeller",
                  path_keys=("training_images", "training_labels", "runs_dir"))
 

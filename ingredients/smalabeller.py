@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ingredients.fields import Field, FieldIngredient
+from ingredients.fields import Field, FieldIngredient, may_change_on_resume
 from ingredients.tracking import SacredReporter, link_checkpoint_directory
 from ingredients.training import FIELDS as TRAINING_FIELDS
 from ingredients.tune import trial_callbacks
@@ -128,8 +128,23 @@ SYNTHETIC_FIELDS = {
 }
 
 
+#: Entries a resumed run may change (``checkpoint.resume`` among them): where outputs go, how
+#: long to train, workers, device and logging. What shapes the training (data, model, loss,
+#: the schedule's rates, calibration) must stay the checkpoint's.
+RESUMABLE = {"epochs", "num_workers", "runs_dir", "tb_prefix", "comment", "data_dir",
+             "early_stopping.patience", "training.device", "training.log_frequency",
+             "training.progress_bar", "tensorboard.enabled", "checkpoint.period",
+             "checkpoint.keep_periodic", "checkpoint.resume"}
+
+
+def resumable(fields: Mapping[str, Field], prefix: str = "") -> dict[str, Field]:
+    """``fields`` with the :data:`RESUMABLE` ones marked as such."""
+    return {name: may_change_on_resume(field) if f"{prefix}{name}" in RESUMABLE else field
+            for name, field in fields.items()}
+
+
 def group(name: str, fields: Mapping[str, Field], **defaults: Any) -> FieldIngredient:
-    return FieldIngredient(name, fields, defaults)
+    return FieldIngredient(name, resumable(fields, f"{name}."), defaults)
 
 
 def settings(config: Mapping[str, Any]) -> SMALabellerSettings:
