@@ -98,7 +98,7 @@ class PipelineRun:
             raise DataError("the training split has no cases")
         result = fit(model, task, train_set, val_set, trainer_settings(config), self.reporter,
                      optimizer=optimizer_settings(config),
-                     loaders=loader_settings(config, self.run.config["seed"]),
+                     loaders=loader_settings(config, self._data_seed(train_set)),
                      device=self.device, precision=self.precision,
                      checkpoints=self.checkpoints, callbacks=callbacks, resume=resume,
                      curves_path=self.output_dir / "training_curves.png",
@@ -110,6 +110,11 @@ class PipelineRun:
         return {"best_epoch": result.best_epoch, "best_metric": result.best_metric,
                 "monitor": config["training"]["monitor"], "epochs_run": result.epochs_run,
                 "stopped_early": result.stopped_early}
+
+    def _data_seed(self, train_set) -> int:
+        """The seed of the training batches: the one Sacred draws (from the run's seed) for
+        the training ingredient's loaders, as the evaluation commands' loaders get theirs."""
+        return self.training.make_loader(train_set, train=True).seed
 
     def _record_checkpoints(self) -> None:
         limit = self.config["tracking"]["max_artifact_mb"] * _MB
