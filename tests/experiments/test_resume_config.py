@@ -33,20 +33,22 @@ def trained(sadaan_data, tmp_path_factory):
 @pytest.mark.slow
 def test_a_new_learning_rate_is_applied_and_recorded(trained):
     cwd, common = trained
+    first_seed = json.loads((cwd / "runs" / "1" / "config.json").read_text())["seed"]
     done = sadaan(cwd, *common, "training.num_epochs=2", "training.learning_rate=2e-4",
                   "checkpoint.resume=ck/1/last_model.pth")
     assert done.returncode == 0, done.stderr[-3000:]
     assert ("initial learning rate 0.0002 on resume (the checkpoint's was 0.001): the continued "
             "schedule is scaled to it, now at 0.0002") in done.stderr
-    run = cwd / "runs" / "2"
+    # The file observer continues the resumed run 1: its second epoch ran at the new rate.
+    assert not (cwd / "runs" / "2").exists()
+    run = cwd / "runs" / "1"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["lr"]["steps"] == [2] and metrics["lr"]["values"] == [pytest.approx(2e-4)]
+    assert metrics["lr"]["steps"] == [1, 2] and metrics["lr"]["values"][-1] == pytest.approx(2e-4)
     info = json.loads((run / "info.json").read_text())
     assert info["resumed_from"]["learning_rate"] == {"checkpoint": 1e-3, "now": 2e-4}
     config = json.loads((run / "config.json").read_text())
-    first = json.loads((cwd / "runs" / "1" / "config.json").read_text())
     assert config["training"]["learning_rate"] == 2e-4
-    assert config["seed"] == first["seed"]  # not given: the checkpoint's, not a new draw
+    assert config["seed"] == first_seed  # not given: the checkpoint's, not a new draw
 
 
 @pytest.mark.slow
