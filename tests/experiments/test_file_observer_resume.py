@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.experiments.test_interruptions import signal_when, training_updates
 from tests.tracking.support import SADAAN, environment, start_experiment
@@ -32,7 +33,9 @@ def test_a_resume_continues_the_file_observer_run(sadaan_data, tmp_path):
     assert process.returncode == 143
     run = tmp_path / "runs" / "1"
     interrupted = json.loads((run / "metrics.json").read_text())
-    epoch = len(interrupted["val_dice"]["steps"])
+    # The checkpoint's epoch, not the metrics' count: SIGTERM may land after an epoch's
+    # validation was logged and before its checkpoint was written (the resume drops those steps).
+    epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
     resumed = subprocess.run([sys.executable, str(SADAAN), "with", *updates,
                               f"checkpoint.resume={checkpoint}",
                               f"training.num_epochs={epoch + 1}"], cwd=tmp_path,
