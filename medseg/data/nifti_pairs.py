@@ -47,18 +47,8 @@ def find_pairs(images_dir: str | Path, labels_dir: str | Path) -> list[CasePair]
             raise DataError(f"{what}: no folder at {folder}")
     labels = {_base_name(p): p for p in labels_dir.glob(f"*{LABEL_SUFFIX}")}
     images = {p.name[:-len(IMAGE_SUFFIX)]: p for p in images_dir.glob(f"*{IMAGE_SUFFIX}")}
-    no_image = sorted(set(labels) - set(images))
-    if no_image:
-        expected = images_dir / (no_image[0] + IMAGE_SUFFIX)
-        raise DataError(f"label {labels[no_image[0]]} has no image {expected}"
-                        + (f" (and {len(no_image) - 1} more labels without images)"
-                           if len(no_image) > 1 else ""))
-    no_label = sorted(set(images) - set(labels))
-    if no_label:
-        expected = labels_dir / (no_label[0] + LABEL_SUFFIX)
-        raise DataError(f"image {images[no_label[0]]} has no label {expected}"
-                        + (f" (and {len(no_label) - 1} more images without labels)"
-                           if len(no_label) > 1 else ""))
+    _refuse_unmatched(labels, images, "label", "image", images_dir, IMAGE_SUFFIX)
+    _refuse_unmatched(images, labels, "image", "label", labels_dir, LABEL_SUFFIX)
     if not labels:
         raise DataError(f"no image/label pairs: {labels_dir} has no <case>{LABEL_SUFFIX} files "
                         f"(expected labels <case>{LABEL_SUFFIX} and images <case>{IMAGE_SUFFIX} "
@@ -121,3 +111,14 @@ def _spatial_shape(volume, path: Path) -> tuple[int, ...]:
         raise DataError(f"{path} has shape {list(shape)}; expected a 3D single-channel volume "
                         "[H, W, D]")
     return shape
+
+
+def _refuse_unmatched(found: dict, partners: dict, kind: str, partner: str, partner_dir: Path,
+                      partner_suffix: str) -> None:
+    """Name the first ``kind`` file (by case) without its ``partner`` file, and how many more."""
+    missing = sorted(set(found) - set(partners))
+    if missing:
+        expected = partner_dir / (missing[0] + partner_suffix)
+        more = (f" (and {len(missing) - 1} more {kind}s without {partner}s)"
+                if len(missing) > 1 else "")
+        raise DataError(f"{kind} {found[missing[0]]} has no {partner} {expected}{more}")
