@@ -7,9 +7,14 @@
   the session starts on a free 127.0.0.1 port with temporary storage, and stops (by its
   PID, waiting for the exit) at the end. Each test that writes to it uses its own database
   name, so tests do not see each other's runs.
+- The root logger's level is restored after each test: an in-process Sacred run with
+  ``--loglevel`` sets it for the whole process, which hid the warnings a later test of the
+  same worker looked for.
 """
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 
@@ -24,6 +29,14 @@ def _no_personal_database(monkeypatch, tmp_path_factory):
     monkeypatch.delenv("MEDSEG_MONGO_URL", raising=False)
     monkeypatch.setenv("MEDSEG_DB_PORT", UNUSED_PORT)
     monkeypatch.setenv("MEDSEG_DB_DIR", str(tmp_path_factory.getbasetemp() / "medseg-db-state"))
+
+
+@pytest.fixture(autouse=True)
+def _root_log_level():
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
