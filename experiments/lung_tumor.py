@@ -16,7 +16,7 @@ import torch
 
 from ingredients.augmentation import LungAugmentationIngredient
 from ingredients.checkpoint import CheckpointIngredient
-from ingredients.dataset import LungDatasetIngredient
+from ingredients.dataset import LungDatasetIngredient, LungSyntheticIngredient
 from ingredients.experiment import MedsegExperiment
 from ingredients.fields import Field
 from ingredients.loss_weights import LossIngredient
@@ -33,6 +33,8 @@ from ingredients.training import (
 )
 from medseg import config as c
 from medseg.data.png_slices import PNGSliceDataset, scan_slices, slice_statistics
+from medseg.data.staging import refuse_to_overwrite
+from medseg.data.synthetic.lung import generate_lung_task
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.ema import ModelEMA
 from medseg.errors import ConfigError, DataError, describe
@@ -50,6 +52,7 @@ from medseg.tasks.lung_tumor_predict import (
 )
 
 dataset = LungDatasetIngredient()
+synthetic = LungSyntheticIngredient()
 model = AttentionUNetModelIngredient()
 loss = LossIngredient()
 augmentation = LungAugmentationIngredient()
@@ -71,9 +74,9 @@ sanity_check = OverfitIngredient(samples=4, steps=300, learning_rate=1e-3, targe
 logging_ = LoggingIngredient()
 tracking = TrackingIngredient()
 
-ex = MedsegExperiment("lung_tumor", ingredients=[dataset, model, loss, augmentation, optimizer,
-                                                 checkpoint, training, sanity_check, logging_,
-                                                 tracking])
+ex = MedsegExperiment("lung_tumor", ingredients=[dataset, synthetic, model, loss, augmentation,
+                                                 optimizer, checkpoint, training, sanity_check,
+                                                 logging_, tracking])
 
 
 ex.add_fields({
@@ -104,8 +107,8 @@ ex.add_fields({
 # network and a learning rate for its short schedule. The narrow network's overfit check needs
 # 3e-3 to pass in 200 steps (at 1e-3 it stopped at Dice 0.81; at 3e-3 it passed at step 150).
 ex.add_named_config("demo", msd_dir="data/lung_demo/msd", dataset_path="data/lung_demo/dataset",
-                    dataset={"num_volumes": 24, "volume_size": [128, 128, 48],
-                             "empty_slice_fraction": 0.15},
+                    synthetic={"num_volumes": 24, "volume_size": [128, 128, 48]},
+                    dataset={"empty_slice_fraction": 0.15},
                     model={"channels": [8, 16, 32, 64, 64]},
                     training={"image_size": [128, 128], "batch_size": 8,
                               "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
@@ -135,6 +138,12 @@ def check_inputs(config, command_name):
         scan_slices(config["dataset_path"])
     if command_name == "predict":
         _check_predict_inputs(config)
+    if command_name == "generate_msd":
+        refuse_to_overwrite(Path(config["msd_dir"]) / config["task"],
+                            config["synthetic"]["overwrite"], "MSD task", "synthetic.overwrite")
+    if command_name == "convert":
+        refuse_to_overwrite(config["dataset_path"], config["dataset"]["overwrite"], "PNG slices",
+                            "dataset.overwrite")
 
 
 def _check_training_data(config) -> None:
@@ -165,9 +174,9 @@ def _check_predict_inputs(config) -> None:
 
 
 @ex.data_command
-def generate_msd(msd_dir, task):
+def generate_msd(msd_dir, task, synthetic):
     """Write a synthetic MSD task folder (imagesTr/, labelsTr/, dataset.json) to msd_dir/task."""
-    path = dataset.generate(task_dir=str(Path(msd_dir) / task))
+    path = generate_lung_task(Path(msd_dir) / task, **synthetic)
     print(f"wrote {path}")
 
 

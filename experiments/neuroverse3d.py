@@ -125,7 +125,7 @@ ex.add_named_config("cpu", data_dir="data/neuroverse3d", image_size=[32, 32, 32]
 
 @ex.config_validator
 def check_inputs(config, command_name):
-    check_config(config, command_name, changed_generator_settings=synthetic.changed(config))
+    check_config(config, command_name)
 
 
 @ex.data_command

@@ -1,6 +1,6 @@
 """SADAAN: spatial-attention multi-structure segmentation with presence detection (HDF5).
 
-    python experiments/sadaan.py generate_data with dataset_path=DIR   # synthetic data
+    python experiments/sadaan.py generate_data with dataset_path=DIR   # synthetic.* data
     python experiments/sadaan.py with training.batch_size=8            # train
     python experiments/sadaan.py evaluate with eval_checkpoint=PATH    # score a checkpoint
     python experiments/sadaan.py print_config                          # every entry
@@ -8,7 +8,7 @@
 
 from ingredients.augmentation import SADAANAugmentationIngredient
 from ingredients.checkpoint import CheckpointIngredient
-from ingredients.dataset import HDF5DatasetIngredient
+from ingredients.dataset import HDF5DatasetIngredient, SADAANSyntheticIngredient
 from ingredients.experiment import MedsegExperiment
 from ingredients.fields import Field
 from ingredients.loss_weights import SADAANLossWeightsIngredient
@@ -19,10 +19,13 @@ from ingredients.tracking import LoggingIngredient, TrackingIngredient
 from ingredients.training import TrainingIngredient, image_size_field
 from medseg import config as c
 from medseg.data.hdf5 import SPLITS
+from medseg.data.staging import refuse_to_overwrite
+from medseg.data.synthetic.sadaan import generate_sadaan_dataset
 from medseg.errors import ConfigError
 from medseg.tasks.sadaan import SADAANTask, evaluate_sadaan
 
 dataset = HDF5DatasetIngredient()
+synthetic = SADAANSyntheticIngredient()
 model = SADAANModelIngredient()
 loss_weights = SADAANLossWeightsIngredient()
 augmentation = SADAANAugmentationIngredient()
@@ -34,8 +37,9 @@ training = TrainingIngredient(extra_fields={"image_size": image_size_field([128,
 logging_ = LoggingIngredient()
 tracking = TrackingIngredient()
 
-ex = MedsegExperiment("sadaan", ingredients=[dataset, model, loss_weights, augmentation,
-                                             optimizer, checkpoint, training, logging_, tracking])
+ex = MedsegExperiment("sadaan", ingredients=[dataset, synthetic, model, loss_weights,
+                                             augmentation, optimizer, checkpoint, training,
+                                             logging_, tracking])
 
 
 ex.add_fields({
@@ -67,7 +71,7 @@ ex.add_named_config("for_accuracy", loss_weights={"dice": 3.0}, training={"gradi
 # A few minutes on a laptop CPU: small generated data, trained at its own size. Batch 2 gives
 # twice the optimizer steps in the same time (test Dice 0.28 after 12 epochs, against 0.15 at 4).
 ex.add_named_config("demo", dataset_path="data/sadaan_demo", eval_split="test",
-                    dataset={"num_train": 48, "num_val": 12, "num_test": 12},
+                    synthetic={"num_train": 48, "num_val": 12, "num_test": 12},
                     training={"image_size": [64, 64, 32], "num_epochs": 12, "batch_size": 2,
                               "gradient_accumulation_steps": 1, "warmup_epochs": 1,
                               "learning_rate": 2e-3, "num_workers": 1},
@@ -86,13 +90,14 @@ def dataset_exists(config, command_name):
         dataset.check_splits(config["dataset_path"], splits, config["model"]["in_channels"],
                              check_cases=config["dataset"]["check_cases"])
     elif command_name == "generate_data":
-        dataset.check_output(config["dataset_path"])
+        refuse_to_overwrite(config["dataset_path"], config["synthetic"]["overwrite"],
+                            "SADAAN dataset", "synthetic.overwrite")
 
 
 @ex.data_command
-def generate_data(dataset_path):
+def generate_data(dataset_path, synthetic):
     """Write a synthetic dataset in the seed's HDF5 layout to `dataset_path`."""
-    path = dataset.generate(dataset_path)
+    path = generate_sadaan_dataset(dataset_path, **synthetic)
     print(f"wrote {path}")
 
 

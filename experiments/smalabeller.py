@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ingredients import smalabeller as sma
 from ingredients.experiment import MedsegExperiment
+from ingredients.fields import SyntheticIngredient
 from ingredients.tracking import TrackingIngredient
 from ingredients.tune import (TuneIngredient, add_tune_command, choice, loguniform,
                               reporting_to_tune, uniform)
@@ -31,7 +32,7 @@ ex = MedsegExperiment("smalabeller", ingredients=[
     sma.group("model", sma.MODEL_FIELDS), sma.group("bn_calibration", sma.BN_FIELDS),
     sma.group("early_stopping", sma.EARLY_STOPPING_FIELDS),
     sma.group("checkpoint", sma.CHECKPOINT_FIELDS), sma.group("training", sma.ENGINE_FIELDS),
-    sma.group("tensorboard", sma.TENSORBOARD_FIELDS), sma.group("synthetic", sma.SYNTHETIC_FIELDS),
+    sma.group("tensorboard", sma.TENSORBOARD_FIELDS), SyntheticIngredient(sma.SYNTHETIC_FIELDS, {}, generator="generate_data"),
     tune, TrackingIngredient()])
 ex.add_fields(sma.resumable(sma.ARGUMENT_FIELDS))
 add_tune_command(ex, "experiments.smalabeller",

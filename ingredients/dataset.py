@@ -1,7 +1,8 @@
 """``dataset`` ingredients: how each pipeline's data is generated and opened.
 
 SADAAN: HDF5 splits (``metadata.json``, ``train.h5``, ``val.h5``, ``test.h5``) in the folder
-named by the experiment's ``dataset_path``; the entries here drive ``generate_data``.
+named by the experiment's ``dataset_path``; ``generate_data`` writes them from the
+``synthetic`` entries.
 
 Lung tumour: PNG slices (``images/``, ``labels/``) in ``dataset_path``, converted from an MSD
 task folder; the entries drive ``generate_msd``, ``convert`` and the volume-based split.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ingredients.fields import Field, FieldIngredient
+from ingredients.fields import Field, FieldIngredient, SyntheticIngredient
 from medseg import config as c
 from medseg.data.hdf5 import (
     HDF5SegmentationDataset,
@@ -44,11 +45,9 @@ from medseg.data.synthetic.aneurysm import generate_aneurysm_volumes
 
 from medseg.data.msd import ConversionSettings, convert_task
 from medseg.data.png_slices import scan_slices, split_by_volume
-from medseg.data.synthetic.lung import generate_lung_task
-from medseg.data.synthetic.sadaan import generate_sadaan_dataset
 from medseg.errors import ConfigError
 
-HDF5_FIELDS = {
+SADAAN_SYNTHETIC_FIELDS = {
     "num_train": Field(160, c.integer(minimum=1), "generate_data: training cases"),
     "num_val": Field(32, c.integer(minimum=1), "generate_data: validation cases"),
     "num_test": Field(32, c.integer(minimum=0), "generate_data: test cases (0: no test.h5)"),
@@ -56,13 +55,25 @@ HDF5_FIELDS = {
                         "generate_data: volume size H, W, D"),
     "num_structures": Field(13, c.integer(minimum=1, maximum=13),
                             "generate_data: structures (the first N of the 13 BTCV organs)"),
-    "channels": Field(1, c.integer(minimum=1, maximum=4),
-                      "generate_data: image channels (>1 writes [N, C, H, W, D] images)"),
+    "in_channels": Field(1, c.integer(minimum=1, maximum=4),
+                         "generate_data: image channels (>1 writes [N, C, H, W, D] images)"),
     "absent_probability": Field(0.15, c.number(minimum=0, maximum=1),
                                 "generate_data: share of cases with a structure removed"),
     "noise_std": Field(8.0, c.number(minimum=0), "generate_data: image noise standard deviation"),
     "seed": Field(0, c.integer(minimum=0), "generate_data: random seed"),
     "overwrite": Field(False, c.boolean(), "generate_data: replace an existing dataset folder"),
+}
+
+
+class SADAANSyntheticIngredient(SyntheticIngredient):
+    """``generate_data``'s settings: the arguments of
+    :func:`medseg.data.synthetic.sadaan.generate_sadaan_dataset`, by the same names."""
+
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__(SADAAN_SYNTHETIC_FIELDS, defaults, generator="generate_data")
+
+
+HDF5_FIELDS = {
     "check_cases": Field(16, c.integer(minimum=0),
                          "Cases per split whose values are checked before training or "
                          "`evaluate` (finite images, 0/1 masks, presence labels matching the "
@@ -71,26 +82,10 @@ HDF5_FIELDS = {
 
 
 class HDF5DatasetIngredient(FieldIngredient):
+    """SADAAN's HDF5 splits: their checks and their datasets."""
+
     def __init__(self, **defaults: Any) -> None:
         super().__init__("dataset", HDF5_FIELDS, defaults)
-
-        @self.capture
-        def generate(dataset_path: str, num_train: int, num_val: int, num_test: int,
-                     image_size: list[int], num_structures: int, channels: int,
-                     absent_probability: float, noise_std: float, seed: int,
-                     overwrite: bool) -> Path:
-            return generate_sadaan_dataset(
-                dataset_path, num_train=num_train, num_val=num_val, num_test=num_test,
-                image_size=tuple(image_size), num_structures=num_structures,
-                in_channels=channels, absent_probability=absent_probability,
-                noise_std=noise_std, seed=seed, overwrite=overwrite)
-
-        @self.capture
-        def check_output(dataset_path: str, overwrite: bool) -> None:
-            refuse_to_overwrite(dataset_path, overwrite, "SADAAN dataset", "dataset.overwrite")
-
-        self.generate = generate
-        self.check_output = check_output
 
     @staticmethod
     def check_splits(dataset_path: str, splits: tuple[str, ...],
@@ -243,9 +238,11 @@ SYNTHETIC_FIELDS = {
 }
 
 
-class AneurysmVolumesIngredient(FieldIngredient):
+class AneurysmVolumesIngredient(SyntheticIngredient):
+    """``generate_volumes``'s settings (synthetic head CT angiographies)."""
+
     def __init__(self, **defaults: Any) -> None:
-        super().__init__("synthetic", SYNTHETIC_FIELDS, defaults)
+        super().__init__(SYNTHETIC_FIELDS, defaults, generator="generate_volumes")
 
         @self.capture
         def generate(volumes_dir: str, num_series: int, volume_shape: list[int], spacing,
@@ -268,7 +265,7 @@ class AneurysmVolumesIngredient(FieldIngredient):
 # The lung-tumour pipeline: an MSD task folder (generated by `generate_msd`, or downloaded)
 # is converted by `convert` into the PNG slice folder the experiment's `dataset_path` names.
 
-LUNG_FIELDS = {
+LUNG_SYNTHETIC_FIELDS = {
     "num_volumes": Field(32, c.integer(minimum=1), "generate_msd: volumes in the synthetic task"),
     "volume_size": Field([256, 256, 64], c.sequence(c.integer(minimum=16), length=3),
                          "generate_msd: volume size X, Y, Z (voxels; the chest keeps its size)"),
@@ -276,15 +273,27 @@ LUNG_FIELDS = {
                                   "generate_msd: share of volumes without tumour"),
     "max_tumours": Field(3, c.integer(minimum=1), "generate_msd: most tumours in one volume"),
     "noise_std": Field(20.0, c.number(minimum=0), "generate_msd: CT noise standard deviation (HU)"),
-    "seed": Field(0, c.integer(minimum=0),
-                  "generate_msd: random seed of the volumes; convert: of the kept empty slices"),
-    "overwrite": Field(False, c.boolean(),
-                       "generate_msd / convert: replace an existing output folder"),
+    "seed": Field(0, c.integer(minimum=0), "generate_msd: random seed of the volumes"),
+    "overwrite": Field(False, c.boolean(), "generate_msd: replace an existing task folder"),
+}
+
+
+class LungSyntheticIngredient(SyntheticIngredient):
+    """``generate_msd``'s settings: the arguments of
+    :func:`medseg.data.synthetic.lung.generate_lung_task`, by the same names."""
+
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__(LUNG_SYNTHETIC_FIELDS, defaults, generator="generate_msd")
+
+
+LUNG_FIELDS = {
     "window_center": Field(-300.0, c.number(), "convert / predict on NIfTI: CT window centre (HU)"),
     "window_width": Field(1400.0, c.number(above=0),
                           "convert / predict on NIfTI: CT window width (HU)"),
     "empty_slice_fraction": Field(0.1, c.number(minimum=0, maximum=1),
                                   "convert: share of the slices without tumour that are kept"),
+    "seed": Field(0, c.integer(minimum=0), "convert: random seed of the kept empty slices"),
+    "overwrite": Field(False, c.boolean(), "convert: replace an existing dataset_path"),
     "val_fraction": Field(0.2, c.number(above=0, maximum=0.9),
                           "Share of the volumes held out for validation (split by volume)"),
     "split_seed": Field(42, c.integer(minimum=0), "Random seed of the volume-based split"),
@@ -292,18 +301,10 @@ LUNG_FIELDS = {
 
 
 class LungDatasetIngredient(FieldIngredient):
+    """The lung PNG slices: ``convert`` from an MSD task, and the volume-based split."""
+
     def __init__(self, **defaults: Any) -> None:
         super().__init__("dataset", LUNG_FIELDS, defaults)
-
-        @self.capture
-        def generate(task_dir: str, num_volumes: int, volume_size: list[int],
-                     tumour_free_fraction: float, max_tumours: int, noise_std: float, seed: int,
-                     overwrite: bool) -> Path:
-            return generate_lung_task(task_dir, num_volumes=num_volumes,
-                                      volume_size=tuple(volume_size),
-                                      tumour_free_fraction=tumour_free_fraction,
-                                      max_tumours=max_tumours, noise_std=noise_std, seed=seed,
-                                      overwrite=overwrite)
 
         @self.capture
         def convert(task_dir: str, dataset_path: str, window_center: float, window_width: float,
@@ -317,6 +318,5 @@ class LungDatasetIngredient(FieldIngredient):
             """Checked slice records of the training and validation volumes."""
             return split_by_volume(scan_slices(dataset_path), val_fraction, split_seed)
 
-        self.generate = generate
         self.convert = convert
         self.split = split

@@ -28,12 +28,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import sacred.experiment as sacred_experiment
 from sacred import Experiment
 from sacred.config import ConfigScope, load_config_file
-from sacred.utils import ConfigAddedError, NamedConfigNotFoundError, apply_backspaces_and_linefeeds
+from sacred.utils import (
+    ConfigAddedError,
+    NamedConfigNotFoundError,
+    apply_backspaces_and_linefeeds,
+    convert_to_nested_dict,
+)
 
 from ingredients.checkpoint import check_resume_config
-from ingredients.fields import Field, FieldIngredient
+from ingredients.fields import Field, FieldIngredient, SyntheticIngredient
 from ingredients.tracking import TRACKING_FIELDS, choose_observer, raise_recording_failure
 from medseg import config as c
 from medseg.errors import ConfigError, DiskFullError, Interrupted, MedsegError, describe
@@ -48,6 +54,8 @@ _LEFT_OUT = re.compile(r"\n\[\.\.\. (\d+) characters left out \.\.\.\]\n")
 _TAGS = c.sequence(c.text())
 #: Runs of data commands are recorded as experiment ``<name>_data`` (``data_command``).
 DATA_SUFFIX = "_data"
+
+log = logging.getLogger("medseg")
 
 
 def collapse_terminal_updates(text: str) -> str:
@@ -135,8 +143,31 @@ def _config_file_setting(key: str, named_configs) -> str | None:
     return None
 
 
+class _CallerFrame:
+    """Stands in for the ``inspect`` module inside Sacred's ``Experiment.__init__``, which takes
+    only its caller's globals from ``inspect.stack()``; the real call reads the source lines of
+    every frame on the stack (about a second of start-up with torch and MONAI imported)."""
+
+    def __init__(self, frame) -> None:
+        self._frame = frame
+
+    def stack(self, context: int = 1):
+        return [None, (self._frame,)]
+
+    def __getattr__(self, name: str):
+        return getattr(inspect, name)
+
+
 class MedsegExperiment(Experiment):
     """Use exactly like :class:`sacred.Experiment`; add checks with :meth:`config_validator`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # The experiment's file is the caller's, as with Experiment() called directly.
+        sacred_experiment.inspect = _CallerFrame(sys._getframe(1))
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            sacred_experiment.inspect = inspect
 
     def add_fields(self, fields: Mapping[str, Field]) -> None:
         """Top-level config entries declared like an ingredient's: default, check, doc."""
@@ -193,6 +224,11 @@ class MedsegExperiment(Experiment):
                        if not key.startswith(open_prefixes))
         if added:
             raise ConfigError(self._unknown_entries(added, named_configs))
+        for ingredient, _ in self.traverse_ingredients():
+            if isinstance(ingredient, SyntheticIngredient):
+                for line in ingredient.ineffective_updates(
+                        convert_to_nested_dict(config_updates or {}), run.meta_info["command"]):
+                    log.warning(line)
         self.validate_config(run.config, run.meta_info["command"])
         resume = (run.config.get("checkpoint") or {}).get("resume")
         if run.meta_info["command"] == "main" and resume:

@@ -62,3 +62,28 @@ class FieldIngredient(Ingredient):
         """``(key, default, doc)`` rows, for documentation tables."""
         return [(f"{self.path}.{name}", self.defaults[name], field.doc)
                 for name, field in self.fields.items()]
+
+
+class SyntheticIngredient(FieldIngredient):
+    """The ``synthetic`` group: the settings of a pipeline's data generator, and nothing else.
+
+    Every pipeline keeps them apart from the entries that train, so that
+    ``with synthetic.noise_std=...`` cannot be mistaken for a training setting: any other
+    command given one of them says it has no effect there (:meth:`ineffective_updates`). They
+    may change on a resume, since training never reads them.
+    """
+
+    def __init__(self, fields: Mapping[str, Field], defaults: Mapping[str, Any], *,
+                 generator: str) -> None:
+        super().__init__("synthetic", fields, defaults, resume_may_change=True)
+        #: The command that reads these settings (``generate_data``, ``generate_msd``...).
+        self.generator = generator
+
+    def ineffective_updates(self, updates: Mapping[str, Any], command_name: str) -> list[str]:
+        """One warning line for each of this group's entries in ``updates`` (the nested config
+        updates of a run) when ``command_name`` does not read them."""
+        if command_name == self.generator:
+            return []
+        what = "training" if command_name == "main" else command_name
+        return [f"{self.path}.{name} has no effect on {what}; it is a {self.generator} setting"
+                for name in sorted(updates.get(self.path) or {})]

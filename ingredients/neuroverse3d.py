@@ -8,12 +8,11 @@ the call site.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ingredients.fields import Field, FieldIngredient
+from ingredients.fields import Field, FieldIngredient, SyntheticIngredient
 from medseg import config as c
 from medseg.data.episodes import (
     AugmentationSettings,
@@ -27,7 +26,6 @@ from medseg.errors import ConfigError, DataError
 from medseg.models.neuroverse3d import DEFAULT_CHANNELS, Neuroverse3D
 from medseg.tasks.neuroverse3d import open_episode_data, read_weights
 
-log = logging.getLogger("medseg")
 _probability = c.number(minimum=0, maximum=1)
 
 MODEL_FIELDS = {
@@ -105,13 +103,9 @@ SYNTHETIC_FIELDS = {
 }
 
 
-class Neuroverse3DSyntheticIngredient(FieldIngredient):
+class Neuroverse3DSyntheticIngredient(SyntheticIngredient):
     def __init__(self, **defaults: Any) -> None:
-        super().__init__("synthetic", SYNTHETIC_FIELDS, defaults)
-
-    def changed(self, config: Mapping[str, Any]) -> list[str]:
-        """The entries of this group set to other values than their defaults."""
-        return [f"synthetic.{k}" for k, v in config[self.path].items() if v != self.defaults[k]]
+        super().__init__(SYNTHETIC_FIELDS, defaults, generator="generate_data")
 
 
 def _require_file(config, key: str, example: str) -> None:
@@ -122,8 +116,7 @@ def _require_file(config, key: str, example: str) -> None:
         raise ConfigError(f"{key}: no file at {value}")
 
 
-def check_config(config: Mapping[str, Any], command_name: str, *,
-                 changed_generator_settings: list[str] = ()) -> None:
+def check_config(config: Mapping[str, Any], command_name: str) -> None:
     """The experiment's checks across entries, in config terms (they run before a run starts)."""
     levels = len(config["model"]["channels"])
     multiple = 2 ** (levels - 1)
@@ -141,7 +134,7 @@ def check_config(config: Mapping[str, Any], command_name: str, *,
             raise ConfigError(f"input_dir: {config['input_dir']} is not a folder")
         refuse_to_overwrite(config["output_dir"], config["overwrite"], "nnU-Net dataset")
     if command_name == "main":
-        _check_training(config, changed_generator_settings)
+        _check_training(config)
     if command_name == "predict":
         _require_file(config, "weights", "checkpoints/neuroverse3d/1/best.ckpt")
         _require_file(config, "target", "case_000_0000.nii.gz")
@@ -165,9 +158,7 @@ def _tasks(config, key: str):
         raise ConfigError(f"{key}: {error}") from None
 
 
-def _check_training(config, changed_generator_settings) -> None:
-    for name in changed_generator_settings:
-        log.warning("%s has no effect on training; it is a generate_data setting", name)
+def _check_training(config) -> None:
     if config["stage"] == 2 and not config["weights"] and not config["checkpoint"]["resume"]:
         raise ConfigError("stage=2 continues from a stage-1 checkpoint: set weights=PATH (e.g. "
                           "weights=checkpoints/neuroverse3d/1/best.ckpt)")

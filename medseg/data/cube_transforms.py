@@ -39,9 +39,9 @@ def cube_transforms(*, train: bool, crop_size: Sequence[int], augment: bool = Tr
     Rotating the crop rather than the cube costs an eighth of the work and draws the same
     distribution. Validation cubes are only z-scored: they are scored whole by sliding windows.
     """
-    sequence(integer(minimum=1), length=3)("augmentation.crop_size", crop_size)
-    number(minimum=0, maximum=1)("augmentation.rotate_probability", rotate_probability)
-    number(minimum=0, maximum=1)("augmentation.flip_probability", flip_probability)
+    sequence(integer(minimum=1), length=3)("crop_size", crop_size)
+    number(minimum=0, maximum=1)("rotate_probability", rotate_probability)
+    number(minimum=0, maximum=1)("flip_probability", flip_probability)
     steps = [NormalizeIntensityd(keys="image")]
     if train:
         steps.append(RandSpatialCropd(keys=SPATIAL_KEYS, roi_size=tuple(crop_size),

@@ -193,11 +193,10 @@ def convert_task(task_dir: str | Path, output_dir: str | Path, settings: Convers
     task = read_task(task_dir)
     if not task.modality.upper().startswith("CT"):
         raise DataError(f"{task.path / 'dataset.json'} gives modality {task.modality!r}; CT "
-                        "windowing (dataset.window_center / window_width) needs a CT task")
+                        "windowing needs a CT task")
     for case in task.cases:
         _check_pair(case)
-    with staged_folder(output_dir, overwrite=overwrite, what="PNG slices",
-                       overwrite_key="dataset.overwrite") as staging:
+    with staged_folder(output_dir, overwrite=overwrite, what="PNG slices") as staging:
         (staging / "images").mkdir()
         (staging / "labels").mkdir()
         volumes = [_convert_case(case, number, staging, settings)

@@ -346,13 +346,13 @@ def prepare_cubes(
     ``centres_csv`` defaults to ``volumes_dir/aneurysm_centres.csv``. Everything is checked
     before the first file is written.
     """
-    sequence(integer(minimum=1), length=3)("dataset.cube_shape", cube_shape)
-    integer(minimum=0)("prepare.negatives_per_series", negatives_per_series)
-    number(above=0)("prepare.mask_sigma_mm", mask_sigma_mm)
-    optional(sequence(number(), length=2))("prepare.intensity_window", intensity_window)
-    optional(sequence(number(above=0), length=3))("prepare.target_spacing", target_spacing)
-    number(minimum=0, maximum=0.49)("prepare.positive_jitter", positive_jitter)
-    number(minimum=0, maximum=0.9)("prepare.test_fraction", test_fraction)
+    sequence(integer(minimum=1), length=3)("cube_shape", cube_shape)
+    integer(minimum=0)("negatives_per_series", negatives_per_series)
+    number(above=0)("mask_sigma_mm", mask_sigma_mm)
+    optional(sequence(number(), length=2))("intensity_window", intensity_window)
+    optional(sequence(number(above=0), length=3))("target_spacing", target_spacing)
+    number(minimum=0, maximum=0.49)("positive_jitter", positive_jitter)
+    number(minimum=0, maximum=0.9)("test_fraction", test_fraction)
     if intensity_window is not None and intensity_window[0] >= intensity_window[1]:
         raise ConfigError(f"prepare.intensity_window must be [low, high] with low < high, got "
                         f"{list(intensity_window)}")
@@ -431,7 +431,7 @@ def _warn_about_cube_size(volumes: Mapping[str, Path], centres: Mapping[str, lis
         covers = len(larger) == 3 or all(c >= v for c, v in zip(cube_shape, shape))
         note = ("; it covers the whole volume, which holds an aneurysm, so no negative cube "
                 "can be cut from it" if covers and series in centres else "")
-        log.warning("dataset.cube_shape %s (z, y, x) is larger than series %s (%s voxels) on "
+        log.warning("cube_shape %s (z, y, x) is larger than series %s (%s voxels) on "
                     "axis %s: its cubes are padded with zeros%s", list(cube_shape), series,
                     [int(v) for v in shape], ", ".join(larger), note)
 

@@ -48,11 +48,11 @@ def sadaan_transforms(
     resampling hides a tiny structure. Outputs are plain float32 tensors (no MetaTensor
     bookkeeping to collate).
     """
-    sequence(integer(minimum=1), length=3)("training.image_size", image_size)
-    number(minimum=0)("augmentation.noise_std", noise_std)
-    number_range(minimum=0)("augmentation.intensity_scale_range", intensity_scale_range)
-    number(minimum=0, maximum=180)("augmentation.rotation_degrees", rotation_degrees)
-    number(minimum=0, maximum=1)("augmentation.flip_probability", flip_probability)
+    sequence(integer(minimum=1), length=3)("image_size", image_size)
+    number(minimum=0)("noise_std", noise_std)
+    number_range(minimum=0)("intensity_scale_range", intensity_scale_range)
+    number(minimum=0, maximum=180)("rotation_degrees", rotation_degrees)
+    number(minimum=0, maximum=1)("flip_probability", flip_probability)
 
     augmenting = train and augment
     steps = [Resized(keys=SPATIAL_KEYS, spatial_size=tuple(image_size),

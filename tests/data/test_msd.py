@@ -162,7 +162,7 @@ def test_non_ct_task_is_refused(tmp_path):
 def test_existing_output_is_replaced_only_with_overwrite(task, tmp_path):
     out = tmp_path / "dataset"
     convert_task(task, out, ConversionSettings(empty_slice_fraction=0.0))
-    with pytest.raises(DataError, match="already contains files.*dataset.overwrite=True"):
+    with pytest.raises(DataError, match="already contains files.*set overwrite=True"):
         convert_task(task, out, ConversionSettings(empty_slice_fraction=1.0))
     assert len(list((out / "images").iterdir())) == 4
     convert_task(task, out, ConversionSettings(empty_slice_fraction=1.0), overwrite=True)

@@ -39,8 +39,8 @@ def sadaan_quick(sadaan_data, tmp_path):
 def lung_checkpoint(tmp_path_factory):
     """One epoch of a tiny lung network on tiny generated slices, trained from the shell."""
     cwd = tmp_path_factory.mktemp("lung-full-disk")
-    for arguments in (["generate_msd", "with", "msd_dir=msd", "dataset.num_volumes=5",
-                       "dataset.volume_size=[32,32,16]"],
+    for arguments in (["generate_msd", "with", "msd_dir=msd", "synthetic.num_volumes=5",
+                       "synthetic.volume_size=[32,32,16]"],
                       ["convert", "with", "msd_dir=msd", "dataset_path=dataset"],
                       ["with", "dataset_path=dataset", "training.image_size=[32,32]",
                        "training.num_epochs=1", "training.num_workers=0", "training.batch_size=8",

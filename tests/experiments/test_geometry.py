@@ -48,8 +48,8 @@ def restored_as(task: Path, target: Path, axcodes, label_change=None) -> Path:
 def test_lung_slices_and_predictions_do_not_depend_on_the_stored_orientation(tmp_path,
                                                                              lung_checkpoint):
     msd = tmp_path / "msd"
-    made = shell(LUNG, "generate_msd", "with", "msd_dir=msd", "dataset.num_volumes=2",
-                 "dataset.volume_size=[32,32,16]", cwd=tmp_path)
+    made = shell(LUNG, "generate_msd", "with", "msd_dir=msd", "synthetic.num_volumes=2",
+                 "synthetic.volume_size=[32,32,16]", cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-2000:]
     task = msd / "Task006_Lung"
     assert nib.aff2axcodes(nib.load(next((task / "imagesTr").glob("*.nii.gz"))).affine) == (

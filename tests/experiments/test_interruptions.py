@@ -80,7 +80,7 @@ def test_an_interrupted_training_says_how_to_resume_and_resumes(sadaan_data, tmp
 @pytest.mark.slow
 def test_sigterm_during_convert_leaves_no_staging_folder_and_a_killed_one_is_removed(tmp_path):
     made = subprocess.run([sys.executable, str(LUNG), "generate_msd", "with", "msd_dir=msd",
-                           "dataset.num_volumes=8", "dataset.volume_size=[96,96,40]"],
+                           "synthetic.num_volumes=8", "synthetic.volume_size=[96,96,40]"],
                           cwd=tmp_path, env=environment(), capture_output=True, text=True)
     assert made.returncode == 0, made.stderr[-2000:]
     killed = tmp_path / f".dataset.{dead_pid()}-ab12.partial"

@@ -176,8 +176,8 @@ def test_generate_convert_train_from_the_command_line(tmp_path):
         return subprocess.run([env_python, str(EXPERIMENT), *args], capture_output=True,
                               text=True, cwd=tmp_path, timeout=600)
 
-    generated = cli("generate_msd", "with", "dataset.num_volumes=4",
-                    "dataset.volume_size=[32,32,16]", "dataset.tumour_free_fraction=0.0", *common)
+    generated = cli("generate_msd", "with", "synthetic.num_volumes=4",
+                    "synthetic.volume_size=[32,32,16]", "synthetic.tumour_free_fraction=0.0", *common)
     assert generated.returncode == 0, generated.stderr
     converted = cli("convert", "with", *common)
     assert converted.returncode == 0, converted.stderr
@@ -464,7 +464,7 @@ SGD, PLATEAU, ONECYCLE = ({**SCHEDULE, "optimizer.type": "sgd"},
 STALL = {"training.num_epochs": 3, "training.learning_rate": 1e-12, "training.monitor": "val_loss",
          "training.monitor_mode": "min"}
 EVERY_STEP = {"logging.log_frequency": 1}
-GENERATE = {"msd_dir": "TMP/msd", "dataset.num_volumes": 2, "dataset.volume_size": [32, 32, 16]}
+GENERATE = {"msd_dir": "TMP/msd", "synthetic.num_volumes": 2, "synthetic.volume_size": [32, 32, 16]}
 CONVERT = {"msd_dir": "MSD_ROOT", "dataset_path": "TMP/converted"}
 EMA = {"training.ema": True}
 OVERFIT = {"overfit.steps": 4, "overfit.target_dice": 1.0}
@@ -509,17 +509,20 @@ EFFECTS = {
     "threshold": ("predict", PREDICT, {"threshold": 0.001}),
     "save_overlay": ("predict", PREDICT, {"save_overlay": True}),
     "predict_dir": ("predict", PREDICT, {"predict_dir": "TMP/elsewhere"}),
-    "dataset.num_volumes": ("generate", GENERATE, {"dataset.num_volumes": 3}),
-    "dataset.volume_size": ("generate", GENERATE, {"dataset.volume_size": [32, 32, 20]}),
-    "dataset.tumour_free_fraction": ("generate", {**GENERATE, "dataset.num_volumes": 3},
-                                     {"dataset.tumour_free_fraction": 1.0}),
-    "dataset.max_tumours": ("generate", {**GENERATE, "dataset.num_volumes": 4,
-                                         "dataset.tumour_free_fraction": 0.0,
-                                         "dataset.volume_size": [64, 64, 16]},
-                            {"dataset.max_tumours": 6}),
-    "dataset.noise_std": ("generate", GENERATE, {"dataset.noise_std": 80.0}),
-    "dataset.seed": ("generate", GENERATE, {"dataset.seed": 5}),
-    "dataset.overwrite": ("generate:twice", GENERATE, {"dataset.overwrite": True}),
+    "synthetic.num_volumes": ("generate", GENERATE, {"synthetic.num_volumes": 3}),
+    "synthetic.volume_size": ("generate", GENERATE, {"synthetic.volume_size": [32, 32, 20]}),
+    "synthetic.tumour_free_fraction": ("generate", {**GENERATE, "synthetic.num_volumes": 3},
+                                     {"synthetic.tumour_free_fraction": 1.0}),
+    "synthetic.max_tumours": ("generate", {**GENERATE, "synthetic.num_volumes": 4,
+                                         "synthetic.tumour_free_fraction": 0.0,
+                                         "synthetic.volume_size": [64, 64, 16]},
+                            {"synthetic.max_tumours": 6}),
+    "synthetic.noise_std": ("generate", GENERATE, {"synthetic.noise_std": 80.0}),
+    "synthetic.seed": ("generate", GENERATE, {"synthetic.seed": 5}),
+    "synthetic.overwrite": ("generate:twice", GENERATE, {"synthetic.overwrite": True}),
+    "dataset.seed": ("convert", {**CONVERT, "dataset.empty_slice_fraction": 0.5},
+                     {"dataset.seed": 5}),
+    "dataset.overwrite": ("convert:twice", CONVERT, {"dataset.overwrite": True}),
     "dataset.window_center": ("convert", CONVERT, {"dataset.window_center": 0.0}),
     "dataset.window_width": ("convert", CONVERT, {"dataset.window_width": 400.0}),
     "dataset.empty_slice_fraction": ("convert", CONVERT, {"dataset.empty_slice_fraction": 1.0}),
@@ -641,9 +644,9 @@ def _observe(probe, dotted, tmp, data, substitutions, monkeypatch):
         return len(cleanups) if name == "cleanups" else RUN_PROBES[name or kind](result, tmp)
     if kind == "generate":
         updates["tracking"]["observer"] = "none"
-        if name == "twice":
-            _probe["function"] = probe_generate
-            ex.run("effect_probe", config_updates=updates, options={"--capture": "sys"})
+    if kind in ("generate", "convert") and name == "twice":
+        _probe["function"] = BUILD_PROBES[kind]
+        ex.run("effect_probe", config_updates=updates, options={"--capture": "sys"})
     _probe["function"] = BUILD_PROBES[kind]
     return ex.run("effect_probe", config_updates=updates, options={"--capture": "sys"}).result
 

@@ -151,8 +151,8 @@ SGD, COSINE, PLATEAU, ONECYCLE = ({**SCHEDULE, "optimizer.type": "sgd"},
                                   {**SCHEDULE, "optimizer.lr_scheduler": "onecycle"})
 STALL = {"training.num_epochs": 3, "training.learning_rate": 1e-12, "training.monitor": "val_loss",
          "training.monitor_mode": "min"}
-GENERATE = {"dataset.num_train": 2, "dataset.num_val": 1, "dataset.num_test": 1,
-            "dataset.image_size": [32, 32, 16], "dataset.num_structures": 2}
+GENERATE = {"synthetic.num_train": 2, "synthetic.num_val": 1, "synthetic.num_test": 1,
+            "synthetic.image_size": [32, 32, 16], "synthetic.num_structures": 2}
 
 EFFECTS = {
     "dataset_path": ("run:dataset_info", {}, {"dataset_path": "OTHER_DATASET"}),
@@ -160,17 +160,17 @@ EFFECTS = {
     "eval_checkpoint": ("evaluate:result", {"eval_checkpoint": "CHECKPOINT_1"},
                         {"eval_checkpoint": "CHECKPOINT_2"}),
     "seed": ("loader", {}, {"seed": 12345}),  # quick runs fix seed=0
-    "dataset.num_train": ("generate", GENERATE, {"dataset.num_train": 3}),
-    "dataset.num_val": ("generate", GENERATE, {"dataset.num_val": 2}),
-    "dataset.num_test": ("generate", GENERATE, {"dataset.num_test": 0}),
-    "dataset.image_size": ("generate", GENERATE, {"dataset.image_size": [32, 32, 32]}),
-    "dataset.num_structures": ("generate", GENERATE, {"dataset.num_structures": 3}),
-    "dataset.channels": ("generate", GENERATE, {"dataset.channels": 2}),
-    "dataset.absent_probability": ("generate", {**GENERATE, "dataset.num_train": 6},
-                                   {"dataset.absent_probability": 1.0}),
-    "dataset.noise_std": ("generate", GENERATE, {"dataset.noise_std": 30.0}),
-    "dataset.seed": ("generate", GENERATE, {"dataset.seed": 5}),
-    "dataset.overwrite": ("generate:twice", GENERATE, {"dataset.overwrite": True}),
+    "synthetic.num_train": ("generate", GENERATE, {"synthetic.num_train": 3}),
+    "synthetic.num_val": ("generate", GENERATE, {"synthetic.num_val": 2}),
+    "synthetic.num_test": ("generate", GENERATE, {"synthetic.num_test": 0}),
+    "synthetic.image_size": ("generate", GENERATE, {"synthetic.image_size": [32, 32, 32]}),
+    "synthetic.num_structures": ("generate", GENERATE, {"synthetic.num_structures": 3}),
+    "synthetic.in_channels": ("generate", GENERATE, {"synthetic.in_channels": 2}),
+    "synthetic.absent_probability": ("generate", {**GENERATE, "synthetic.num_train": 6},
+                                   {"synthetic.absent_probability": 1.0}),
+    "synthetic.noise_std": ("generate", GENERATE, {"synthetic.noise_std": 30.0}),
+    "synthetic.seed": ("generate", GENERATE, {"synthetic.seed": 5}),
+    "synthetic.overwrite": ("generate:twice", GENERATE, {"synthetic.overwrite": True}),
     # 0/255 masks are refused before training unless the check is skipped.
     "dataset.check_cases": ("run:epochs", {"dataset_path": "MASKS_0_255_DATASET"},
                             {"dataset.check_cases": 0}),

@@ -46,7 +46,19 @@ def test_the_hints_name_the_entry_meant(tmp_path):
     assert refused(shell(SADAAN, "generate_data", "with", "dataset_path=taken",
                          cwd=tmp_path)) == (
         "error: taken already contains files; expected an empty or missing folder for the "
-        "SADAAN dataset (set dataset.overwrite=True to replace it)")
+        "SADAAN dataset (set synthetic.overwrite=True to replace it)")
+
+
+@pytest.mark.parametrize("script, entry, command", [
+    (SADAAN, "synthetic.image_size=[128,128,64]", "generate_data"),
+    (LUNG, "synthetic.noise_std=5.0", "generate_msd"),
+])
+def test_a_generator_setting_given_to_training_says_it_changes_nothing(tmp_path, script, entry,
+                                                                       command):
+    done = shell(script, "with", entry, "dataset_path=missing", cwd=tmp_path)
+    key = entry.split("=")[0]
+    assert f"{key} has no effect on training; it is a {command} setting" in done.stderr
+    assert done.returncode != 0  # then the missing dataset stops it, as before
 
 
 @pytest.mark.slow

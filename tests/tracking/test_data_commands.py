@@ -14,8 +14,8 @@ def test_generate_data_is_recorded_apart_from_training_runs(tmp_path, database):
     data = tmp_path / "data"
     completed = subprocess.run(
         [sys.executable, str(SADAAN), "generate_data", "with", *database.tracking(),
-         f"dataset_path={data}", "dataset.num_train=2", "dataset.num_val=1", "dataset.num_test=0",
-         "dataset.image_size=[16,16,16]"], cwd=tmp_path, env=env, capture_output=True, text=True,
+         f"dataset_path={data}", "synthetic.num_train=2", "synthetic.num_val=1", "synthetic.num_test=0",
+         "synthetic.image_size=[16,16,16]"], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=300)
     done = Finished(completed.returncode, completed.stdout, completed.stderr)
     assert done.returncode == 0, done.output

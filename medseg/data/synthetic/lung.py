@@ -81,16 +81,15 @@ def generate_lung_task(
     ``task_dir`` and renamed into place at the end; a non-empty ``task_dir`` is replaced only
     with ``overwrite=True``.
     """
-    integer(minimum=1)("dataset.num_volumes", num_volumes)
-    sequence(integer(minimum=16), length=3)("dataset.volume_size", volume_size)
-    number(minimum=0, maximum=1)("dataset.tumour_free_fraction", tumour_free_fraction)
-    integer(minimum=1)("dataset.max_tumours", max_tumours)
-    number(minimum=0)("dataset.noise_std", noise_std)
-    integer(minimum=0)("dataset.seed", seed)
+    integer(minimum=1)("num_volumes", num_volumes)
+    sequence(integer(minimum=16), length=3)("volume_size", volume_size)
+    number(minimum=0, maximum=1)("tumour_free_fraction", tumour_free_fraction)
+    integer(minimum=1)("max_tumours", max_tumours)
+    number(minimum=0)("noise_std", noise_std)
+    integer(minimum=0)("seed", seed)
     settings = LungGeneratorSettings(tuple(volume_size), float(tumour_free_fraction),
                                      max_tumours, float(noise_std), seed)
-    with staged_folder(task_dir, overwrite=overwrite, what="MSD task",
-                       overwrite_key="dataset.overwrite") as staging:
+    with staged_folder(task_dir, overwrite=overwrite, what="MSD task") as staging:
         (staging / "imagesTr").mkdir()
         (staging / "labelsTr").mkdir()
         names = [f"lung_{index + 1:03d}" for index in range(num_volumes)]

@@ -59,8 +59,7 @@ def generate_brain_dataset(data_dir: str | Path, *, num_cases: int, settings: Br
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
     rng = np.random.default_rng(settings.seed)
     data_dir = Path(data_dir)
-    with staged_folder(data_dir, overwrite=overwrite, what="synthetic MRI cases",
-                       overwrite_key="synthetic.overwrite") as staging:
+    with staged_folder(data_dir, overwrite=overwrite, what="synthetic MRI cases") as staging:
         (staging / IMAGES).mkdir()
         (staging / LABELS).mkdir()
         for index in range(num_cases):
