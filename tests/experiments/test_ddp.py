@@ -1,12 +1,15 @@
 """SADAAN under ``torchrun`` with two CPU processes (gloo), from the shell as a user starts it.
 
 One module fixture makes every run (about a minute of CPU): a two-rank run recorded with
-``-F``, the same command in one process, the two-rank checkpoint resumed in one process, and a
-job whose rank 1 fails. Bad input is checked in-process (the same check runs on every rank
-before a run is recorded). The loss weights of the three
-terms that pool over the whole batch (Dice, attention supervision and false-positive
-suppression average over the structures present, or absent, in the batch) are 0, so that a batch split over two ranks
-trains exactly as the whole batch in one process does; augmentation is off.
+``-F``, the same command in one process, the two-rank checkpoint resumed in one process, and
+a job whose rank 1 fails. Bad input is checked in-process (the same check runs on every rank
+before a run is recorded).
+
+For a batch split over two ranks to train exactly as the whole batch in one process: the
+loss weights of the three terms that pool over the whole batch (Dice, attention supervision
+and false-positive suppression average over the structures present, or absent, in it) are 0,
+augmentation is off, and the optimizer is SGD (Adam's first steps move each weight by the
+sign of its gradient, which float rounding flips where a gradient is near 0).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _arguments(data: Path, *extra: str) -> list[str]:
             "training.gradient_accumulation_steps=1", "model.base_channels=4",
             "loss_weights.dice=0", "loss_weights.false_positive_suppression=0",
             "loss_weights.attention_supervision=0",
-            "optimizer.name=sgd", "training.learning_rate=0.01",
+            "optimizer.type=sgd", "training.learning_rate=0.01",
             "augmentation.enabled=False", "logging.progress_bar=False",
             "logging.log_frequency=1", "checkpoint.save_frequency=0", *extra]
 
