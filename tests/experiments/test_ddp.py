@@ -28,7 +28,8 @@ from support import ROOT, file_runs
 
 SADAAN = ROOT / "experiments" / "sadaan.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-TOLERANCE = 1e-4
+#: float32 sums in another order (a gradient reduced over ranks), grown over a few steps
+TOLERANCE = {"rel": 1e-3, "abs": 1e-5}
 
 # Rank 1 fails in its third training step (a bad batch, a lost device), as a user's job can.
 FAILING_RANK = textwrap.dedent('''
@@ -132,7 +133,7 @@ def test_two_ranks_train_as_one_process(runs):
             continue
         a, b = _values(two, name), _values(one, name)
         for step in a:
-            assert a[step] == pytest.approx(b[step], abs=TOLERANCE), (name, step)
+            assert a[step] == pytest.approx(b[step], **TOLERANCE), (name, step)
     assert len(_values(two, "train_loss")) == 8  # 8 cases, 2 per step, 2 epochs
 
 
@@ -145,7 +146,7 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(runs):
     for name in _compared(after, uninterrupted):
         a, b = _values(after, name), _values(uninterrupted, name)
         for step in a:
-            assert a[step] == pytest.approx(b[step], abs=TOLERANCE), (name, step)
+            assert a[step] == pytest.approx(b[step], **TOLERANCE), (name, step)
 
 
 def test_a_failing_rank_fails_the_run_with_its_error(runs):
