@@ -11,7 +11,9 @@ statistics, checkpoint paths, evaluation figures).
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,9 @@ class PipelineRun:
         self.checkpoints.directory = Path(distributed.from_main(str(self.checkpoints.directory)))
         self.output_dir = self.checkpoints.directory
         self.main = distributed.is_main()  # the only rank that writes files
+        hint = distributed.torchrun_hint(self.device, sys.argv)
+        if hint is not None:
+            logging.getLogger("medseg").warning(hint)
         link_checkpoint_directory(run, self.output_dir)
         self.reporter.set_info("device", device_info(self.device))
         self.reporter.set_info("precision", self.precision.name)

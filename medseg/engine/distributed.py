@@ -310,3 +310,15 @@ def validation_indices(size: int, batch_size: int, rank: int, world: int) -> lis
     in the batch it has in one process."""
     batches = range(rank, -(-size // batch_size), world)
     return [i for b in batches for i in range(b * batch_size, min((b + 1) * batch_size, size))]
+
+
+def torchrun_hint(device: torch.device, argv: list[str], visible: int | None = None) -> str | None:
+    """For one process (no torchrun) on CUDA with several GPUs visible: the line saying it
+    uses one of them and the torchrun command that uses them all; None otherwise."""
+    visible = torch.cuda.device_count() if visible is None else visible
+    if launch() is not None or device.type != "cuda" or visible < 2:
+        return None
+    script, *rest = argv
+    return (f"{visible} CUDA devices are visible and this single process trains on "
+            f"{device}; to train on all of them start it with torchrun: torchrun --standalone "
+            f"--nproc_per_node={visible} {' '.join([script, *rest])}")

@@ -144,3 +144,15 @@ def test_training_in_a_process_group_writes_one_process_checkpoints(group_of_one
     saved = load_checkpoint(tmp_path / "last_model.pth")["model"]
     assert sorted(saved) == ["bias", "weight"]  # not DDP's "module." names
     nn.Linear(3, 1).load_state_dict(saved)
+
+
+def test_one_process_on_several_gpus_says_to_use_torchrun(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["experiments/sadaan.py", "with", "training.batch_size=8"]
+    assert distributed.torchrun_hint(torch.device("cuda"), argv, visible=2) == (
+        "2 CUDA devices are visible and this single process trains on cuda; to train on all "
+        "of them start it with torchrun: torchrun --standalone --nproc_per_node=2 "
+        "experiments/sadaan.py with training.batch_size=8")
+    assert distributed.torchrun_hint(torch.device("cuda"), argv, visible=1) is None
+    assert distributed.torchrun_hint(torch.device("cpu"), argv, visible=2) is None
