@@ -270,6 +270,11 @@ def gather(value: Any) -> list[Any]:
     return values
 
 
+def barrier() -> None:
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def broadcast_buffers(model: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank, so all validate one model."""
     if not is_initialized() or dist.get_world_size() == 1:

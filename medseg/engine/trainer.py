@@ -367,6 +367,7 @@ class Trainer:
             self.reporter.log_scalar(name, value, epoch)
         self.history.append({"epoch": epoch, **metrics})
         self._save_checkpoints(epoch, improved, monitored, validated)
+        distributed.barrier()  # every rank sees the checkpoints rank 0 has just written
         log.info("epoch %d/%d  %s", epoch, self.settings.num_epochs,
                  _summary(metrics, self.settings.monitor))
         return metrics
