@@ -96,7 +96,8 @@ def recording_failures(function):
             peer = distributed.peer_failure(wait_s=3.0 if _caused_by_peer(error) else 0.0)
             if peer is not None:
                 raise RankFailed(peer) from error
-            distributed.report_failure(error)
+            if not isinstance(error, KeyboardInterrupt):  # Ctrl-C stops every rank alike
+                distributed.report_failure(error)
             raise
 
     return main
