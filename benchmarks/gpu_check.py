@@ -2,8 +2,9 @@
 
     python -m benchmarks.gpu_check          # writes benchmarks/results/gpu_check.json
 
-1. fp16 autocast with the gradient scaler: SADAAN and the lung pipeline trained from the
-   shell with ``training.mixed_precision=fp16`` (the run completes, its losses are finite);
+1. fp16 autocast with the gradient scaler: SADAAN, lung, Neuroverse3D and SMALabeller trained
+   from the shell with ``training.mixed_precision=fp16`` (the run completes; its losses and
+   GPU memory per epoch are recorded); the aneurysm pipeline in fp16 in check 4;
 2. ``gpu_mem_max_allocated_mb`` / ``gpu_mem_max_reserved_mb`` recorded non-zero every epoch
    and reset at each epoch's start (an epoch that allocates 256 MB more, then one that does
    not: the second's peak is lower);
@@ -39,6 +40,18 @@ def _shell(arguments: list[str], cwd: Path, timeout: float = 300) -> subprocess.
     return done
 
 
+def _required(figures: dict) -> dict:
+    """Fail the check unless every epoch recorded GPU memory and finite losses."""
+    import math
+
+    memory = figures.get("gpu_mem_max_allocated_mb") or []
+    if not memory or min(memory) <= 0:
+        raise RuntimeError(f"gpu_mem_max_allocated_mb not recorded non-zero: {memory}")
+    if not all(math.isfinite(v) for v in figures["train_loss_epoch"]):
+        raise RuntimeError(f"non-finite training loss: {figures['train_loss_epoch']}")
+    return figures
+
+
 def _metrics(runs: Path) -> dict:
     (run,) = sorted(runs.glob("[0-9]*"))
     return json.loads((run / "metrics.json").read_text()), json.loads((run / "info.json").read_text())
@@ -49,8 +62,7 @@ def _sadaan(work: Path, launcher: list[str], name: str, *extra: str) -> dict:
     if not data.exists():
         _shell([sys.executable, "experiments/sadaan.py", "generate_data", "with",
                 f"dataset_path={data}", "dataset.num_train=16", "dataset.num_val=4",
-                "dataset.num_test=4", "training.image_size=[64,64,32]",
-                "tracking.observer=none"], ROOT)
+                "dataset.num_test=4", "tracking.observer=none"], ROOT)
     runs = work / f"runs_{name}"
     _shell([*launcher, "experiments/sadaan.py", "with", f"dataset_path={data}",
             "training.image_size=[64,64,32]", "training.num_epochs=2", "training.batch_size=4",
@@ -58,12 +70,14 @@ def _sadaan(work: Path, launcher: list[str], name: str, *extra: str) -> dict:
             "logging.progress_bar=False", "tracking.observer=file", f"tracking.file_dir={runs}",
             f"checkpoint.save_dir={work}/ck_{name}/{{run_id}}", *extra], ROOT)
     metrics, info = _metrics(runs)
-    return {"epochs": metrics["val_loss"]["steps"],
+    if "nccl" in name and (info.get("distributed") or {}).get("backend") != "nccl":
+        raise RuntimeError(f"the torchrun run did not train on NCCL: {info.get('distributed')}")
+    return _required({"epochs": metrics["val_loss"]["steps"],
             "train_loss_epoch": metrics["train_loss_epoch"]["values"],
             "gpu_mem_max_allocated_mb": metrics["gpu_mem_max_allocated_mb"]["values"],
             "gpu_mem_max_reserved_mb": metrics["gpu_mem_max_reserved_mb"]["values"],
             "epoch_time_s": metrics["epoch_time_s"]["values"],
-            "distributed": info.get("distributed"), "precision": info.get("precision")}
+            "distributed": info.get("distributed"), "precision": info.get("precision")})
 
 
 def _lung(work: Path) -> dict:
@@ -78,9 +92,44 @@ def _lung(work: Path) -> dict:
             "tracking.observer=file", "tracking.file_dir=runs_lung", "checkpoint.save_dir=ck_lung"],
            work)
     metrics, info = _metrics(work / "runs_lung")
-    return {"train_loss_epoch": metrics["train_loss_epoch"]["values"],
-            "gpu_mem_max_allocated_mb": metrics["gpu_mem_max_allocated_mb"]["values"],
-            "precision": info.get("precision")}
+    return _required({"train_loss_epoch": metrics["train_loss_epoch"]["values"],
+                      "gpu_mem_max_allocated_mb": metrics["gpu_mem_max_allocated_mb"]["values"],
+                      "precision": info.get("precision")})
+
+
+def _fp16_runs(work: Path, experiment: str, arguments: list[str]) -> dict:
+    """A pipeline trained two epochs from the shell in fp16 on the GPU."""
+    runs = work / f"runs_{experiment}"
+    _shell([sys.executable, str(ROOT / "experiments" / f"{experiment}.py"), "with", *arguments,
+            "tracking.observer=file", f"tracking.file_dir={runs}"], work)
+    metrics, info = _metrics(runs)
+    return _required({"train_loss_epoch": metrics["train_loss_epoch"]["values"],
+                      "gpu_mem_max_allocated_mb": metrics["gpu_mem_max_allocated_mb"]["values"],
+                      "precision": info.get("precision")})
+
+
+def _neuroverse3d(work: Path) -> dict:
+    nv = [sys.executable, str(ROOT / "experiments" / "neuroverse3d.py")]
+    _shell([*nv, "generate_data", "with", "data_dir=nv_raw", "synthetic.num_datasets=3",
+            "synthetic.cases_per_dataset=4", "synthetic.volume_shape=[32,40,32]",
+            "tracking.observer=none"], work)
+    _shell([*nv, "prepare", "with", "input_dir=nv_raw", "output_dir=nv", "dataset_name=Syn",
+            "modality=MRI", "tracking.observer=none"], work)
+    return _fp16_runs(work, "neuroverse3d", [
+        "data_dir=nv", "image_size=[32,32,32]", "episodes_per_epoch=8", "val_episodes=2",
+        'datasets=["Dataset001","Dataset002"]', "training.num_epochs=2", "training.device=cuda",
+        "training.mixed_precision=fp16", "logging.progress_bar=False",
+        "checkpoint.save_dir=ck_nv"])
+
+
+def _smalabeller(work: Path) -> dict:
+    sma = [sys.executable, str(ROOT / "experiments" / "smalabeller.py")]
+    _shell([*sma, "generate_data", "with", "data_dir=sma", "synthetic.num_cases=8",
+            "tracking.observer=none"], work)
+    return _fp16_runs(work, "smalabeller", [
+        "epochs=2", "batch_size=4", "training_images=sma/imagesTr_resampled",
+        "training_labels=sma/labelsTr_resampled", "runs_dir=sma_runs", "training.device=cuda",
+        "training.mixed_precision=fp16", "training.progress_bar=False"])
 
 
 def _memory_reset() -> dict:
@@ -111,7 +160,9 @@ def _memory_reset() -> dict:
                  precision="none", optimizer=OptimizerSettings(), loaders=LoaderSettings(4),
                  callbacks=[Allocate()])
     peaks = [h["gpu_mem_max_allocated_mb"] for h in result.history]
-    return {"gpu_mem_max_allocated_mb": peaks, "reset_each_epoch": peaks[1] < peaks[0] - 200}
+    if not peaks[1] < peaks[0] - 200:
+        raise RuntimeError(f"the peak of epoch 1 (256 MB more) carried into epoch 2: {peaks}")
+    return {"gpu_mem_max_allocated_mb": peaks}
 
 
 def _aneurysm_epoch(count: int = 368, device: str = "cuda", precision: str = "fp16") -> dict:
@@ -135,8 +186,10 @@ def _aneurysm_epoch(count: int = 368, device: str = "cuda", precision: str = "fp
                  device=device, precision=precision,
                  optimizer=OptimizerSettings(learning_rate=1e-4),
                  loaders=LoaderSettings(batch_size=4, num_workers=4 if device == "cuda" else 0))
+    epoch_s = result.history[0]["epoch_time_s"]
     return {"cubes": count, "batch_size": 4, "train_time_s": result.history[0]["train_time_s"],
-            "epoch_wall_s": time.perf_counter() - started, "seed_rtx3090_epoch_s": SEED_EPOCH_S}
+            "epoch_time_s": epoch_s, "wall_s": time.perf_counter() - started,
+            "seed_rtx3090_epoch_s": SEED_EPOCH_S, "vs_seed_slowest": epoch_s / SEED_EPOCH_S[1]}
 
 
 def main() -> int:
@@ -150,6 +203,8 @@ def main() -> int:
         checks = {
             "sadaan_fp16": lambda: _sadaan(work, [sys.executable], "fp16"),
             "lung_fp16": lambda: _lung(work),
+            "neuroverse3d_fp16": lambda: _neuroverse3d(work),
+            "smalabeller_fp16": lambda: _smalabeller(work),
             "gpu_memory_reset": _memory_reset,
             "torchrun_nccl_one_gpu": lambda: _sadaan(
                 work, [sys.executable, "-m", "torch.distributed.run", "--standalone",
