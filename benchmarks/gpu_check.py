@@ -165,7 +165,8 @@ def _memory_reset() -> dict:
     return {"gpu_mem_max_allocated_mb": peaks}
 
 
-def _aneurysm_epoch(count: int = 368, device: str = "cuda", precision: str = "fp16") -> dict:
+def _aneurysm_epoch(count: int = 368, device: str = "cuda", precision: str = "fp16",
+                    filters: tuple[int, ...] = (32, 64, 128, 256)) -> dict:
     from ingredients.model import build_dynunet
     from medseg.data.cube_transforms import cube_transforms
     from medseg.engine.fit import LoaderSettings, OptimizerSettings, fit
@@ -179,7 +180,7 @@ def _aneurysm_epoch(count: int = 368, device: str = "cuda", precision: str = "fp
               "label": i % 2, "name": f"cube_{i}"} for i in range(count)]
     transform = cube_transforms(train=True, crop_size=(16, 64, 64))
     train = [transform(dict(cube)) for cube in cubes]
-    model = build_dynunet([32, 64, 128, 256], 3, [1, 2, 2, 2], 0.1, "instance", False)
+    model = build_dynunet(list(filters), 3, [1, 2, 2, 2], 0.1, "instance", False)
     task = AneurysmTask(WeightedDiceCELoss(), roi_size=(16, 64, 64))
     started = time.perf_counter()
     result = fit(model, task, train, train[:8], TrainerSettings(num_epochs=1, progress_bar=False),

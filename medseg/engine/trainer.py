@@ -496,7 +496,6 @@ class Trainer:
         return model, {f"val_{name}": float(value) for name, value in metrics.items()
                        if math.isfinite(float(value))}
 
-
     def _validation_metrics(self, model: nn.Module) -> dict[str, float]:
         """The task's validation metrics. Under torchrun a task with ``validation_state``
         and ``summarise_validation`` scores each rank's share of the batches and summarises
