@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from support import ROOT
 
 
@@ -22,6 +24,7 @@ def test_without_cuda_it_says_so_and_exits_cleanly():
     assert (result.read_bytes() if result.exists() else None) == before
 
 
+@pytest.mark.slow
 def test_its_aneurysm_epoch_trains_on_cpu():
     from benchmarks.gpu_check import _aneurysm_epoch
 
