@@ -1,10 +1,13 @@
 """SADAAN training step in one process and in two torchrun processes (gloo, CPU): seconds per
-optimizer step at batch 4 of 64x64x32 (two ranks: 2 cases each). On a CPU whose cores the
-ranks share this is a correctness run of the distributed path, not a speed-up."""
+optimizer step at batch 4 of 64x64x32 (two ranks: 2 cases each), one thread per process
+(``OMP_NUM_THREADS=1``, what torchrun sets). On a CPU whose cores the ranks share with other
+work this is a correctness run of the distributed path, not a speed-up; the load average is
+recorded beside the figures."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +28,8 @@ def _train(work: Path, launcher: list[str], name: str) -> dict:
                     "logging.progress_bar=False", "checkpoint.save_frequency=0",
                     f"checkpoint.save_dir={work}/ck_{name}", "tracking.observer=file",
                     f"tracking.file_dir={runs}", "eval_split=val"],
-                   check=True, capture_output=True, text=True, timeout=1200)
+                   check=True, capture_output=True, text=True, timeout=1200,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = json.loads((runs / "1" / "metrics.json").read_text())
     steps = CASES // BATCH
     train_s = metrics["train_time_s"]["values"][-1]  # the last epoch: no first-call warm-up
@@ -46,4 +50,5 @@ def run() -> dict:
         two = _train(work, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc_per_node=2"], "two")
     return {"batch_size": BATCH, "image_size": SIZE, "steps_per_epoch": CASES // BATCH,
-            "one_process": one, "two_ranks_gloo": two}
+            "one_process": one, "two_ranks_gloo": two,
+            "load_average_1min_after": round(os.getloadavg()[0], 1)}

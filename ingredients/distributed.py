@@ -9,6 +9,7 @@ The engine side (process group, sharded batches, reductions) is
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,10 +73,13 @@ def agree_on_seed(config_updates: dict | None) -> dict | None:
 
 
 def drop_observers(run) -> None:
-    """Only rank 0 records: the others' runs have no observer (``-F``/``-m`` included)."""
+    """Only rank 0 records: the others' runs have no observer (``-F``/``-m`` included), and
+    log warnings and errors only (the terminal shows rank 0's progress once, not N times)."""
     if not distributed.is_main():
         run.observers = []
         run.unobserved = True
+        for logger in (run.run_logger, logging.getLogger("medseg")):
+            logger.setLevel(logging.WARNING)
 
 
 def recording_failures(function):
