@@ -38,6 +38,7 @@ from sacred.utils import (
     convert_to_nested_dict,
 )
 
+from ingredients import distributed
 from ingredients.checkpoint import check_resume_config
 from ingredients.fields import Field, FieldIngredient, SyntheticIngredient
 from ingredients.tracking import TRACKING_FIELDS, choose_observer, raise_recording_failure
@@ -205,6 +206,8 @@ class MedsegExperiment(Experiment):
                     meta_info=None, options=None):
         self._add_labels()
         _check_config_files(named_configs)
+        seed_given = "seed" in (config_updates or {})
+        config_updates = distributed.agree_on_seed(config_updates)  # torchrun: rank 0's
         try:
             run = super()._create_run(command_name, config_updates, named_configs, info,
                                       meta_info, options)
@@ -233,14 +236,16 @@ class MedsegExperiment(Experiment):
         resume = (run.config.get("checkpoint") or {}).get("resume")
         if run.meta_info["command"] == "main" and resume:
             check_resume_config(run.config, self.resume_policy(),
-                                seed_given="seed" in (config_updates or {}))
+                                seed_given=seed_given)
         self._add_docs(run.config_modifications.docs)
         # Where relative paths in the config were meant from (``medseg runs rerun``).
         run.meta_info["working_dir"] = os.getcwd()
         if run.meta_info["command"] in self.__dict__.get("_data_commands", ()):
             run.experiment_info["name"] = f"{self.path}{DATA_SUFFIX}"
         self._bound_captured_output(run)
+        distributed.drop_observers(run)
         self._attach_observer(run)
+        run.main_function = distributed.recording_failures(run.main_function)
         return run
 
     def _add_docs(self, docs: dict[str, str]) -> None:

@@ -11,7 +11,9 @@ statistics, checkpoint paths, evaluation figures).
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from ingredients.checkpoint import CheckpointIngredient
 from ingredients.optimizer import OptimizerIngredient, optimizer_settings
 from ingredients.tracking import SacredReporter, link_checkpoint_directory, read_run_link
 from ingredients.training import TrainingIngredient, loader_settings, trainer_settings
+from medseg.engine import distributed
 from medseg.engine.checkpoint import model_weights
 from medseg.engine.evaluation import EvaluationReport
 from medseg.engine.fit import fit
@@ -62,8 +65,15 @@ class PipelineRun:
         self.optimizer = optimizer
         self.reporter = SacredReporter(run)
         self.device, self.precision = training.device_and_precision()
+        # torchrun: join the job (this rank's device); its output folder is rank 0's.
+        self.device = distributed.setup(self.device, run.config["training"]["distributed_backend"])
         self.checkpoints = checkpoint.make_manager()
+        self.checkpoints.directory = Path(distributed.from_main(str(self.checkpoints.directory)))
         self.output_dir = self.checkpoints.directory
+        self.main = distributed.is_main()  # the only rank that writes files
+        hint = distributed.torchrun_hint(self.device, sys.argv)
+        if hint is not None:
+            logging.getLogger("medseg").warning(hint)
         link_checkpoint_directory(run, self.output_dir)
         self.reporter.set_info("device", device_info(self.device))
         self.reporter.set_info("precision", self.precision.name)
@@ -90,7 +100,7 @@ class PipelineRun:
             raise ConfigError(f"training.monitor={config['training']['monitor']!r} is not a "
                               f"metric this pipeline reports; choose one of {', '.join(available)}")
         callbacks = list(callbacks)
-        if config["logging"]["visualize_predictions"]:
+        if config["logging"]["visualize_predictions"] and self.main:
             callbacks.append(PredictionSnapshots(task, self.output_dir, self.reporter))
         self.record_model(model)
         resume = config["checkpoint"]["resume"]
@@ -101,12 +111,13 @@ class PipelineRun:
                      loaders=loader_settings(config, self._data_seed(train_set)),
                      device=self.device, precision=self.precision,
                      checkpoints=self.checkpoints, callbacks=callbacks, resume=resume,
-                     curves_path=self.output_dir / "training_curves.png",
+                     curves_path=self.output_dir / "training_curves.png" if self.main else None,
                      curve_metrics=curve_metrics, config=config)
         if result.resumed_from is not None:
             self.reporter.set_info("resumed_from", {**result.resumed_from,
                                                     "run": read_run_link(resume)})
-        self._record_checkpoints()
+        if self.main:
+            self._record_checkpoints()
         return {"best_epoch": result.best_epoch, "best_metric": result.best_metric,
                 "monitor": config["training"]["monitor"], "epochs_run": result.epochs_run,
                 "stopped_early": result.stopped_early}
@@ -145,7 +156,10 @@ class PipelineRun:
 
     def evaluate(self, evaluate_fn: Callable[..., EvaluationReport], model: nn.Module, task,
                  loader, split: str) -> dict[str, float]:
-        """Run a pipeline's evaluation; log its metrics as ``<split>_<name>``, attach its files."""
+        """Run a pipeline's evaluation; log its metrics as ``<split>_<name>``, attach its files.
+        Under torchrun rank 0 evaluates alone (the others return no metrics)."""
+        if not self.main:
+            return {}
         model.to(self.device).eval()
         directory = self.output_dir / f"evaluation_{split}"
         with torch.no_grad(), reporting_full_disk(directory):

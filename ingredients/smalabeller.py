@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ingredients.distributed import check_launch
 from ingredients.fields import Field, FieldIngredient, may_change_on_resume
 from ingredients.tracking import SacredReporter, link_checkpoint_directory
 from ingredients.training import FIELDS as TRAINING_FIELDS
@@ -21,6 +22,7 @@ from medseg import config as c
 from medseg.data.mri_transforms import CACHE_MODES
 from medseg.data.nifti_pairs import CasePair, check_pairs, find_pairs, split_pairs
 from medseg.data.synthetic.smalabeller import BrainSettings
+from medseg.engine import distributed
 from medseg.engine.checkpoint import CheckpointManager
 from medseg.engine.precision import resolve_device, resolve_precision
 from medseg.engine.tensorboard import TensorBoardImages, TensorBoardReporter, writable_folder
@@ -186,6 +188,8 @@ def check_training_inputs(config: Mapping[str, Any]) -> None:
                         f"training_labels={config['training_labels']}, "
                         f"val_set_size={config['val_set_size']})") from None
     check_pairs([*train, *val])
+    check_launch(resolve_device(config["training"]["device"]), "auto", config["batch_size"],
+                 batch_key="batch_size")
     root = Path(config["runs_dir"]).expanduser() / config["tb_prefix"]
     if not writable_folder(root):
         raise ConfigError(f"runs_dir/tb_prefix: cannot write TensorBoard logs and checkpoints "
@@ -248,7 +252,9 @@ def train(run, config: Mapping[str, Any]) -> dict[str, Any]:
     TensorBoard beside it), then :func:`medseg.tasks.smalabeller.fit`."""
     train_pairs, val_pairs = split(config)
     resume = config["checkpoint"]["resume"]
-    folders = output_folders(config, resume)
+    # torchrun: join the job (this rank's device); the folders are rank 0's, it alone writes.
+    device = distributed.setup(resolve_device(config["training"]["device"]))
+    folders = distributed.from_main(output_folders(config, resume))
     link_checkpoint_directory(run, folders["checkpoints"])
     reporter = SacredReporter(run)
     reporter.set_info("dataset", {"train_cases": [p.case for p in train_pairs],
@@ -256,12 +262,11 @@ def train(run, config: Mapping[str, Any]) -> dict[str, Any]:
                                   **check_pairs([*train_pairs, *val_pairs])})
     reporter.set_info("output_dirs", {name: str(path) for name, path in folders.items()})
     callbacks = []
-    if config["tensorboard"]["enabled"]:
+    if config["tensorboard"]["enabled"] and distributed.is_main():
         reporter = TensorBoardReporter(reporter, folders["train"], folders["val"],
                                        TENSORBOARD_TAGS)
         reporter.add_hparams(hyperparameters(config))
         callbacks.append(TensorBoardImages(reporter, folders["checkpoints"].parent))
-    device = resolve_device(config["training"]["device"])
     precision = resolve_precision(config["training"]["mixed_precision"], device)
     reporter.set_info("precision", precision.name)
     try:

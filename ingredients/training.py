@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ingredients import distributed
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
 from medseg.data.loaders import EpochLoader
@@ -37,6 +38,7 @@ FIELDS = {
                                       resume_may_change=True),
     "mixed_precision": Field("auto", c.choice(*MODES),
                              "'auto' (fp16 on CUDA, fp32 on CPU), 'none', 'fp16' (CUDA), 'bf16'"),
+    **distributed.FIELDS,
     "device": Field("auto", c.text(), "'auto', 'cpu', 'cuda' or 'cuda:N'",
                     resume_may_change=True),
     "monitor": Field("val_loss", c.text(),
@@ -80,6 +82,7 @@ class TrainingIngredient(FieldIngredient):
             raise ConfigError(f"{self.path}.mixed_precision='fp16' needs a CUDA device "
                               f"({self.path}.device is {training['device']!r}); use 'bf16' on "
                               "CPU or 'none'")
+        distributed.check_training(config, self.path, device)
 
 
 def trainer_settings(config: Mapping[str, Any]) -> TrainerSettings:

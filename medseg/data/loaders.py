@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
 from monai.data import DataLoader
 from monai.data.utils import set_rnd
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from medseg.engine.seeding import epoch_seed
 
@@ -28,12 +29,43 @@ class EpochLoader:
         self.seed = seed
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
+        self._options = {"num_workers": num_workers, "drop_last": drop_last,
+                         "pin_memory": pin_memory, "persistent_workers": False,
+                         **({"collate_fn": collate_fn} if collate_fn else {})}
+        self.shuffle = shuffle
         self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                 num_workers=num_workers, generator=self.generator,
-                                 drop_last=drop_last, pin_memory=pin_memory,
-                                 persistent_workers=False,
-                                 **({"collate_fn": collate_fn} if collate_fn else {}))
+                                 generator=self.generator, **self._options)
         self._epoch = 0
+        #: This process's rank among ``world`` (torchrun): training batches are its share.
+        self.rank, self.world = 0, 1
+
+    def distribute(self, rank: int, world: int, batch_size: int) -> None:
+        """Train on this rank's share of every epoch's shuffled order, ``batch_size`` (the
+        rank's part of the batch) at a time; see
+        :class:`~medseg.engine.distributed.RankShuffleSampler`. Augmentation draws from a
+        seed of its own per rank (rank 0 keeps the one-process seed)."""
+        from medseg.engine.distributed import RankShuffleSampler
+
+        if not self.shuffle:
+            raise ValueError("distribute() is for shuffled training loaders; validation "
+                             "takes validation_shard()")
+        self.rank, self.world = rank, world
+        sampler = RankShuffleSampler(len(self.dataset), self.generator, rank, world)
+        options = dict(self._options)
+        if rank and options["num_workers"]:
+            options["worker_init_fn"] = functools.partial(_seed_rank_worker, rank=rank)
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=sampler,
+                                 generator=self.generator, **options)
+
+    def validation_shard(self, rank: int, world: int) -> "EpochLoader":
+        """A loader over this rank's validation batches (see
+        :func:`~medseg.engine.distributed.validation_indices`), in order."""
+        from medseg.engine.distributed import validation_indices
+
+        indices = validation_indices(len(self.dataset), self.batch_size, rank, world)
+        options = {k: v for k, v in self._options.items() if k != "persistent_workers"}
+        return EpochLoader(Subset(self.dataset, indices), batch_size=self.batch_size,
+                           shuffle=False, seed=self.seed, **options)
 
     @property
     def batch_size(self) -> int:
@@ -52,10 +84,21 @@ class EpochLoader:
         if hasattr(self.dataset, "set_epoch_seed"):
             self.dataset.set_epoch_seed(seed)
         if self.loader.num_workers == 0:
-            set_rnd(self.dataset, seed)
+            set_rnd(self.dataset, _rank_seed(seed, self.rank))
 
     def __iter__(self) -> Iterator:
         return iter(self.loader)
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps ``seed``; every other rank gets one derived from it and its rank."""
+    return seed if rank == 0 else epoch_seed(seed, 1_000_003 * rank)
+
+
+def _seed_rank_worker(worker_id: int, rank: int) -> None:
+    """MONAI's worker seeding (``set_rnd`` from the worker's seed) with the rank mixed in."""
+    info = torch.utils.data.get_worker_info()
+    set_rnd(info.dataset, _rank_seed(info.seed % (2 ** 32), rank))

@@ -37,6 +37,12 @@ class LossMeter:
         for name, value in {"loss": total, **{f"loss_{k}": v for k, v in terms.items()}}.items():
             self._sums[name] = self._sums.get(name, 0.0) + float(value)
 
+    def extend(self, other: LossMeter) -> None:
+        """Add the batches ``other`` saw (another rank's share of a validation pass)."""
+        self._batches += other._batches
+        for name, total in other._sums.items():
+            self._sums[name] = self._sums.get(name, 0.0) + total
+
     def summary(self) -> dict[str, float]:
         if not self._batches:
             return {"loss": math.nan}

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from medseg.engine import distributed
 from medseg.engine.checkpoint import CheckpointManager, load_checkpoint, plain
 from medseg.files import remove_leftovers
 from medseg.engine.memory import MemoryMonitor, cleanup_memory
@@ -203,6 +204,28 @@ class Trainer:
         #: ``(checkpoint's initial rates, this run's)`` when a resume changed them.
         self.learning_rate_change: tuple[list[float], list[float]] | None = None
         self._check_monitor()
+        self.world_size = distributed.world_size() if distributed.is_initialized() else 1
+        #: What trains: the model in DistributedDataParallel under torchrun, else the model.
+        self.training_model = self._distribute()
+
+    def _distribute(self) -> nn.Module:
+        """Under a process group: each rank trains on its share of every batch (the batch
+        size is the whole step's), gradients are averaged by DDP; recorded in ``info``."""
+        batch = getattr(self.train_loader, "batch_size", None)
+        accumulation = self.settings.gradient_accumulation_steps
+        per_rank = batch
+        if distributed.is_initialized():
+            if not hasattr(self.train_loader, "distribute"):
+                raise TypeError("training under torchrun needs an EpochLoader (its distribute() "
+                                "shares the batches among the ranks)")
+            per_rank = distributed.per_rank_batch(batch, self.world_size)
+            self.train_loader.distribute(distributed.rank(), self.world_size, per_rank)
+        if batch is not None:
+            self.reporter.set_info("distributed", {
+                "world_size": self.world_size, "backend": distributed.backend_name(),
+                "per_rank_batch_size": per_rank, "gradient_accumulation_steps": accumulation,
+                "effective_batch_size": per_rank * self.world_size * accumulation})
+        return distributed.wrap_model(self.model, self.device)
 
     def _check_monitor(self) -> None:
         available = monitor_choices(self.task)
@@ -344,6 +367,7 @@ class Trainer:
             self.reporter.log_scalar(name, value, epoch)
         self.history.append({"epoch": epoch, **metrics})
         self._save_checkpoints(epoch, improved, monitored, validated)
+        distributed.barrier()  # every rank sees the checkpoints rank 0 has just written
         log.info("epoch %d/%d  %s", epoch, self.settings.num_epochs,
                  _summary(metrics, self.settings.monitor))
         return metrics
@@ -353,7 +377,7 @@ class Trainer:
         """``model`` holds the weights that were validated (what evaluation and prediction
         load); when a callback validates other weights than it trains (EMA), the trained
         ones go to ``training_model`` for resuming."""
-        if self.checkpoints is None:
+        if self.checkpoints is None or not distributed.is_main():
             return
         trained = {} if validated is self.model else {"training_model": self.model.state_dict()}
         weights, optimizer_state = validated.state_dict(), self.optimizer.state_dict()
@@ -400,9 +424,15 @@ class Trainer:
             for index, batch in enumerate(bar):
                 group_start = index - index % accumulation
                 group_size = min(accumulation, num_batches - group_start)
-                with self.precision.autocast():
-                    output = self.task.training_step(self.model, batch, self.device)
-                self.scaler.scale(output.loss / group_size).backward()
+                last_of_group = index - group_start + 1 == group_size
+                # DDP averages the gradients once per optimizer step, not per micro-batch.
+                syncing = (contextlib.nullcontext() if last_of_group
+                           or not hasattr(self.training_model, "no_sync")
+                           else self.training_model.no_sync())
+                with syncing:
+                    with self.precision.autocast():
+                        output = self.task.training_step(self.training_model, batch, self.device)
+                    self.scaler.scale(output.loss / group_size).backward()
                 window.add(output)
                 epoch_totals.add(output)
                 samples += output.batch_size
@@ -420,6 +450,7 @@ class Trainer:
                     cleanup_memory(self.device)
         bar.close()
         totals = epoch_totals.drain(epoch, self.global_step)
+        samples = int(distributed.sum_across_ranks(torch.tensor([samples])).item())
         return {"train_loss_epoch": totals.pop("loss"),
                 **{f"train_{name}_epoch": value for name, value in totals.items()},
                 "samples": samples}
@@ -454,7 +485,7 @@ class Trainer:
             model = callback.model_for_validation(self, model)
         model.eval()
         with torch.no_grad():
-            metrics = self.task.validate(model, self.val_loader, self.device, self.precision)
+            metrics = self._validation_metrics(model)
         self.model.train()
         monitored = self.settings.monitor.removeprefix("val_")
         if not math.isfinite(float(metrics[monitored])):
@@ -464,6 +495,25 @@ class Trainer:
         # Metrics undefined for this epoch (a structure absent from every case) are left out.
         return model, {f"val_{name}": float(value) for name, value in metrics.items()
                        if math.isfinite(float(value))}
+
+    def _validation_metrics(self, model: nn.Module) -> dict[str, float]:
+        """The task's validation metrics. Under torchrun a task with ``validation_state``
+        and ``summarise_validation`` scores each rank's share of the batches and summarises
+        every rank's state (sums and per-case records, not means), so the figures are one
+        process's; any other task is validated whole on rank 0, which hands its metrics to
+        the others."""
+        if not distributed.is_initialized() or self.world_size == 1:
+            return self.task.validate(model, self.val_loader, self.device, self.precision)
+        distributed.broadcast_buffers(model)  # BatchNorm statistics as rank 0 has them
+        if hasattr(self.task, "validation_state") and hasattr(self.val_loader,
+                                                              "validation_shard"):
+            shard = self.val_loader.validation_shard(distributed.rank(), self.world_size)
+            state = self.task.validation_state(model, shard, self.device, self.precision)
+            return self.task.summarise_validation(distributed.gather(state))
+        metrics = None
+        if distributed.is_main():
+            metrics = self.task.validate(model, self.val_loader, self.device, self.precision)
+        return distributed.from_main(metrics)
 
 
 class _LossWindow:
@@ -489,7 +539,10 @@ class _LossWindow:
         if not self.sums:
             return {"loss": float("nan")}
         names = list(self.sums)
-        values = torch.stack([self.sums[n] for n in names]).tolist()
+        # Every rank takes as many steps: the ranks' sums over as many terms, averaged.
+        world = distributed.world_size() if distributed.is_initialized() else 1
+        values = (distributed.sum_across_ranks(torch.stack([self.sums[n] for n in names]))
+                  / world).tolist()
         means = {n: v / self.counts[n] for n, v in zip(names, values)}
         self.sums.clear()
         self.counts.clear()

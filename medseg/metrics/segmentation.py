@@ -103,6 +103,13 @@ class SegmentationScores:
         self._pred_presence.append(pred_presence.bool().cpu())
         self._true_presence.append(true_presence.bool().cpu())
 
+    def extend(self, other: SegmentationScores) -> None:
+        """Add the cases ``other`` scored (another rank's share of a validation pass)."""
+        self._dice += other._dice
+        self._iou += other._iou
+        self._pred_presence += other._pred_presence
+        self._true_presence += other._true_presence
+
     @property
     def num_cases(self) -> int:
         return sum(len(batch) for batch in self._dice)

@@ -144,6 +144,12 @@ class AneurysmTask:
                  precision: Precision) -> dict[str, float]:
         return summarise(self.score_loader(model, loader, device, precision))
 
+    #: Under torchrun each rank scores its share of the cubes; the ranks' records are joined.
+    validation_state = score_loader
+
+    def summarise_validation(self, states: Sequence[list[CubeResult]]) -> dict[str, float]:
+        return summarise([result for results in states for result in results])
+
     def render_prediction(self, model: nn.Module, batch, device: torch.device, path: Path) -> Path:
         """The first cube of ``batch`` with its prediction (``logging.visualize_predictions``)."""
         image = batch["image"][:1].to(device)

@@ -58,6 +58,13 @@ class SADAANTask:
     def _score(self, model, loader: Iterable, device, precision: Precision,
                on_case=None) -> tuple[SegmentationScores, dict[str, float]]:
         """Scores and the loss with its terms (``{"loss", "loss_<term>"}``) over ``loader``."""
+        scores, losses = self.validation_state(model, loader, device, precision, on_case)
+        return scores, losses.summary()
+
+    def validation_state(self, model, loader: Iterable, device, precision: Precision,
+                         on_case=None) -> tuple[SegmentationScores, LossMeter]:
+        """The per-case scores and loss sums over ``loader`` (one rank's share under
+        torchrun; :meth:`summarise_validation` joins the ranks')."""
         scores = SegmentationScores(self.structure_names)
         losses = LossMeter()
         for batch in loader:
@@ -69,7 +76,14 @@ class SADAANTask:
             scores.update(pred_masks, mask > 0.5, pred_presence, presence > 0.5)
             if on_case is not None:
                 on_case(batch, output, pred_masks)
-        return scores, losses.summary()
+        return scores, losses
+
+    def summarise_validation(self, states) -> dict[str, float]:
+        scores, losses = SegmentationScores(self.structure_names), LossMeter()
+        for rank_scores, rank_losses in states:
+            scores.extend(rank_scores)
+            losses.extend(rank_losses)
+        return {**losses.summary(), **scores.summary()}
 
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
                  precision: Precision) -> dict[str, float]:

@@ -1,0 +1,112 @@
+"""Training under ``torchrun``: the config entry that picks the process group's backend, the
+checks that refuse a job that cannot work (in config keys, before a run is recorded), and
+the Sacred side of a job of several processes: one seed for all, observers on rank 0 only,
+and a rank's failure recorded as the run's.
+
+The engine side (process group, sharded batches, reductions) is
+:mod:`medseg.engine.distributed`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ingredients.fields import Field
+from medseg import config as c
+from medseg.engine import distributed
+from medseg.errors import ConfigError, MedsegError
+
+FIELDS = {
+    "distributed_backend": Field(
+        "auto", c.choice(*distributed.BACKENDS),
+        "Process group under torchrun: 'auto' (NCCL on CUDA, gloo on CPU), 'nccl', 'gloo'",
+        resume_may_change=True),
+}
+
+
+class RankFailed(MedsegError):
+    """Another rank of the job failed; its error is the message."""
+
+
+def check_launch(device: torch.device, backend: str, batch_size: int, *, path: str = "training",
+                 batch_key: str | None = None) -> None:
+    """The job torchrun started fits the devices and the batch (config keys in the line)."""
+    started = distributed.launch()
+    if started is None:
+        return
+    batch_key = batch_key or f"{path}.batch_size"
+    if distributed.resolve_backend(backend, device) == "nccl" and device.type != "cuda":
+        raise ConfigError(f"{path}.distributed_backend='nccl' needs CUDA devices, but "
+                          f"{path}.device is {device.type!r}; use 'gloo' (or 'auto') on CPU")
+    try:
+        distributed.check_launch(device, backend, started=started)
+    except ValueError as error:
+        raise ConfigError(f"{path}.device={str(device)!r}: {error}") from None
+    try:
+        distributed.per_rank_batch(batch_size, started.world_size)
+    except ValueError:
+        raise ConfigError(f"{batch_key}={batch_size} is the batch of one step across all "
+                          f"{started.world_size} processes torchrun started and must be a "
+                          f"multiple of {started.world_size} (at least one sample per "
+                          "process)") from None
+
+
+def check_training(config: Mapping[str, Any], path: str, device: torch.device) -> None:
+    training = config[path]
+    check_launch(device, training.get("distributed_backend", "auto"), training["batch_size"],
+                 path=path)
+
+
+def agree_on_seed(config_updates: dict | None) -> dict | None:
+    """Rank 0's seed for every rank when none is given (Sacred draws one per process)."""
+    if distributed.launch() is None or distributed.world_size() == 1:
+        return config_updates
+    if config_updates and "seed" in config_updates:
+        return config_updates
+    from sacred.randomness import get_seed
+
+    return {**(config_updates or {}), "seed": distributed.shared_seed(get_seed)}
+
+
+def drop_observers(run) -> None:
+    """Only rank 0 records: the others' runs have no observer (``-F``/``-m`` included), and
+    log warnings and errors only (the terminal shows rank 0's progress once, not N times)."""
+    if not distributed.is_main():
+        run.observers = []
+        run.unobserved = True
+        for logger in (run.run_logger, logging.getLogger("medseg")):
+            logger.setLevel(logging.WARNING)
+
+
+def recording_failures(function):
+    """``function`` (a run's main function) leaving its error for the other ranks, and on
+    rank 0 raising the error of a rank that failed first when this one was stopped for it
+    (torchrun's SIGTERM, or a collective the failed rank left)."""
+    import functools
+
+    @functools.wraps(function)
+    def main(*args):
+        try:
+            return function(*args)
+        except BaseException as error:
+            if distributed.launch() is None or distributed.world_size() == 1:
+                raise
+            # Stopped because another rank went (torchrun's SIGTERM, a broken collective):
+            # that rank writes its error just before it exits, so wait for it a moment.
+            peer = distributed.peer_failure(wait_s=3.0 if _caused_by_peer(error) else 0.0)
+            if peer is not None:
+                raise RankFailed(peer) from error
+            if not isinstance(error, KeyboardInterrupt):  # Ctrl-C stops every rank alike
+                distributed.report_failure(error)
+            raise
+
+    return main
+
+
+def _caused_by_peer(error: BaseException) -> bool:
+    return (isinstance(error, (KeyboardInterrupt, torch.distributed.DistError))
+            or "gloo" in str(error).lower() or "nccl" in str(error).lower())
