@@ -13,7 +13,7 @@ from PIL import Image
 from medseg.data.msd import (
     ConversionSettings,
     convert_task,
-    load_volume,
+    read_scaled_volume,
     read_task,
     slice_to_image,
     window,
@@ -148,9 +148,10 @@ def test_volumes_with_more_than_three_dimensions(tmp_path):
     affine = np.eye(4)
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.float32), affine), tmp_path / "one.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), affine), tmp_path / "two.nii.gz")
-    assert load_volume(tmp_path / "one.nii.gz")[0].shape == (4, 5, 6)  # a trailing 1 is dropped
+    # a trailing 1 is dropped
+    assert read_scaled_volume(tmp_path / "one.nii.gz")[0].shape == (4, 5, 6)
     with pytest.raises(DataError, match=r"two.nii.gz has shape \[4, 5, 6, 2\]; expected a 3D"):
-        load_volume(tmp_path / "two.nii.gz")
+        read_scaled_volume(tmp_path / "two.nii.gz")
 
 
 def test_non_ct_task_is_refused(tmp_path):
