@@ -21,7 +21,7 @@ from ingredients.loss_weights import LossIngredient
 from ingredients.lung_tumor import (
     check_image_size_and_monitor,
     check_predict_inputs,
-    check_validation_has_tumour,
+    check_validation_has_tumor,
 )
 from ingredients.model import AttentionUNetModelIngredient, trained_model_config
 from ingredients.optimizer import OptimizerIngredient
@@ -117,7 +117,7 @@ ex.add_named_config("debug", training={"num_epochs": 2, "batch_size": 2,
 def check_inputs(config, command_name):
     check_image_size_and_monitor(config, model.input_multiple(config))
     if command_name == "main":
-        check_validation_has_tumour(config, dataset.split(
+        check_validation_has_tumor(config, dataset.split(
             dataset_path=config["dataset_path"], val_fraction=config["dataset"]["val_fraction"],
             split_seed=config["dataset"]["split_seed"])[1])
     if command_name == "overfit":

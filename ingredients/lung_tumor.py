@@ -28,9 +28,9 @@ def check_image_size_and_monitor(config: Mapping[str, Any], multiple: int) -> No
     check_monitor(config, [f"val_{name}" for name in METRICS])
 
 
-def check_validation_has_tumour(config: Mapping[str, Any], val: list[SliceRecord]) -> None:
+def check_validation_has_tumor(config: Mapping[str, Any], val: list[SliceRecord]) -> None:
     """Tumour Dice, the monitored metric, needs tumour in the validation volumes."""
-    if not any(record.tumour_pixels for record in val):
+    if not any(record.tumor_pixels for record in val):
         raise DataError(f"the validation volumes of {config['dataset_path']} "
                         f"({', '.join(sorted({r.volume for r in val}))}) have no tumour, so "
                         "tumour Dice is undefined; change dataset.split_seed or "

@@ -236,12 +236,12 @@ def _convert_case(case: MSDCase, number: int, output: Path,
         log.warning("%s: label values %s; every non-zero class counts as tumour (255 in "
                     "labels/)", case.label, ", ".join(f"{v:g}" for v in [0.0, *classes]))
     foreground = label > 0
-    has_tumour = foreground.any(axis=(0, 1))
-    empty = np.flatnonzero(~has_tumour)
+    has_tumor = foreground.any(axis=(0, 1))
+    empty = np.flatnonzero(~has_tumor)
     rng = np.random.default_rng([settings.seed, number])
     kept_empty = rng.choice(empty, size=int(round(settings.empty_slice_fraction * len(empty))),
                             replace=False)
-    keep = np.sort(np.concatenate([np.flatnonzero(has_tumour), kept_empty])).astype(int)
+    keep = np.sort(np.concatenate([np.flatnonzero(has_tumor), kept_empty])).astype(int)
     grey = window(hu, settings.window_center, settings.window_width)
     for index in keep:
         name = slice_file_name(case.name, index)
@@ -251,4 +251,4 @@ def _convert_case(case: MSDCase, number: int, output: Path,
     return {"volume": case.name, "stored_orientation": stored,
             "label_values": [0, *(int(v) if v.is_integer() else v for v in classes)],
             "slices": int(hu.shape[2]), "kept_slices": len(keep),
-            "tumour_slices": int(has_tumour.sum()), "tumour_voxels": int(foreground.sum())}
+            "tumour_slices": int(has_tumor.sum()), "tumour_voxels": int(foreground.sum())}

@@ -29,13 +29,13 @@ from medseg.engine.trainer import StepOutput, image_mask_step
 from medseg.errors import DataError
 from medseg.viz.overlays import plot_prediction_grid, plot_segmentation_panel
 
-TUMOUR = 1
+TUMOR = 1
 METRICS = ("loss", "tumor_dice", "tumor_iou", "pixel_accuracy", "volume_dice")
 
 
-def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
+def tumor_probability(logits: torch.Tensor) -> torch.Tensor:
     """Logits [B, 2, H, W] -> the tumour class's softmax probability [B, 1, H, W]."""
-    return torch.softmax(logits.float(), dim=1)[:, TUMOUR:TUMOUR + 1]
+    return torch.softmax(logits.float(), dim=1)[:, TUMOR:TUMOR + 1]
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Counts:
 
 
 @dataclass
-class TumourScores:
+class TumorScores:
     """Pixel counts pooled over all slices and per volume."""
 
     pooled: Counts = field(default_factory=Counts)
@@ -102,12 +102,12 @@ class LungTumorTask:
         return image_mask_step(self.loss, model, batch, device)
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        return tumour_probability(logits) > self.threshold
+        return tumor_probability(logits) > self.threshold
 
     def scores(self, model: nn.Module, loader: Iterable, device: torch.device,
-               precision: Precision) -> tuple[TumourScores, dict[str, float]]:
+               precision: Precision) -> tuple[TumorScores, dict[str, float]]:
         """Pixel counts and the loss with its terms (``{"loss", "loss_<term>"}``)."""
-        scores = TumourScores()
+        scores = TumorScores()
 
         def score(batch, logits, *_) -> None:
             scores.update(self.predict(logits), batch["mask"] > 0.5, batch["volume"])
@@ -136,16 +136,16 @@ def choose_examples(dataset: Dataset, count: int, *, include_empty: bool = True)
     """Indices of up to ``count`` slices: tumour slices spread over the volumes (largest tumour
     of each first), and with ``include_empty`` one without tumour to show false positives."""
     records = dataset.records
-    with_tumour = sorted((i for i, r in enumerate(records) if r.tumour_pixels),
-                         key=lambda i: (-records[i].tumour_pixels, records[i].volume))
+    with_tumor = sorted((i for i, r in enumerate(records) if r.tumor_pixels),
+                        key=lambda i: (-records[i].tumor_pixels, records[i].volume))
     by_volume: dict[str, list[int]] = defaultdict(list)
-    for index in with_tumour:
+    for index in with_tumor:
         by_volume[records[index].volume].append(index)
     queues = list(by_volume.values())
     spread = []
     while any(queues):  # one slice of each volume in turn
         spread += [queue.pop(0) for queue in queues if queue]
-    empty = [i for i, r in enumerate(records) if not r.tumour_pixels][:1] if include_empty else []
+    empty = [i for i, r in enumerate(records) if not r.tumor_pixels][:1] if include_empty else []
     chosen = spread[:max(count - len(empty), 0)] + empty
     return chosen[:count]
 

@@ -40,7 +40,7 @@ from medseg.engine.checkpoint import rebuilt_model
 from medseg.engine.precision import Precision
 from medseg.errors import ConfigError, DataError, DiskFullError
 from medseg.files import reporting_full_disk
-from medseg.tasks.lung_tumor import tumour_probability
+from medseg.tasks.lung_tumor import tumor_probability
 from medseg.viz.overlays import mask_overlay_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -89,7 +89,7 @@ class SlicePredictor:
             batch = torch.stack([self.transform({"image": s[None]})["image"] for s in chunk])
             with torch.no_grad(), self.precision.autocast():
                 logits = self.model(batch.to(self.device))
-            probability = tumour_probability(logits).float()
+            probability = tumor_probability(logits).float()
             for item, original in zip(probability, chunk):
                 resized = F.interpolate(item[None], size=original.shape, mode="bilinear",
                                         align_corners=False)
@@ -142,14 +142,14 @@ def predict_volume(predictor: SlicePredictor, path: Path, output_dir: Path, save
     header.set_slope_inter(1, 0)
     mask_path = output_dir / f"{name}_mask.nii.gz"
     nib.save(nib.Nifti1Image(volume, source.affine, header), mask_path)
-    tumour_slices = [k for k, m in enumerate(masks) if m.any()]  # display order
+    tumor_slices = [k for k, m in enumerate(masks) if m.any()]  # display order
     voxel_ml = float(np.prod(source.header.get_zooms()[:3])) / 1000.0
     record = {"source": str(path), "mask": str(mask_path), "tumour_voxels": int(volume.sum()),
-              "tumour_slices": tumour_slices, "tumour_volume_ml": round(volume.sum() * voxel_ml, 3)}
+              "tumour_slices": tumor_slices, "tumour_volume_ml": round(volume.sum() * voxel_ml, 3)}
     if save_overlay:
         folder = output_dir / f"{name}_overlays"
         folder.mkdir(exist_ok=True)
-        for k in tumour_slices:
+        for k in tumor_slices:
             overlay = mask_overlay_rgb(slices[k], masks[k])
             Image.fromarray(overlay).save(folder / f"slice_{k:04d}.png")
         record["overlays"] = str(folder)

@@ -43,11 +43,11 @@ def write_task(root: Path, volumes: dict[str, tuple[np.ndarray, np.ndarray]],
     return root
 
 
-def volume(slices: int, tumour_slices=(), shape=(12, 10)):
+def volume(slices: int, tumor_slices=(), shape=(12, 10)):
     """A ramp of HU values along X; a 2x2 tumour in the listed slices."""
     hu = np.broadcast_to(np.linspace(-1000, 400, shape[0])[:, None, None], (*shape, slices)).copy()
     label = np.zeros((*shape, slices), dtype=np.uint8)
-    for k in tumour_slices:
+    for k in tumor_slices:
         label[3:5, 6:8, k] = 1
     return hu, label
 

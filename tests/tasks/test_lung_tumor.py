@@ -25,7 +25,7 @@ from medseg.models.attention_unet import AttentionUNet
 from medseg.tasks.lung_tumor import (
     Counts,
     LungTumorTask,
-    TumourScores,
+    TumorScores,
     choose_examples,
     overfit_check,
     overfit_slices,
@@ -62,7 +62,7 @@ def test_counts_give_dice_iou_and_accuracy():
 
 
 def test_scores_pool_pixels_and_average_volumes():
-    scores = TumourScores()
+    scores = TumorScores()
     # Volume a: perfect; volume b: a false positive on a slice without tumour; c: all empty.
     scores.update(masks([1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]),
                   masks([1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]),
@@ -119,7 +119,7 @@ def test_examples_spread_over_volumes_with_one_empty_slice(tmp_path):
     chosen = choose_examples(dataset, 4)
     records = [dataset.records[i] for i in chosen]
     assert len(chosen) == 4
-    assert [r.tumour_pixels > 0 for r in records] == [True, True, True, False]
+    assert [r.tumor_pixels > 0 for r in records] == [True, True, True, False]
     assert len({r.volume for r in records[:3]}) >= 2
 
 
