@@ -27,6 +27,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 from torch.utils.data import Dataset
 
+from medseg.data.nifti import nifti_stem
 from medseg.data.npz_cubes import CubeRecord
 from medseg.data.prepare_cubes import read_prediction_input, save_probability
 from medseg.engine.checkpoint import rebuilt_model
@@ -281,7 +282,7 @@ def predict_file(model: nn.Module, path: str | Path, output_dir: str | Path, *,
     probability = predict_probability(model, source.volume, task=task, cube_shape=cube_shape,
                                       device=device, precision=precision)
     score, positive = task.score_cube(torch.from_numpy(probability))
-    stem = Path(path).name.removesuffix(".gz").removesuffix(".nii").removesuffix(".npz")
+    stem = nifti_stem(path)  # also "<name>.npz" -> "<name>"
     output = Path(output_dir)
     map_path = save_probability(probability, source, output / f"{stem}_probability.nii.gz")
     record = {"input": str(path), "checkpoints": list(checkpoints),
