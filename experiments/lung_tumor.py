@@ -12,14 +12,17 @@
 
 from pathlib import Path
 
-import torch
-
 from ingredients.augmentation import LungAugmentationIngredient
 from ingredients.checkpoint import CheckpointIngredient
 from ingredients.dataset import LungDatasetIngredient, LungSyntheticIngredient
 from ingredients.experiment import MedsegExperiment
 from ingredients.fields import Field
 from ingredients.loss_weights import LossIngredient
+from ingredients.lung_tumor import (
+    check_image_size_and_monitor,
+    check_predict_inputs,
+    check_validation_has_tumor,
+)
 from ingredients.model import AttentionUNetModelIngredient, trained_model_config
 from ingredients.optimizer import OptimizerIngredient
 from ingredients.pipeline import PipelineRun
@@ -35,21 +38,14 @@ from medseg import config as c
 from medseg.data.png_slices import PNGSliceDataset, scan_slices, slice_statistics
 from medseg.data.staging import refuse_to_overwrite
 from medseg.data.synthetic.lung import generate_lung_task
-from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.ema import ModelEMA
-from medseg.errors import ConfigError, DataError, describe
 from medseg.tasks.lung_tumor import (
     METRICS,
     LungTumorTask,
-    choose_examples,
-    overfit_check,
+    overfit_slices,
     render_validation_predictions,
 )
-from medseg.tasks.lung_tumor_predict import (
-    SlicePredictor,
-    find_sources,
-    run_prediction,
-)
+from medseg.tasks.lung_tumor_predict import find_sources, predict_with_checkpoint
 
 dataset = LungDatasetIngredient()
 synthetic = LungSyntheticIngredient()
@@ -122,55 +118,21 @@ ex.add_named_config("debug", training={"num_epochs": 2, "batch_size": 2,
 
 @ex.config_validator
 def check_inputs(config, command_name):
-    multiple = model.input_multiple(config)
-    size = config["training"]["image_size"]
-    if any(s % multiple for s in size):
-        raise ConfigError(f"training.image_size {list(size)} must be multiples of {multiple} "
-                          f"(the {len(config['model']['channels'])} levels of model.channels "
-                          "halve it that often)")
-    allowed = [f"val_{name}" for name in METRICS]
-    if config["training"]["monitor"] not in allowed:
-        raise ConfigError(f"training.monitor={config['training']['monitor']!r} is not a metric "
-                          f"of this pipeline; choose one of {', '.join(allowed)}")
+    check_image_size_and_monitor(config, model.input_multiple(config))
     if command_name == "main":
-        _check_training_data(config)
+        check_validation_has_tumor(config, dataset.split(
+            dataset_path=config["dataset_path"], val_fraction=config["dataset"]["val_fraction"],
+            split_seed=config["dataset"]["split_seed"])[1])
     if command_name == "overfit":
         scan_slices(config["dataset_path"])
     if command_name == "predict":
-        _check_predict_inputs(config)
+        check_predict_inputs(config, model)
     if command_name == "generate_msd":
         refuse_to_overwrite(Path(config["msd_dir"]) / config["task"],
                             config["synthetic"]["overwrite"], "MSD task", "synthetic.overwrite")
     if command_name == "convert":
         refuse_to_overwrite(config["dataset_path"], config["dataset"]["overwrite"], "PNG slices",
                             "dataset.overwrite")
-
-
-def _check_training_data(config) -> None:
-    _, val = dataset.split(dataset_path=config["dataset_path"],
-                           val_fraction=config["dataset"]["val_fraction"],
-                           split_seed=config["dataset"]["split_seed"])
-    if not any(record.tumour_pixels for record in val):
-        raise DataError(f"the validation volumes of {config['dataset_path']} "
-                        f"({', '.join(sorted({r.volume for r in val}))}) have no tumour, so "
-                        "tumour Dice is undefined; change dataset.split_seed or "
-                        "dataset.val_fraction")
-
-
-def _check_predict_inputs(config) -> None:
-    if config["weights"] is None:
-        raise ConfigError("weights is not set; give the checkpoint to predict with, e.g. "
-                          "weights=runs/lung_tumor/1/weights/best.pt")
-    if not Path(config["weights"]).is_file():
-        raise ConfigError(f"weights: no checkpoint file at {config['weights']}")
-    if config["source"] is None:
-        raise ConfigError("source is not set; give an image, a NIfTI volume or a folder, "
-                          "e.g. source=image.png")
-    find_sources(config["source"])
-    trained = load_checkpoint(config["weights"]).get("config") or {}
-    if trained.get("model") and set(trained["model"]) != set(model.fields):
-        trained_model_config(model, config["model"], trained["model"], config["weights"],
-                             "weights")  # another pipeline's checkpoint: refused up front
 
 
 @ex.data_command
@@ -199,26 +161,15 @@ def overfit(_run, _config, dataset_path, overfit):
     """Train on overfit.samples tumour slices without augmentation and report whether their
     Dice reaches overfit.target_dice (the seed's overfit_test.py)."""
     device, precision = training.device_and_precision()
-    slices = PNGSliceDataset(scan_slices(dataset_path),
-                             augmentation.make_transform(_config["training"]["image_size"],
-                                                         train=False))
-    chosen = choose_examples(slices, overfit["samples"], include_empty=False)
-    if not chosen:
-        raise DataError(f"{dataset_path} has no slice with tumour to overfit on")
-    samples = [slices[i] for i in chosen]
-    batch = {key: torch.stack([s[key] for s in samples]) for key in ("image", "mask")}
-    net = model.make_model()
-    result = overfit_check(net, _task(_config), batch, steps=overfit["steps"],
-                           learning_rate=overfit["learning_rate"],
-                           target_dice=overfit["target_dice"], device=device, precision=precision)
-    reporter = SacredReporter(_run)
-    for step, loss_value, dice in result.history:
-        reporter.log_scalar("overfit_loss", loss_value, step)
-        reporter.log_scalar("overfit_dice", dice, step)
-    verdict = "PASSED" if result.passed else "FAILED"
-    print(f"overfit check {verdict}: Dice {result.dice:.4f} on {result.slices} slices after "
-          f"{result.steps} steps (target {result.target_dice})")
-    names = [f"{slices.records[i].volume}_slice_{slices.records[i].index}" for i in chosen]
+    result, names = overfit_slices(model.make_model(), _task(_config), dataset_path,
+                                   image_size=_config["training"]["image_size"],
+                                   samples=overfit["samples"], steps=overfit["steps"],
+                                   learning_rate=overfit["learning_rate"],
+                                   target_dice=overfit["target_dice"], device=device,
+                                   precision=precision)
+    result.report(SacredReporter(_run))
+    print(f"overfit check {'PASSED' if result.passed else 'FAILED'}: Dice {result.dice:.4f} on "
+          f"{result.slices} slices after {result.steps} steps (target {result.target_dice})")
     return {"passed": result.passed, "dice": result.dice, "loss": result.loss,
             "steps": result.steps, "slices": names}
 
@@ -229,22 +180,12 @@ def predict(_config, weights, source, threshold, save_overlay, predict_dir):
     predict.py --weights --source [--threshold] [--save-overlay]). The network and its input
     size are those the checkpoint was trained with."""
     device, precision = training.device_and_precision()
-    state = load_checkpoint(weights)
-    trained = state.get("config") or _config
-    net = model.make_model(**trained_model_config(model, _config["model"], trained.get("model"),
-                                                  weights, "weights"))
-    try:
-        net.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise DataError(f"weights: checkpoint {weights} does not fit the network of its own "
-                        f"config ({describe(error)})") from None
-    image_size = trained.get("training", _config["training"])["image_size"]
-    predictor = SlicePredictor(net, tuple(image_size), device, precision, threshold=threshold)
-    summary = run_prediction(predictor, find_sources(source), predict_dir,
-                             save_overlay=save_overlay,
-                             window_center=_config["dataset"]["window_center"],
-                             window_width=_config["dataset"]["window_width"],
-                             provenance={"weights": str(weights), "epoch": state.get("epoch")})
+    summary = predict_with_checkpoint(
+        weights, find_sources(source), predict_dir, build=lambda trained: model.make_model(
+            **trained_model_config(model, _config["model"], trained, weights, "weights")),
+        image_size=_config["training"]["image_size"], threshold=threshold,
+        save_overlay=save_overlay, window_center=_config["dataset"]["window_center"],
+        window_width=_config["dataset"]["window_width"], device=device, precision=precision)
     print(f"wrote predictions of {source} to {predict_dir} (summary: {summary})")
     return str(summary)
 

@@ -10,9 +10,7 @@ statistics, checkpoint paths, evaluation figures).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,17 +20,17 @@ import torch
 from torch import nn
 
 from ingredients.checkpoint import CheckpointIngredient
+from ingredients.checks import check_monitor
 from ingredients.optimizer import OptimizerIngredient, optimizer_settings
 from ingredients.tracking import SacredReporter, link_checkpoint_directory, read_run_link
 from ingredients.training import TrainingIngredient, loader_settings, trainer_settings
 from medseg.engine import distributed
 from medseg.engine.checkpoint import model_weights
-from medseg.engine.evaluation import EvaluationReport
+from medseg.engine.evaluation import EvaluationReport, record_evaluation
 from medseg.engine.fit import fit
 from medseg.engine.memory import device_info
 from medseg.engine.trainer import Callback, Trainer, monitor_choices
 from medseg.errors import ConfigError, DataError
-from medseg.files import reporting_full_disk
 
 _MB = 1024 * 1024
 
@@ -95,10 +93,7 @@ class PipelineRun:
         result summary. ``training_curves.png`` shows ``curve_metrics`` beside the monitored
         metric."""
         config = self.config
-        available = monitor_choices(task)
-        if config["training"]["monitor"] not in available:
-            raise ConfigError(f"training.monitor={config['training']['monitor']!r} is not a "
-                              f"metric this pipeline reports; choose one of {', '.join(available)}")
+        check_monitor(config, monitor_choices(task))
         callbacks = list(callbacks)
         if config["logging"]["visualize_predictions"] and self.main:
             callbacks.append(PredictionSnapshots(task, self.output_dir, self.reporter))
@@ -156,24 +151,12 @@ class PipelineRun:
 
     def evaluate(self, evaluate_fn: Callable[..., EvaluationReport], model: nn.Module, task,
                  loader, split: str) -> dict[str, float]:
-        """Run a pipeline's evaluation; log its metrics as ``<split>_<name>``, attach its files.
-        Under torchrun rank 0 evaluates alone (the others return no metrics)."""
+        """Run a pipeline's evaluation into ``<output_dir>/evaluation_<split>`` and record it
+        (:func:`medseg.engine.evaluation.record_evaluation`). Under torchrun rank 0 evaluates
+        alone (the others return no metrics)."""
         if not self.main:
             return {}
-        model.to(self.device).eval()
-        directory = self.output_dir / f"evaluation_{split}"
-        with torch.no_grad(), reporting_full_disk(directory):
-            report = evaluate_fn(model, loader, task=task, device=self.device,
-                                 precision=self.precision, output_dir=directory, split=split)
-        metrics = {f"{split}_{name}": float(value) for name, value in report.metrics.items()}
-        for name, value in metrics.items():
-            if math.isfinite(value):
-                self.reporter.log_scalar(name, value, 0)
-        # Not "metrics.json": the file observer keeps its own file of that name.
-        summary_path = directory / f"{split}_metrics.json"
-        with reporting_full_disk(summary_path):
-            summary_path.write_text(json.dumps(metrics, indent=2, allow_nan=True))
-        for path in [summary_path, *report.artifacts]:
-            self.reporter.add_artifact(path)
-        self.reporter.set_info(f"evaluation_{split}", report.info)
-        return {f"{split}_{name}": metrics[f"{split}_{name}"] for name in report.headline}
+        return record_evaluation(evaluate_fn, model, task, loader, split=split,
+                                 directory=self.output_dir / f"evaluation_{split}",
+                                 device=self.device, precision=self.precision,
+                                 reporter=self.reporter)

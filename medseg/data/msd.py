@@ -32,10 +32,10 @@ from monai.data import load_decathlon_datalist
 from nibabel import orientations
 from PIL import Image
 
+from medseg.data.nifti import nifti_stem, open_nifti
 from medseg.data.staging import staged_folder
 from medseg.errors import DataError, describe
 
-NIFTI_SUFFIX = ".nii.gz"
 CONVERSION_RECORD = "conversion.json"
 #: Voxel axes of the display orientation (nibabel axis codes): X toward the patient's left, Y
 #: posterior, Z superior, so ``slice_to_image`` shows anterior up and the patient's right on
@@ -132,21 +132,16 @@ def _training_cases(task_dir: Path, description: dict[str, Any]) -> Iterator[MSD
             if not path.is_file():
                 raise DataError(f"{dataset_json}: training entry {number} names the {kind} "
                                 f"{entry[kind]}, but {path} does not exist")
-        yield MSDCase(_volume_name(image), image, label)
+        yield MSDCase(nifti_stem(image), image, label)
 
 
-def _volume_name(path: Path) -> str:
-    name = path.name
-    return name[: -len(NIFTI_SUFFIX)] if name.endswith(NIFTI_SUFFIX) else path.stem
-
-
-def load_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+def read_scaled_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A 3D NIfTI volume as float32 (scaled values, e.g. HU) and the image it came from."""
     path = Path(path)
+    image = open_nifti(path)
     try:
-        image = nib.load(path)
         data = np.asarray(image.dataobj, dtype=np.float32)
-    except Exception as error:  # nibabel raises several types for foreign or truncated files
+    except Exception as error:  # nibabel raises several types for truncated files
         raise DataError(f"{path} could not be read as a NIfTI volume "
                         f"({describe(error)})") from None
     if data.ndim > 3 and all(size == 1 for size in data.shape[3:]):
@@ -222,11 +217,7 @@ def _check_pair(case: MSDCase) -> None:
 
 
 def _header_shape(path: Path) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in nib.load(path).shape)
-    except Exception as error:
-        raise DataError(f"{path} could not be read as a NIfTI volume "
-                        f"({describe(error)})") from None
+    shape = tuple(int(s) for s in open_nifti(path).shape)
     shape = shape[:3] + tuple(s for s in shape[3:] if s != 1)
     if len(shape) != 3:
         raise DataError(f"{path} has shape {list(shape)}; expected a 3D volume [X, Y, Z]")
@@ -235,8 +226,8 @@ def _header_shape(path: Path) -> tuple[int, ...]:
 
 def _convert_case(case: MSDCase, number: int, output: Path,
                   settings: ConversionSettings) -> dict[str, Any]:
-    hu, image = load_volume(case.image)
-    label, _ = load_volume(case.label)
+    hu, image = read_scaled_volume(case.image)
+    label, _ = read_scaled_volume(case.label)
     stored = stored_axes(image.affine)
     hu, label = to_display(hu, image.affine), to_display(label, image.affine)
     classes = [float(v) for v in np.unique(label) if v != 0]
@@ -244,12 +235,12 @@ def _convert_case(case: MSDCase, number: int, output: Path,
         log.warning("%s: label values %s; every non-zero class counts as tumour (255 in "
                     "labels/)", case.label, ", ".join(f"{v:g}" for v in [0.0, *classes]))
     foreground = label > 0
-    has_tumour = foreground.any(axis=(0, 1))
-    empty = np.flatnonzero(~has_tumour)
+    has_tumor = foreground.any(axis=(0, 1))
+    empty = np.flatnonzero(~has_tumor)
     rng = np.random.default_rng([settings.seed, number])
     kept_empty = rng.choice(empty, size=int(round(settings.empty_slice_fraction * len(empty))),
                             replace=False)
-    keep = np.sort(np.concatenate([np.flatnonzero(has_tumour), kept_empty])).astype(int)
+    keep = np.sort(np.concatenate([np.flatnonzero(has_tumor), kept_empty])).astype(int)
     grey = window(hu, settings.window_center, settings.window_width)
     for index in keep:
         name = slice_file_name(case.name, index)
@@ -259,4 +250,4 @@ def _convert_case(case: MSDCase, number: int, output: Path,
     return {"volume": case.name, "stored_orientation": stored,
             "label_values": [0, *(int(v) if v.is_integer() else v for v in classes)],
             "slices": int(hu.shape[2]), "kept_slices": len(keep),
-            "tumour_slices": int(has_tumour.sum()), "tumour_voxels": int(foreground.sum())}
+            "tumour_slices": int(has_tumor.sum()), "tumour_voxels": int(foreground.sum())}

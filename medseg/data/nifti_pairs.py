@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from medseg.errors import DataError, describe
+from medseg.data.nifti import open_nifti
+from medseg.errors import DataError
 
 IMAGE_SUFFIX = "_0000.nii.gz"
 LABEL_SUFFIX = ".nii.gz"
@@ -79,8 +79,8 @@ def check_pairs(pairs: Sequence[CasePair]) -> dict[str, object]:
     label of the same shape holding only 0 and 1. Returns dataset statistics for the run."""
     shapes, spacings = [], []
     for pair in pairs:
-        image = _open(pair.image)
-        label = _open(pair.label)
+        image = open_nifti(pair.image)
+        label = open_nifti(pair.label)
         image_shape = _spatial_shape(image, pair.image)
         label_shape = _spatial_shape(label, pair.label)
         if image_shape != label_shape:
@@ -94,13 +94,6 @@ def check_pairs(pairs: Sequence[CasePair]) -> dict[str, object]:
         shapes.append(list(image_shape))
         spacings.append([round(float(s), 3) for s in image.header.get_zooms()[:3]])
     return {"cases": len(pairs), "shapes": shapes, "spacings": spacings}
-
-
-def _open(path: Path):
-    try:
-        return nib.load(str(path))
-    except Exception as error:  # nibabel raises several types for foreign or truncated files
-        raise DataError(f"{path} could not be read as NIfTI ({describe(error)})") from None
 
 
 def _spatial_shape(volume, path: Path) -> tuple[int, ...]:

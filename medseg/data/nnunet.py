@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from monai.transforms import Resize
 
-from medseg.data.msd import load_volume
+from medseg.data.msd import read_scaled_volume
 from medseg.data.staging import staged_folder
 from medseg.errors import DataError
 
@@ -174,13 +174,13 @@ def resize_labels(volume: np.ndarray, size: Sequence[int]) -> torch.Tensor:
 
 
 def load_image(path: Path, size: Sequence[int]) -> tuple[torch.Tensor, Geometry]:
-    data, image = load_volume(path)
+    data, image = read_scaled_volume(path)
     geometry = Geometry(tuple(data.shape), image.affine.copy(), image.header.copy())
     return resize_image(normalise_intensity(data), size), geometry
 
 
 def load_labels(path: Path, size: Sequence[int], expected_shape=None) -> torch.Tensor:
-    data, _ = load_volume(path)
+    data, _ = read_scaled_volume(path)
     if expected_shape is not None and tuple(data.shape) != tuple(expected_shape):
         raise DataError(f"{path} has shape {list(data.shape)} but its image has "
                         f"{list(expected_shape)}; image and label must have the same size")
@@ -233,8 +233,8 @@ def _prepare_one(pairs: dict[str, tuple[Path, Path]], out: Path, name: str, moda
     (out / "labelsTr").mkdir()
     values: set[int] = set()
     for case, (image_path, mask_path) in pairs.items():
-        image_data, image = load_volume(image_path)
-        mask_data, mask = load_volume(mask_path)
+        image_data, image = read_scaled_volume(image_path)
+        mask_data, mask = read_scaled_volume(mask_path)
         if image_data.shape != mask_data.shape:
             raise DataError(f"{mask_path} has shape {list(mask_data.shape)} but {image_path} has "
                             f"{list(image_data.shape)}; image and mask must have the same size")

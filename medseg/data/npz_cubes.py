@@ -131,7 +131,7 @@ def _inspect_cached(path_text: str, size: int, mtime_ns: int, fold: int,
                 found = ", ".join(npz.files) or "none"
                 raise DataError(f"{path} has no '{missing[0]}'; expected keys "
                                 f"{', '.join(CUBE_KEYS)} (found: {found})")
-            volume_shape, volume_dtype = _array_header(npz, "volume")
+            volume_shape, volume_dtype = npz_array_header(npz, "volume")
             mask = npz["mask"]
             label = _scalar(path, npz, "label")
             stored_fold = _scalar(path, npz, "fold")
@@ -160,7 +160,7 @@ def forget_inspections() -> None:
     _inspect_cached.cache_clear()
 
 
-def _array_header(npz, key: str) -> tuple[tuple[int, ...], np.dtype]:
+def npz_array_header(npz, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one NPZ member from its header, without reading its data."""
     with npz.zip.open(f"{key}.npy") as handle:
         version = np.lib.format.read_magic(handle)

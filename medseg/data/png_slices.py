@@ -27,7 +27,7 @@ from medseg.errors import DataError
 SLICE_NAME = re.compile(r"^(?P<volume>.+)_slice_(?P<index>\d+)\.png$", re.IGNORECASE)
 IMAGE_MODES = ("L", "RGB")   # RGB slices are read as grey
 LABEL_MODES = ("L", "1")
-TUMOUR_VALUE = 255
+TUMOR_VALUE = 255
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class SliceRecord:
     image: Path
     label: Path
     size: tuple[int, int]   # (height, width)
-    tumour_pixels: int
+    tumor_pixels: int
 
 
 def scan_slices(dataset_dir: str | Path) -> list[SliceRecord]:
@@ -115,11 +115,11 @@ def read_label(path: Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"{path} could not be read as an image ({error})") from None
     found = np.unique(values)
-    if not np.isin(found, (0, TUMOUR_VALUE)).all():
+    if not np.isin(found, (0, TUMOR_VALUE)).all():
         shown = ", ".join(str(v) for v in found[:8]) + (", ..." if len(found) > 8 else "")
         raise DataError(f"{path} has values {shown}; expected only 0 (background) and "
-                        f"{TUMOUR_VALUE} (tumour)")
-    return values == TUMOUR_VALUE
+                        f"{TUMOR_VALUE} (tumour)")
+    return values == TUMOR_VALUE
 
 
 def split_by_volume(records: Sequence[SliceRecord], val_fraction: float,
@@ -185,11 +185,11 @@ def slice_statistics(train: Sequence[SliceRecord], val: Sequence[SliceRecord], *
 def _split_summary(records: Iterable[SliceRecord]) -> dict[str, Any]:
     records = list(records)
     total_pixels = sum(h * w for h, w in (r.size for r in records))
-    tumour_pixels = sum(r.tumour_pixels for r in records)
-    tumour_slices = [r for r in records if r.tumour_pixels]
-    tumour_slice_pixels = sum(h * w for h, w in (r.size for r in tumour_slices))
+    tumor_pixels = sum(r.tumor_pixels for r in records)
+    tumor_slices = [r for r in records if r.tumor_pixels]
+    tumor_slice_pixels = sum(h * w for h, w in (r.size for r in tumor_slices))
     return {"volumes": len({r.volume for r in records}), "slices": len(records),
-            "tumour_slices": len(tumour_slices),
-            "tumour_pixel_fraction": round(tumour_pixels / max(total_pixels, 1), 6),
+            "tumour_slices": len(tumor_slices),
+            "tumour_pixel_fraction": round(tumor_pixels / max(total_pixels, 1), 6),
             "tumour_pixel_fraction_in_tumour_slices":
-                round(tumour_pixels / max(tumour_slice_pixels, 1), 6)}
+                round(tumor_pixels / max(tumor_slice_pixels, 1), 6)}

@@ -38,13 +38,13 @@ import numpy as np
 from scipy.ndimage import zoom
 
 from medseg.config import integer, number, optional, sequence
-from medseg.data.npz_cubes import NUM_FOLDS, TEST_FOLD, fold_folder
+from medseg.data.npz_cubes import NUM_FOLDS, TEST_FOLD, fold_folder, npz_array_header
+from medseg.data.nifti import is_nifti, nifti_stem, open_nifti
 from medseg.data.staging import refuse_to_overwrite, staged_directory
 from medseg.errors import ConfigError, DataError, describe
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CENTRES_FILE = "aneurysm_centres.csv"
 COORDINATE_COLUMNS = {"voxel": ("voxel_x", "voxel_y", "voxel_z"),
                       "world": ("world_x", "world_y", "world_z")}
@@ -99,9 +99,8 @@ def find_volumes(volumes_dir: str | Path) -> dict[str, Path]:
                         "<series_id>.nii.gz and a CSV of aneurysm centres")
     volumes = {}
     for path in sorted(volumes_dir.iterdir()):
-        suffix = next((s for s in NIFTI_SUFFIXES if path.name.endswith(s)), None)
-        if suffix and path.is_file():
-            volumes[path.name[: -len(suffix)]] = path
+        if is_nifti(path) and path.is_file():
+            volumes[nifti_stem(path)] = path
     if not volumes:
         raise DataError(f"{volumes_dir} holds no NIfTI volumes; expected files named "
                         "<series_id>.nii.gz or <series_id>.nii")
@@ -175,7 +174,7 @@ def assign_folds(series_ids: Sequence[str], positive: set[str], *, num_folds: in
 def world_centres(path: Path, centres: Sequence[Centre]) -> list[np.ndarray]:
     """World (x, y, z) mm of a series' centres, checked to lie inside its volume (reads the
     NIfTI header only)."""
-    image = _read_nifti(path)
+    image = open_nifti(path)
     located = []
     for centre in centres:
         point = np.r_[centre.coordinates, 1.0]
@@ -190,17 +189,11 @@ def world_centres(path: Path, centres: Sequence[Centre]) -> list[np.ndarray]:
     return located
 
 
-def _read_nifti(path: Path) -> nib.Nifti1Image:
-    try:
-        return nib.load(path)
-    except Exception as error:  # nibabel raises many types for foreign or truncated files
-        raise DataError(f"{path} could not be read as a NIfTI volume ({describe(error)})") from None
-
-
-def load_volume(path: Path, centres: Sequence[Centre], *, target_spacing: Sequence[float] | None,
-                intensity_window: Sequence[float] | None) -> Volume:
+def load_normalised_series(path: Path, centres: Sequence[Centre], *,
+                           target_spacing: Sequence[float] | None,
+                           intensity_window: Sequence[float] | None) -> Volume:
     """Read, reorient to RAS, resample and normalise one series; map its centres."""
-    image = _read_nifti(path)
+    image = open_nifti(path)
     if len(image.shape) != 3:
         raise DataError(f"{path}: expected a 3D volume, found shape {list(image.shape)}")
     canonical = nib.as_closest_canonical(image)
@@ -376,8 +369,9 @@ def prepare_cubes(
             fold_folder(staging, fold).mkdir()
         rows = []
         for series, path in volumes.items():
-            volume = load_volume(path, centres.get(series, []), target_spacing=target_spacing,
-                                 intensity_window=intensity_window)
+            volume = load_normalised_series(path, centres.get(series, []),
+                                            target_spacing=target_spacing,
+                                            intensity_window=intensity_window)
             negatives = negative_starts(volume, cube_shape, negatives_per_series, mask_sigma_mm,
                                         aneurysms_anywhere, positive_jitter, rng)
             written = _write_series(staging, series, folds[series], volume, cube_shape,
@@ -403,7 +397,7 @@ def prepare_cubes(
 
 
 def _check_readable(path: Path) -> None:
-    image = _read_nifti(path)
+    image = open_nifti(path)
     if len(image.shape) != 3:
         raise DataError(f"{path}: expected a 3D volume, found shape {list(image.shape)}")
     try:
@@ -420,7 +414,7 @@ def _warn_about_cube_size(volumes: Mapping[str, Path], centres: Mapping[str, lis
     those axes) and when no negative cube can exist (the cube covers a volume with an
     aneurysm)."""
     for series, path in volumes.items():
-        canonical = nib.as_closest_canonical(_read_nifti(path))
+        canonical = nib.as_closest_canonical(open_nifti(path))
         shape = np.array(canonical.shape[:3][::-1], dtype=float)  # (z, y, x)
         if target_spacing is not None:
             spacing = np.array(canonical.header.get_zooms()[:3][::-1], dtype=float)
@@ -491,11 +485,7 @@ def check_prediction_input(path: str | Path) -> None:
                 if "volume" not in npz.files:
                     raise DataError(f"{path} has no 'volume'; expected an NPZ cube with a uint8 "
                                     f"[D, H, W] volume (found: {', '.join(npz.files) or 'none'})")
-                with npz.zip.open("volume.npy") as handle:
-                    version = np.lib.format.read_magic(handle)
-                    reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                              else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = reader(handle)
+                shape, dtype = npz_array_header(npz, "volume")
         except DataError:
             raise
         except Exception as error:  # zipfile and numpy raise many types for foreign files
@@ -504,8 +494,8 @@ def check_prediction_input(path: str | Path) -> None:
         if dtype != np.uint8 or len(shape) != 3:
             raise DataError(f"{path}: 'volume' must be uint8 [D, H, W], found {dtype} of shape "
                             f"{list(shape)}")
-    elif path.name.endswith(NIFTI_SUFFIXES):
-        shape = _read_nifti(path).shape
+    elif is_nifti(path):
+        shape = open_nifti(path).shape
         if len(shape) != 3:
             raise DataError(f"{path}: expected a 3D volume, found shape {list(shape)}")
     else:
@@ -523,8 +513,8 @@ def read_prediction_input(path: str | Path, *, intensity_window: Sequence[float]
             volume = npz["volume"]
             label = int(npz["label"].reshape(())) if "label" in npz.files else None
         return PredictionInput(path, volume, np.eye(4), volume.shape, label)
-    loaded = load_volume(path, [], target_spacing=target_spacing,
-                         intensity_window=intensity_window)
+    loaded = load_normalised_series(path, [], target_spacing=target_spacing,
+                                    intensity_window=intensity_window)
     return PredictionInput(path, loaded.data, loaded.affine, loaded.grid_shape, None)
 
 

@@ -10,11 +10,12 @@ import io
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from medseg.errors import DataError, describe
 from medseg.files import make_temporary_file, remove_leftovers, reporting_full_disk
@@ -83,6 +84,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def model_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Only the model's state dict from a checkpoint (for evaluation and prediction)."""
     return load_checkpoint(path, map_location)["model"]
+
+
+def rebuilt_model(path: str | Path, build: Callable[[dict[str, Any] | None], nn.Module], *,
+                  map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The network a checkpoint was trained with, and the checkpoint: ``build(model_config)``
+    gets the ``model`` part of the config stored in it (``None`` when it stored none) and the
+    checkpoint's weights are loaded into what it returns."""
+    state = load_checkpoint(path, map_location)
+    model = build((state.get("config") or {}).get("model"))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise DataError(f"checkpoint {path} does not fit its own model config "
+                        f"({describe(error)})") from None
+    return model, state
 
 
 class CheckpointManager:

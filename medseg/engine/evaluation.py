@@ -1,15 +1,22 @@
-"""What an evaluation hands back (metrics, files written, small facts for the run's info), and
-the loss meter every validation pass shares."""
+"""What an evaluation hands back (metrics, files written, small facts for the run's info), the
+loss meter and batch loop every validation pass shares, and the recording of an evaluation's
+results through a :class:`~medseg.engine.reporting.Reporter`."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from medseg.engine.precision import Precision
+from medseg.engine.reporting import Reporter
+from medseg.files import reporting_full_disk
 
 
 @dataclass
@@ -47,3 +54,59 @@ class LossMeter:
         if not self._batches:
             return {"loss": math.nan}
         return {name: total / self._batches for name, total in self._sums.items()}
+
+
+def validation_pass(model: nn.Module, loader: Iterable, *, device: torch.device,
+                    precision: Precision,
+                    loss: Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
+                    on_batch: Callable[..., None], keys: Sequence[str] = ("image", "mask"),
+                    forward: Callable[[torch.Tensor], Any] | None = None) -> LossMeter:
+    """One pass over ``loader`` as every task's validation makes it; the loss and its terms
+    summed (a :class:`LossMeter`: its ``summary()`` gives the means, and the meters of the
+    ranks of a torchrun job add up with ``extend``).
+
+    Each batch has ``keys`` moved to ``device``; ``forward(image)`` (by default the model
+    under ``precision``'s autocast) gives the output; ``loss(output, batch)`` gives the
+    total and its terms, computed outside autocast; ``on_batch(batch, output, total, terms)``
+    lets the task score the batch.
+    """
+    if forward is None:
+        def forward(image: torch.Tensor) -> Any:
+            with precision.autocast():
+                return model(image)
+
+    losses = LossMeter()
+    for batch in loader:
+        batch = {**batch, **{key: batch[key].to(device, non_blocking=True) for key in keys}}
+        output = forward(batch["image"])
+        total, terms = loss(output, batch)
+        losses.add(total, terms)
+        on_batch(batch, output, total, terms)
+    return losses
+
+
+def record_evaluation(evaluate_fn: Callable[..., EvaluationReport], model: nn.Module, task,
+                      loader: Iterable, *, split: str, directory: str | Path,
+                      device: torch.device, precision: Precision,
+                      reporter: Reporter) -> dict[str, float]:
+    """Run a pipeline's evaluation into ``directory``; log its metrics as
+    ``<split>_<name>`` (step 0, finite values), write them to ``<split>_metrics.json``, attach
+    that file and the evaluation's own, store its info as ``evaluation_<split>``; return the
+    headline metrics."""
+    directory = Path(directory)
+    model.to(device).eval()
+    with torch.no_grad(), reporting_full_disk(directory):
+        report = evaluate_fn(model, loader, task=task, device=device, precision=precision,
+                             output_dir=directory, split=split)
+    metrics = {f"{split}_{name}": float(value) for name, value in report.metrics.items()}
+    for name, value in metrics.items():
+        if math.isfinite(value):
+            reporter.log_scalar(name, value, 0)
+    # Not "metrics.json": Sacred's file observer keeps its own file of that name.
+    summary_path = directory / f"{split}_metrics.json"
+    with reporting_full_disk(summary_path):
+        summary_path.write_text(json.dumps(metrics, indent=2, allow_nan=True))
+    for path in [summary_path, *report.artifacts]:
+        reporter.add_artifact(path)
+    reporter.set_info(f"evaluation_{split}", report.info)
+    return {f"{split}_{name}": metrics[f"{split}_{name}"] for name in report.headline}

@@ -25,16 +25,21 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
+from torch.utils.data import Dataset
 
-from medseg.engine.checkpoint import load_checkpoint
-from medseg.engine.evaluation import EvaluationReport, LossMeter
+from medseg.data.nifti import nifti_stem
+from medseg.data.npz_cubes import CubeRecord
+from medseg.data.prepare_cubes import read_prediction_input, save_probability
+from medseg.engine.checkpoint import rebuilt_model
+from medseg.engine.evaluation import EvaluationReport, LossMeter, validation_pass
 from medseg.engine.precision import Precision
 from medseg.engine.trainer import StepOutput, image_mask_step
 from medseg.errors import DataError
 from medseg.losses.aneurysm import WeightedDiceCELoss
 from medseg.metrics.classification import BinaryClassificationScores, roc_curve
 from medseg.metrics.segmentation import per_structure_dice
-from medseg.viz.cubes import plot_cube_prediction, plot_roc_curve
+from medseg.models.ensemble import ProbabilityEnsemble
+from medseg.viz.cubes import plot_cube_prediction, plot_cube_sample, plot_roc_curve
 
 SCORE_METHODS = ("max", "fraction")
 BLEND_MODES = ("gaussian", "constant")
@@ -112,12 +117,10 @@ class AneurysmTask:
                      precision: Precision, on_case=None) -> list[CubeResult]:
         """Score every cube of ``loader`` (batches of one whole cube)."""
         results = []
-        for batch in loader:
-            image = batch["image"].to(device, non_blocking=True)
-            mask = batch["mask"].to(device, non_blocking=True)
-            logits = self.infer(model, image, precision)
-            loss, terms = self.loss(logits, mask)
+
+        def score(batch, logits, loss, terms) -> None:
             terms = {name: float(value) for name, value in terms.items()}
+            image, mask = batch["image"], batch["mask"]
             for i in range(image.shape[0]):
                 probability = torch.sigmoid(logits[i:i + 1])
                 result = self._cube_result(probability, mask[i:i + 1], float(loss), terms,
@@ -125,6 +128,12 @@ class AneurysmTask:
                 results.append(result)
                 if on_case is not None:
                     on_case(result, image[i, 0], mask[i, 0], probability[0, 0])
+
+        # The loss is averaged per cube in summarise(), as before; the pass's own mean is
+        # per batch and not used here.
+        validation_pass(model, loader, device=device, precision=precision, on_batch=score,
+                        loss=lambda logits, batch: self.loss(logits, batch["mask"]),
+                        forward=lambda image: self.infer(model, image, precision))
         return results
 
     def _cube_result(self, probability: torch.Tensor, mask: torch.Tensor, loss: float,
@@ -243,18 +252,78 @@ def load_models(paths: Sequence[str | Path], build: Callable[[dict], nn.Module],
                 device: torch.device) -> list[nn.Module]:
     """Models from checkpoints, each built with ``build(model_config)`` from the model config
     stored in its checkpoint (so fold models of different architectures can be mixed)."""
-    models = []
-    for path in paths:
-        state = load_checkpoint(path, map_location="cpu")
-        model_config = (state.get("config") or {}).get("model")
+    def build_stored(model_config: dict | None) -> nn.Module:
         if not isinstance(model_config, dict):
             raise DataError(f"checkpoint {path} holds no model config; expected a checkpoint "
                             "written by the aneurysm_cubes experiment")
-        model = build(model_config)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise DataError(f"checkpoint {path} does not fit its own model config "
-                            f"({str(error).splitlines()[0]})") from None
+        return build(model_config)
+
+    models = []
+    for path in paths:
+        model, _ = rebuilt_model(path, build_stored)
         models.append(model.to(device).eval())
     return models
+
+
+def ensemble_of(models: Sequence[nn.Module]) -> nn.Module:
+    """One model as it is, several as the mean of their probabilities (a fold ensemble)."""
+    return models[0] if len(models) == 1 else ProbabilityEnsemble(models)
+
+
+def predict_file(model: nn.Module, path: str | Path, output_dir: str | Path, *,
+                 task: AneurysmTask, cube_shape: Sequence[int],
+                 intensity_window: Sequence[float] | None,
+                 target_spacing: Sequence[float] | None, device: torch.device,
+                 precision: Precision,
+                 checkpoints: Sequence[str] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """Probability map and classification score of an NPZ cube or a NIfTI volume.
+
+    A NIfTI volume is normalised as ``prepare`` normalises cubes (``intensity_window``,
+    ``target_spacing``). Writes ``<stem>_probability.nii.gz`` (float32, the input's grid) and
+    ``<stem>_prediction.json`` (score, call, ``checkpoints`` for provenance) into
+    ``output_dir``; returns that JSON's record and the two files' paths.
+    """
+    source = read_prediction_input(path, intensity_window=intensity_window,
+                                   target_spacing=target_spacing)
+    probability = predict_probability(model, source.volume, task=task, cube_shape=cube_shape,
+                                      device=device, precision=precision)
+    score, positive = task.score_cube(torch.from_numpy(probability))
+    stem = nifti_stem(path)  # also "<name>.npz" -> "<name>"
+    output = Path(output_dir)
+    map_path = save_probability(probability, source, output / f"{stem}_probability.nii.gz")
+    record = {"input": str(path), "checkpoints": list(checkpoints),
+              "probability_map": str(map_path), "score_method": task.score_method,
+              "score": score, "max_probability": float(probability.max()),
+              "pos_thr": task.pos_thr, "predicted_label": int(positive),
+              "label": source.label}
+    json_path = output / f"{stem}_prediction.json"
+    json_path.write_text(json.dumps(record, indent=2))
+    return record, [map_path, json_path]
+
+
+def panel_records(records: Sequence[CubeRecord], count: int) -> list[CubeRecord]:
+    """Up to ``count`` cubes for sample panels: positives and negatives in turn, then the
+    rest of whichever kind is left."""
+    positives = [r for r in records if r.label == 1]
+    negatives = [r for r in records if r.label == 0]
+    chosen = [r for pair in zip(positives, negatives) for r in pair]
+    chosen += positives[len(chosen) // 2:] + negatives[len(chosen) // 2:]
+    return chosen[:count]
+
+
+def write_sample_panels(stored: Dataset, transform, directory: str | Path, *,
+                        seed: int) -> list[Path]:
+    """One PNG per cube of ``stored`` (cubes as saved, no transform): the cube and its mask
+    beside the crop ``transform`` (the training augmentation, seeded with ``seed``) makes
+    of it."""
+    transform.set_random_state(seed)
+    paths = []
+    for index in range(len(stored)):
+        sample = stored[index]
+        augmented = transform(dict(sample))
+        name = f"sample_{index:02d}_{Path(sample['name']).stem}.png"
+        paths.append(plot_cube_sample(sample["image"][0], sample["mask"][0],
+                                      augmented["image"][0].numpy(), augmented["mask"][0].numpy(),
+                                      Path(directory) / name,
+                                      title=f"{sample['name']} (label {int(sample['label'])})"))
+    return paths

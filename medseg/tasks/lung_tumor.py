@@ -20,18 +20,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from medseg.engine.evaluation import LossMeter
+from medseg.data.png_slices import PNGSliceDataset, scan_slices
+from medseg.data.slice_transforms import slice_transforms
+from medseg.engine.evaluation import validation_pass
 from medseg.engine.precision import Precision
+from medseg.engine.reporting import Reporter
 from medseg.engine.trainer import StepOutput, image_mask_step
+from medseg.errors import DataError
 from medseg.viz.overlays import plot_prediction_grid, plot_segmentation_panel
 
-TUMOUR = 1
+TUMOR = 1
 METRICS = ("loss", "tumor_dice", "tumor_iou", "pixel_accuracy", "volume_dice")
 
 
-def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
+def tumor_probability(logits: torch.Tensor) -> torch.Tensor:
     """Logits [B, 2, H, W] -> the tumour class's softmax probability [B, 1, H, W]."""
-    return torch.softmax(logits.float(), dim=1)[:, TUMOUR:TUMOUR + 1]
+    return torch.softmax(logits.float(), dim=1)[:, TUMOR:TUMOR + 1]
 
 
 @dataclass
@@ -64,7 +68,7 @@ class Counts:
 
 
 @dataclass
-class TumourScores:
+class TumorScores:
     """Pixel counts pooled over all slices and per volume."""
 
     pooled: Counts = field(default_factory=Counts)
@@ -98,19 +102,19 @@ class LungTumorTask:
         return image_mask_step(self.loss, model, batch, device)
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        return tumour_probability(logits) > self.threshold
+        return tumor_probability(logits) > self.threshold
 
     def scores(self, model: nn.Module, loader: Iterable, device: torch.device,
-               precision: Precision) -> tuple[TumourScores, dict[str, float]]:
+               precision: Precision) -> tuple[TumorScores, dict[str, float]]:
         """Pixel counts and the loss with its terms (``{"loss", "loss_<term>"}``)."""
-        scores, losses = TumourScores(), LossMeter()
-        for batch in loader:
-            image = batch["image"].to(device, non_blocking=True)
-            mask = batch["mask"].to(device, non_blocking=True)
-            with precision.autocast():
-                logits = model(image)
-            losses.add(*self.loss(logits, mask))
-            scores.update(self.predict(logits), mask > 0.5, batch["volume"])
+        scores = TumorScores()
+
+        def score(batch, logits, *_) -> None:
+            scores.update(self.predict(logits), batch["mask"] > 0.5, batch["volume"])
+
+        losses = validation_pass(model, loader, device=device, precision=precision,
+                                 loss=lambda logits, batch: self.loss(logits, batch["mask"]),
+                                 on_batch=score)
         return scores, losses.summary()
 
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
@@ -132,16 +136,16 @@ def choose_examples(dataset: Dataset, count: int, *, include_empty: bool = True)
     """Indices of up to ``count`` slices: tumour slices spread over the volumes (largest tumour
     of each first), and with ``include_empty`` one without tumour to show false positives."""
     records = dataset.records
-    with_tumour = sorted((i for i, r in enumerate(records) if r.tumour_pixels),
-                         key=lambda i: (-records[i].tumour_pixels, records[i].volume))
+    with_tumor = sorted((i for i, r in enumerate(records) if r.tumor_pixels),
+                        key=lambda i: (-records[i].tumor_pixels, records[i].volume))
     by_volume: dict[str, list[int]] = defaultdict(list)
-    for index in with_tumour:
+    for index in with_tumor:
         by_volume[records[index].volume].append(index)
     queues = list(by_volume.values())
     spread = []
     while any(queues):  # one slice of each volume in turn
         spread += [queue.pop(0) for queue in queues if queue]
-    empty = [i for i, r in enumerate(records) if not r.tumour_pixels][:1] if include_empty else []
+    empty = [i for i, r in enumerate(records) if not r.tumor_pixels][:1] if include_empty else []
     chosen = spread[:max(count - len(empty), 0)] + empty
     return chosen[:count]
 
@@ -180,6 +184,12 @@ class OverfitResult:
     @property
     def passed(self) -> bool:
         return self.dice >= self.target_dice
+
+    def report(self, reporter: Reporter) -> None:
+        """Log the history as ``overfit_loss`` and ``overfit_dice`` by step."""
+        for step, loss, dice in self.history:
+            reporter.log_scalar("overfit_loss", loss, step)
+            reporter.log_scalar("overfit_dice", dice, step)
 
 
 def overfit_check(model: nn.Module, task: LungTumorTask, batch: dict, *, steps: int,
@@ -222,3 +232,21 @@ def _batch_dice(model, task, image, mask, precision) -> float:
     counts = Counts()
     counts.add(pred, mask > 0.5)
     return counts.dice
+
+
+def overfit_slices(model: nn.Module, task: LungTumorTask, dataset_path: str | Path, *,
+                   image_size: Sequence[int], samples: int, steps: int, learning_rate: float,
+                   target_dice: float, device: torch.device,
+                   precision: Precision) -> tuple[OverfitResult, list[str]]:
+    """:func:`overfit_check` on up to ``samples`` tumour slices of the PNG slice folder
+    ``dataset_path`` (spread over the volumes, resized to ``image_size``, not augmented);
+    returns the result and the slices' names (``<volume>_slice_<index>``)."""
+    slices = PNGSliceDataset(scan_slices(dataset_path), slice_transforms(image_size, train=False))
+    chosen = choose_examples(slices, samples, include_empty=False)
+    if not chosen:
+        raise DataError(f"{dataset_path} has no slice with tumour to overfit on")
+    chosen_slices = [slices[i] for i in chosen]
+    batch = {key: torch.stack([s[key] for s in chosen_slices]) for key in ("image", "mask")}
+    result = overfit_check(model, task, batch, steps=steps, learning_rate=learning_rate,
+                           target_dice=target_dice, device=device, precision=precision)
+    return result, [f"{slices.records[i].volume}_slice_{slices.records[i].index}" for i in chosen]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,21 +27,24 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from medseg.data.msd import from_display, load_volume, slice_to_image, to_display, window
+from medseg.data.msd import (
+    from_display,
+    read_scaled_volume,
+    slice_to_image,
+    to_display,
+    window,
+)
+from medseg.data.nifti import is_nifti, nifti_stem
 from medseg.data.slice_transforms import image_transform
+from medseg.engine.checkpoint import rebuilt_model
 from medseg.engine.precision import Precision
 from medseg.errors import ConfigError, DataError, DiskFullError
 from medseg.files import reporting_full_disk
-from medseg.tasks.lung_tumor import tumour_probability
+from medseg.tasks.lung_tumor import tumor_probability
 from medseg.viz.overlays import mask_overlay_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PREDICTABLE_MODES = ("L", "RGB", "RGBA")
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def find_sources(source: str | Path) -> list[Path]:
@@ -60,13 +64,6 @@ def find_sources(source: str | Path) -> list[Path]:
         raise DataError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no NIfTI "
                         "volumes")
     return found
-
-
-def _stem(path: Path) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.lower().endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
 
 
 @dataclass
@@ -92,7 +89,7 @@ class SlicePredictor:
             batch = torch.stack([self.transform({"image": s[None]})["image"] for s in chunk])
             with torch.no_grad(), self.precision.autocast():
                 logits = self.model(batch.to(self.device))
-            probability = tumour_probability(logits).float()
+            probability = tumor_probability(logits).float()
             for item, original in zip(probability, chunk):
                 resized = F.interpolate(item[None], size=original.shape, mode="bilinear",
                                         align_corners=False)
@@ -119,7 +116,7 @@ def predict_image(predictor: SlicePredictor, path: Path, output_dir: Path,
                   save_overlay: bool) -> dict[str, Any]:
     grey = read_grey(path)
     mask = predictor.masks([grey.astype(np.float32) / 255.0])[0]
-    name = _stem(path)
+    name = nifti_stem(path)
     mask_path = output_dir / f"{name}_mask.png"
     Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
     record = {"source": str(path), "mask": str(mask_path), "tumour_pixels": int(mask.sum())}
@@ -132,27 +129,27 @@ def predict_image(predictor: SlicePredictor, path: Path, output_dir: Path,
 
 def predict_volume(predictor: SlicePredictor, path: Path, output_dir: Path, save_overlay: bool,
                    *, window_center: float, window_width: float) -> dict[str, Any]:
-    hu, source = load_volume(path)
+    hu, source = read_scaled_volume(path)
     # Slices as `convert` shows them (display orientation), the mask back in stored order.
     grey = window(to_display(hu, source.affine), window_center, window_width)
     slices = [slice_to_image(grey[:, :, k]) for k in range(grey.shape[2])]
     masks = predictor.masks([s.astype(np.float32) / 255.0 for s in slices])
     volume = from_display(np.stack([slice_to_image(m) for m in masks], axis=-1),
                           source.affine).astype(np.uint8)
-    name = _stem(path)
+    name = nifti_stem(path)
     header = source.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
     mask_path = output_dir / f"{name}_mask.nii.gz"
     nib.save(nib.Nifti1Image(volume, source.affine, header), mask_path)
-    tumour_slices = [k for k, m in enumerate(masks) if m.any()]  # display order
+    tumor_slices = [k for k, m in enumerate(masks) if m.any()]  # display order
     voxel_ml = float(np.prod(source.header.get_zooms()[:3])) / 1000.0
     record = {"source": str(path), "mask": str(mask_path), "tumour_voxels": int(volume.sum()),
-              "tumour_slices": tumour_slices, "tumour_volume_ml": round(volume.sum() * voxel_ml, 3)}
+              "tumour_slices": tumor_slices, "tumour_volume_ml": round(volume.sum() * voxel_ml, 3)}
     if save_overlay:
         folder = output_dir / f"{name}_overlays"
         folder.mkdir(exist_ok=True)
-        for k in tumour_slices:
+        for k in tumor_slices:
             overlay = mask_overlay_rgb(slices[k], masks[k])
             Image.fromarray(overlay).save(folder / f"slice_{k:04d}.png")
         record["overlays"] = str(folder)
@@ -191,3 +188,20 @@ def run_prediction(predictor: SlicePredictor, sources: list[Path], output_dir: s
                 path.unlink(missing_ok=True)
         raise
     return summary
+
+
+def predict_with_checkpoint(weights: str | Path, sources: list[Path], output_dir: str | Path, *,
+                            build: Callable[[dict[str, Any] | None], nn.Module],
+                            image_size: Sequence[int], threshold: float, save_overlay: bool,
+                            window_center: float, window_width: float, device: torch.device,
+                            precision: Precision) -> Path:
+    """:func:`run_prediction` with the network of the checkpoint ``weights``: ``build`` gets
+    the model config stored in it (``None`` when it has none) and the slices are resized to
+    the size it was trained at (its ``training.image_size``, else ``image_size``)."""
+    model, state = rebuilt_model(weights, build)
+    trained_size = ((state.get("config") or {}).get("training") or {}).get("image_size")
+    predictor = SlicePredictor(model, tuple(trained_size or image_size), device, precision,
+                               threshold=threshold)
+    return run_prediction(predictor, sources, output_dir, save_overlay=save_overlay,
+                          window_center=window_center, window_width=window_width,
+                          provenance={"weights": str(weights), "epoch": state.get("epoch")})

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.engine.evaluation import EvaluationReport, LossMeter
+from medseg.engine.evaluation import EvaluationReport, LossMeter, validation_pass
 from medseg.engine.precision import Precision
 from medseg.engine.trainer import StepOutput
 from medseg.losses.sadaan import SADAANLoss
@@ -66,16 +66,17 @@ class SADAANTask:
         """The per-case scores and loss sums over ``loader`` (one rank's share under
         torchrun; :meth:`summarise_validation` joins the ranks')."""
         scores = SegmentationScores(self.structure_names)
-        losses = LossMeter()
-        for batch in loader:
-            image, mask, presence = self._inputs(batch, device)
-            with precision.autocast():
-                output = model(image)
-            losses.add(*self.loss(output, mask, presence))
+
+        def score(batch, output, *_) -> None:
             pred_masks, pred_presence = self.predict(output)
-            scores.update(pred_masks, mask > 0.5, pred_presence, presence > 0.5)
+            scores.update(pred_masks, batch["mask"] > 0.5, pred_presence, batch["presence"] > 0.5)
             if on_case is not None:
                 on_case(batch, output, pred_masks)
+
+        losses = validation_pass(
+            model, loader, device=device, precision=precision, on_batch=score,
+            loss=lambda output, batch: self.loss(output, batch["mask"], batch["presence"]),
+            keys=("image", "mask", "presence"))
         return scores, losses
 
     def summarise_validation(self, states) -> dict[str, float]:

@@ -13,7 +13,7 @@ from PIL import Image
 from medseg.data.msd import (
     ConversionSettings,
     convert_task,
-    load_volume,
+    read_scaled_volume,
     read_task,
     slice_to_image,
     window,
@@ -43,11 +43,11 @@ def write_task(root: Path, volumes: dict[str, tuple[np.ndarray, np.ndarray]],
     return root
 
 
-def volume(slices: int, tumour_slices=(), shape=(12, 10)):
+def volume(slices: int, tumor_slices=(), shape=(12, 10)):
     """A ramp of HU values along X; a 2x2 tumour in the listed slices."""
     hu = np.broadcast_to(np.linspace(-1000, 400, shape[0])[:, None, None], (*shape, slices)).copy()
     label = np.zeros((*shape, slices), dtype=np.uint8)
-    for k in tumour_slices:
+    for k in tumor_slices:
         label[3:5, 6:8, k] = 1
     return hu, label
 
@@ -148,9 +148,10 @@ def test_volumes_with_more_than_three_dimensions(tmp_path):
     affine = np.eye(4)
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.float32), affine), tmp_path / "one.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), affine), tmp_path / "two.nii.gz")
-    assert load_volume(tmp_path / "one.nii.gz")[0].shape == (4, 5, 6)  # a trailing 1 is dropped
+    # a trailing 1 is dropped
+    assert read_scaled_volume(tmp_path / "one.nii.gz")[0].shape == (4, 5, 6)
     with pytest.raises(DataError, match=r"two.nii.gz has shape \[4, 5, 6, 2\]; expected a 3D"):
-        load_volume(tmp_path / "two.nii.gz")
+        read_scaled_volume(tmp_path / "two.nii.gz")
 
 
 def test_non_ct_task_is_refused(tmp_path):

@@ -47,8 +47,8 @@ def test_scan_reads_volume_index_size_and_tumour_area(dataset_dir):
     assert len(records) == 15
     first = records[0]
     assert (first.volume, first.index, first.size) == ("lung_001", 3, (16, 12))
-    assert first.tumour_pixels == 9
-    assert records[2].tumour_pixels == 0
+    assert first.tumor_pixels == 9
+    assert records[2].tumor_pixels == 0
 
 
 def test_split_is_by_volume_and_reproducible(dataset_dir):

@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from medseg.engine import checkpoint as checkpoint_module
-from medseg.engine.checkpoint import CheckpointManager, atomic_save, load_checkpoint
+from medseg.engine.checkpoint import (
+    CheckpointManager,
+    atomic_save,
+    load_checkpoint,
+    rebuilt_model,
+)
 from medseg.errors import DataError
 
 STATE = {"model": {"w": torch.ones(2)}, "epoch": 0}
@@ -72,3 +77,23 @@ def test_loading_refuses_missing_foreign_and_unsafe_files(tmp_path):
     torch.save({"model": Payload()}, tmp_path / "unsafe.pth")
     with pytest.raises(DataError, match="unsafe.pth could not be read"):
         load_checkpoint(tmp_path / "unsafe.pth")
+
+
+def test_rebuilt_model_is_built_from_the_stored_model_config_with_its_weights(tmp_path):
+    built = []
+
+    def build(model_config):
+        built.append(model_config)
+        return torch.nn.Linear(1, (model_config or {"out": 1})["out"])
+
+    trained = torch.nn.Linear(1, 3)
+    atomic_save({"model": trained.state_dict(), "config": {"model": {"out": 3}}, "epoch": 4},
+                tmp_path / "a.pt")
+    model, state = rebuilt_model(tmp_path / "a.pt", build)
+    assert torch.equal(model.weight, trained.weight) and state["epoch"] == 4
+    atomic_save({"model": torch.nn.Linear(1, 1).state_dict()}, tmp_path / "b.pt")
+    rebuilt_model(tmp_path / "b.pt", build)
+    assert built == [{"out": 3}, None]
+    atomic_save({"model": trained.state_dict()}, tmp_path / "c.pt")
+    with pytest.raises(DataError, match=r"c\.pt does not fit its own model config"):
+        rebuilt_model(tmp_path / "c.pt", build)

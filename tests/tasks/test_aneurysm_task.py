@@ -6,23 +6,33 @@ from __future__ import annotations
 import json
 import math
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from medseg.data.cube_transforms import cube_transforms
+from medseg.data.npz_cubes import CubeRecord
 from medseg.engine.checkpoint import atomic_save
 from medseg.engine.precision import Precision
+from medseg.engine.reporting import RecordingReporter
 from medseg.errors import DataError
 from medseg.losses.aneurysm import WeightedDiceCELoss
+from medseg.models.ensemble import ProbabilityEnsemble
 from medseg.tasks.aneurysm import (
     AneurysmTask,
+    ensemble_of,
     evaluate_cubes,
     load_models,
+    panel_records,
+    predict_file,
     predict_probability,
     volume_score,
+    write_sample_panels,
 )
+from medseg.tasks.aneurysm_cv import FoldOutcome, score_ensemble
+from tests.cube_factory import write_cube
 
 CPU = torch.device("cpu")
 FP32 = Precision("cpu", None)
@@ -174,3 +184,56 @@ def test_load_models_builds_each_from_its_stored_config(tmp_path):
     atomic_save({"model": net.state_dict(), "config": {"model": {"kernel": 5}}}, tmp_path / "c.pth")
     with pytest.raises(DataError, match=r"c\.pth does not fit its own model config"):
         load_models([tmp_path / "c.pth"], build, CPU)
+
+
+def test_one_model_is_used_as_it_is_and_several_are_averaged():
+    single = Oracle()
+    assert ensemble_of([single]) is single
+    assert isinstance(ensemble_of([single, Oracle()]), ProbabilityEnsemble)
+
+
+def test_predict_file_writes_the_probability_map_and_the_score(tmp_path):
+    volume = np.random.default_rng(1).normal(90, 3, SHAPE).astype(np.uint8)
+    volume[2:5, 4:7, 4:7] = 200  # the ball: far above the noise once z-scored
+    mask = (volume == 200).astype(np.float16)
+    source = write_cube(tmp_path / "pos_s_0.npz", volume, mask, label=1, fold=0)
+    record, paths = predict_file(Oracle(), source, tmp_path / "out", task=task(),
+                                 cube_shape=SHAPE, intensity_window=None, target_spacing=None,
+                                 device=CPU, precision=FP32, checkpoints=["a.pth"])
+    assert [p.name for p in paths] == ["pos_s_0_probability.nii.gz", "pos_s_0_prediction.json"]
+    assert record["predicted_label"] == 1 and record["label"] == 1
+    assert record["checkpoints"] == ["a.pth"] and record["score"] == pytest.approx(1.0, abs=1e-3)
+    assert json.loads(paths[1].read_text()) == record
+    assert nib.load(paths[0]).shape == SHAPE[::-1]
+
+
+def test_sample_panels_alternate_positives_and_negatives(tmp_path):
+    records = [CubeRecord(path=tmp_path / f"{kind}_{i}.npz", fold=0, label=label,
+                          series_id=str(i), index=0, shape=SHAPE, mask_max=float(label))
+               for i, (kind, label) in enumerate([("pos", 1), ("pos", 1), ("pos", 1),
+                                                  ("neg", 0)])]
+    chosen = panel_records(records, 3)
+    assert [r.name for r in chosen] == ["pos_0.npz", "neg_3.npz", "pos_1.npz"]
+    stored = [cube(True), cube(False)]
+    paths = write_sample_panels(stored, cube_transforms(train=True, crop_size=(8, 8, 8)),
+                                tmp_path / "panels", seed=0)
+    assert [p.name for p in paths] == ["sample_00_pos_s_0.png", "sample_01_neg_s_0.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_the_fold_ensemble_is_scored_as_an_evaluation_of_its_own(tmp_path):
+    for fold in range(2):
+        directory = tmp_path / f"fold_{fold}"
+        directory.mkdir()
+        atomic_save({"model": {}, "config": {"model": {}}}, directory / "best_model.pth")
+    (tmp_path / "fold_0" / "evaluation_test").mkdir()
+    (tmp_path / "fold_0" / "evaluation_test" / "test_metrics.json").write_text('{"test_auc": 0.5}')
+    outcomes = [FoldOutcome(fold, tmp_path / f"fold_{fold}", {},
+                            tmp_path / f"fold_{fold}" / "best_model.pth") for fold in range(2)]
+    reporter = RecordingReporter()
+    scores = score_ensemble(outcomes, loader([cube(True), cube(False)]),
+                            build=lambda config: Oracle(), task=task(), root=tmp_path,
+                            device=CPU, precision=FP32, reporter=reporter)
+    assert scores["ensemble_test_auc"] == 1.0 and scores["fold_models_test_auc_mean"] == 0.5
+    assert (tmp_path / "evaluation_ensemble_test" / "ensemble_test_metrics.json").is_file()
+    assert reporter.values("ensemble_test_dice") == [pytest.approx(1.0, abs=1e-4)]

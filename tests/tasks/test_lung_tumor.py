@@ -16,19 +16,27 @@ from torch import nn
 from medseg.data.msd import slice_to_image, window
 from medseg.data.png_slices import PNGSliceDataset, SliceRecord
 from medseg.data.slice_transforms import slice_transforms
+from medseg.engine.checkpoint import atomic_save
 from medseg.engine.precision import resolve_precision
+from medseg.engine.reporting import RecordingReporter
 from medseg.errors import ConfigError, DataError
 from medseg.losses.dice_bce import SegmentationLoss
 from medseg.models.attention_unet import AttentionUNet
 from medseg.tasks.lung_tumor import (
     Counts,
     LungTumorTask,
-    TumourScores,
+    TumorScores,
     choose_examples,
     overfit_check,
+    overfit_slices,
     render_validation_predictions,
 )
-from medseg.tasks.lung_tumor_predict import SlicePredictor, find_sources, run_prediction
+from medseg.tasks.lung_tumor_predict import (
+    SlicePredictor,
+    find_sources,
+    predict_with_checkpoint,
+    run_prediction,
+)
 
 CPU = torch.device("cpu")
 FP32 = resolve_precision("none", CPU)
@@ -54,7 +62,7 @@ def test_counts_give_dice_iou_and_accuracy():
 
 
 def test_scores_pool_pixels_and_average_volumes():
-    scores = TumourScores()
+    scores = TumorScores()
     # Volume a: perfect; volume b: a false positive on a slice without tumour; c: all empty.
     scores.update(masks([1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]),
                   masks([1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]),
@@ -111,7 +119,7 @@ def test_examples_spread_over_volumes_with_one_empty_slice(tmp_path):
     chosen = choose_examples(dataset, 4)
     records = [dataset.records[i] for i in chosen]
     assert len(chosen) == 4
-    assert [r.tumour_pixels > 0 for r in records] == [True, True, True, False]
+    assert [r.tumor_pixels > 0 for r in records] == [True, True, True, False]
     assert len({r.volume for r in records[:3]}) >= 2
 
 
@@ -262,3 +270,43 @@ def test_sources_that_cannot_be_predicted(tmp_path):
     with pytest.raises(DataError, match="deep.png is a 'I;16' image"):
         run_prediction(predictor(), [tmp_path / "deep.png"], tmp_path / "out",
                        save_overlay=False, window_center=0, window_width=1)
+
+
+def test_overfit_slices_trains_on_the_tumour_slices_of_a_folder(tmp_path):
+    slice_dataset(tmp_path / "data", count=6)
+    torch.manual_seed(0)
+    result, names = overfit_slices(AttentionUNet(2, 1, 2, [4, 8]),
+                                   LungTumorTask(SegmentationLoss("dice")), tmp_path / "data",
+                                   image_size=(16, 16), samples=2, steps=2, learning_rate=1e-3,
+                                   target_dice=1.0, device=CPU, precision=FP32)
+    assert result.slices == 2 and result.steps == 2 and len(names) == 2
+    assert all(name.startswith("v") and "_slice_" in name for name in names)
+    reporter = RecordingReporter()
+    result.report(reporter)
+    assert len(reporter.values("overfit_loss")) == len(reporter.values("overfit_dice")) == 1
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "labels").mkdir()
+    for name in ("images", "labels"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "empty" / name /
+                                                         "v0_slice_0000.png")
+    with pytest.raises(DataError, match="has no slice with tumour to overfit on"):
+        overfit_slices(AttentionUNet(2, 1, 2, [4, 8]), LungTumorTask(SegmentationLoss("dice")),
+                       tmp_path / "empty", image_size=(16, 16), samples=2, steps=2,
+                       learning_rate=1e-3, target_dice=1.0, device=CPU, precision=FP32)
+
+
+def test_predict_with_checkpoint_uses_the_network_and_size_it_was_trained_with(tmp_path):
+    grey_png(tmp_path / "slice.png")
+    atomic_save({"model": {}, "epoch": 3, "config": {"model": {"kind": "threshold"},
+                                                     "training": {"image_size": [16, 16]}}},
+                tmp_path / "w.pt")
+    built = []
+    summary = predict_with_checkpoint(
+        tmp_path / "w.pt", find_sources(tmp_path / "slice.png"), tmp_path / "out",
+        build=lambda config: built.append(config) or Thresholding(), image_size=(32, 32),
+        threshold=0.5, save_overlay=False, window_center=-300, window_width=1400, device=CPU,
+        precision=FP32)
+    written = json.loads(summary.read_text())
+    assert built == [{"kind": "threshold"}]
+    assert written["image_size"] == [16, 16] and written["epoch"] == 3
+    assert written["weights"] == str(tmp_path / "w.pt")

@@ -1,0 +1,54 @@
+"""The lung-tumour experiment's config checks (config keys; they run before a command starts,
+from ``experiments/lung_tumor.py``'s config validator)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ingredients.checks import check_monitor
+from ingredients.fields import FieldIngredient
+from ingredients.model import trained_model_config
+from medseg.data.png_slices import SliceRecord
+from medseg.engine.checkpoint import load_checkpoint
+from medseg.errors import ConfigError, DataError
+from medseg.tasks.lung_tumor import METRICS
+from medseg.tasks.lung_tumor_predict import find_sources
+
+
+def check_image_size_and_monitor(config: Mapping[str, Any], multiple: int) -> None:
+    """``training.image_size`` is a multiple of ``multiple`` (the network's halvings), and
+    ``training.monitor`` one of the validation metrics."""
+    size = config["training"]["image_size"]
+    if any(s % multiple for s in size):
+        raise ConfigError(f"training.image_size {list(size)} must be multiples of {multiple} "
+                          f"(the {len(config['model']['channels'])} levels of model.channels "
+                          "halve it that often)")
+    check_monitor(config, [f"val_{name}" for name in METRICS])
+
+
+def check_validation_has_tumor(config: Mapping[str, Any], val: list[SliceRecord]) -> None:
+    """Tumour Dice, the monitored metric, needs tumour in the validation volumes."""
+    if not any(record.tumor_pixels for record in val):
+        raise DataError(f"the validation volumes of {config['dataset_path']} "
+                        f"({', '.join(sorted({r.volume for r in val}))}) have no tumour, so "
+                        "tumour Dice is undefined; change dataset.split_seed or "
+                        "dataset.val_fraction")
+
+
+def check_predict_inputs(config: Mapping[str, Any], model: FieldIngredient) -> None:
+    """``weights`` names a checkpoint of this pipeline, ``source`` something to predict on."""
+    if config["weights"] is None:
+        raise ConfigError("weights is not set; give the checkpoint to predict with, e.g. "
+                          "weights=runs/lung_tumor/1/weights/best.pt")
+    if not Path(config["weights"]).is_file():
+        raise ConfigError(f"weights: no checkpoint file at {config['weights']}")
+    if config["source"] is None:
+        raise ConfigError("source is not set; give an image, a NIfTI volume or a folder, "
+                          "e.g. source=image.png")
+    find_sources(config["source"])
+    trained = load_checkpoint(config["weights"]).get("config") or {}
+    if trained.get("model") and set(trained["model"]) != set(model.fields):
+        trained_model_config(model, config["model"], trained["model"], config["weights"],
+                             "weights")  # another pipeline's checkpoint: refused up front
