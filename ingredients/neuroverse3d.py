@@ -71,7 +71,15 @@ AUGMENTATION_FIELDS = {
         ("dilate", "Probability of dilating the labels (3x3x3)"),
         ("erode", "Probability of eroding the labels (3x3x3), when not dilated"),
         ("edge", "Probability of replacing the labels by their edges (Sobel)"),
+        ("gin", "Probability of GIN: intensities remapped by a random shallow conv network "
+                "(the original's gin_prob)"),
+        ("volume_rotate90", "Probability of a 90-degree rotation of each volume on its own "
+                            "(in datasets that volume_rotate90_datasets names)"),
     ]},
+    "volume_rotate90_datasets": Field(
+        AugmentationSettings().volume_rotate90_datasets, c.optional(c.text()),
+        "volume_rotate90 applies to datasets whose name contains this text (the original: "
+        "_syn_type, its synthetic sets); null: every dataset"),
 }
 
 
@@ -196,6 +204,7 @@ def open_episodes(config: Mapping[str, Any]) -> dict[str, Any]:
     return open_episode_data(
         config["data_dir"], image_size=config["image_size"], settings=episode_settings(config),
         datasets=config["datasets"], sample_rate=config["sample_rate"],
-        val_fraction=config["val_fraction"], episodes=config["episodes_per_epoch"],
+        val_fraction=config["val_fraction"], keep_rate=config["keep_rate"],
+        episodes=config["episodes_per_epoch"],
         val_episodes=config["val_episodes"], seed=config["seed"],
         augmentation=build_augmentation(config["augmentation"]))
