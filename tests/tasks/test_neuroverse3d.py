@@ -268,3 +268,15 @@ def test_context_size_curve_and_predict_with_multi_class_context(data_dir, tmp_p
     written, source = nib.load(result["output"]), nib.load(context.image_path("case_000"))
     assert written.shape == source.shape == (16, 20, 16)
     np.testing.assert_allclose(written.affine, source.affine)
+
+
+def test_structure_radius_sets_the_size_of_the_generated_structures(tmp_path):
+    from medseg.data.synthetic.neuroverse3d import _structure_specs, synthetic_case
+
+    def foreground(radius):
+        rng = np.random.default_rng(0)
+        specs = _structure_specs(rng, 2, held_out=False, radius=radius)
+        return float((synthetic_case(rng, (16, 16, 16), specs, 0.0)[1] > 0).mean())
+    assert foreground((0.3, 0.32)) > 3 * foreground((0.12, 0.14))
+    with pytest.raises(ValueError, match="structure_radius must be"):
+        generate_neuroverse3d_data(tmp_path / "x", structure_radius=(0.3, 0.1))
