@@ -105,6 +105,9 @@ SYNTHETIC_FIELDS = {
     "structures": Field(4, c.integer(minimum=2, maximum=5),
                         "generate_data: labelled structures per case (labels 1..structures)"),
     "noise_std": Field(0.03, c.number(minimum=0), "generate_data: Gaussian noise (tissue ~0.45)"),
+    "structure_radius": Field([0.16, 0.24], c.number_range(minimum=0.01),
+                              "generate_data: range of a structure's radius, a fraction of the "
+                              "volume's half-width (the brain's: ~0.8)"),
     "spacing": Field(1.2, c.number(above=0), "generate_data: voxel size (mm)"),
     "seed": Field(0, c.integer(minimum=0), "generate_data: random seed"),
     "overwrite": Field(False, c.boolean(), "generate_data: replace an existing data_dir"),

@@ -169,3 +169,17 @@ def test_every_own_entry_has_a_row():
                        "context_dir", "max_context", "prediction", "context_sizes",
                        "eval_datasets", "eval_episodes"}
     assert own - shown_elsewhere <= {r[0] for r in ROWS}
+
+
+def test_synthetic_structure_radius_sizes_the_generated_structures(tmp_path):
+    import nibabel as nib
+
+    def foreground(radius, folder):
+        synthetic = {"num_datasets": 2, "cases_per_dataset": 2, "volume_shape": [16, 16, 16],
+                     "structures": 2, "structure_radius": radius}
+        ex.run("generate_data", config_updates={"data_dir": str(tmp_path / folder),
+                                                "synthetic": synthetic,
+                                                "tracking": {"observer": "none"}})
+        masks = sorted((tmp_path / folder).rglob("*_gt.nii.gz"))
+        return sum(float((nib.load(m).get_fdata() > 0).mean()) for m in masks)
+    assert foreground([0.3, 0.32], "large") > 3 * foreground([0.12, 0.14], "small")
