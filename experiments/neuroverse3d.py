@@ -82,6 +82,10 @@ ex.add_fields({
                           "Validation episodes (each scored on every turn)"),
     "val_fraction": Field(0.1, c.number(minimum=0, maximum=0.5),
                           "Last share of each dataset's cases (name order) kept for validation"),
+    "keep_rate": Field(1.0, c.number(above=0, maximum=1),
+                       "Share of each dataset's training cases kept, the first in name order "
+                       "(the original's keep_rate, for sensitivity analysis); validation cases "
+                       "stay"),
     "weights": Field(None, c.optional(c.text()),
                      "Checkpoint to start from (stage 2, fine-tuning; medseg or the original's "
                      "Lightning .ckpt) and to use in predict / evaluate"),

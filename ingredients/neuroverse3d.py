@@ -71,7 +71,15 @@ AUGMENTATION_FIELDS = {
         ("dilate", "Probability of dilating the labels (3x3x3)"),
         ("erode", "Probability of eroding the labels (3x3x3), when not dilated"),
         ("edge", "Probability of replacing the labels by their edges (Sobel)"),
+        ("gin", "Probability of GIN: intensities remapped by a random shallow conv network "
+                "(the original's gin_prob)"),
+        ("volume_rotate90", "Probability of a 90-degree rotation of each volume on its own "
+                            "(in datasets that volume_rotate90_datasets names)"),
     ]},
+    "volume_rotate90_datasets": Field(
+        AugmentationSettings().volume_rotate90_datasets, c.optional(c.text()),
+        "volume_rotate90 applies to datasets whose name contains this text (the original: "
+        "_syn_type, its synthetic sets); null: every dataset"),
 }
 
 
@@ -97,6 +105,9 @@ SYNTHETIC_FIELDS = {
     "structures": Field(4, c.integer(minimum=2, maximum=5),
                         "generate_data: labelled structures per case (labels 1..structures)"),
     "noise_std": Field(0.03, c.number(minimum=0), "generate_data: Gaussian noise (tissue ~0.45)"),
+    "structure_radius": Field([0.16, 0.24], c.number_range(minimum=0.01),
+                              "generate_data: range of a structure's radius, a fraction of the "
+                              "volume's half-width (the brain's: ~0.8)"),
     "spacing": Field(1.2, c.number(above=0), "generate_data: voxel size (mm)"),
     "seed": Field(0, c.integer(minimum=0), "generate_data: random seed"),
     "overwrite": Field(False, c.boolean(), "generate_data: replace an existing data_dir"),
@@ -196,6 +207,7 @@ def open_episodes(config: Mapping[str, Any]) -> dict[str, Any]:
     return open_episode_data(
         config["data_dir"], image_size=config["image_size"], settings=episode_settings(config),
         datasets=config["datasets"], sample_rate=config["sample_rate"],
-        val_fraction=config["val_fraction"], episodes=config["episodes_per_epoch"],
+        val_fraction=config["val_fraction"], keep_rate=config["keep_rate"],
+        episodes=config["episodes_per_epoch"],
         val_episodes=config["val_episodes"], seed=config["seed"],
         augmentation=build_augmentation(config["augmentation"]))

@@ -25,6 +25,7 @@ from monai.transforms import (
     RandRotate90,
     RandScaleIntensity,
     RandShiftIntensity,
+    Rotate90,
     SobelGradients,
 )
 from torch.utils.data import Dataset
@@ -181,6 +182,52 @@ class AugmentationSettings:
     dilate: float = 0.05
     erode: float = 0.05
     edge: float = 0.05
+    gin: float = 0.05
+    volume_rotate90: float = 0.25
+    volume_rotate90_datasets: str | None = "_syn_type"
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if name != "volume_rotate90_datasets" and not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+class GlobalIntensityNonlinear:
+    """GIN (global intensity non-linear augmentation, Ouyang et al., "Causality-inspired
+    single-source domain generalization for medical image segmentation"): a shallow
+    convolutional network with freshly drawn random weights (``layers`` convolutions of 1 or 3
+    voxels, ``channels`` wide, leaky ReLU between) remaps the intensities; the result is blended
+    with the input by a random ``alpha`` and scaled back to each volume's norm. Written here:
+    MONAI's intensity transforms are voxel-wise curves (histogram shift, gamma), none is a
+    random spatially-mixing network. One network per call, shared by the ``[N, *S]`` volumes
+    (the episode's other random parameters are shared too)."""
+
+    def __init__(self, layers: int = 4, channels: int = 2) -> None:
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.layers, self.channels = layers, channels
+
+    def __call__(self, volumes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = volumes.float()[:, None]
+        spatial = x.dim() - 2
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+        h = x
+        for i in range(self.layers):
+            c_in = 1 if i == 0 else self.channels
+            c_out = 1 if i == self.layers - 1 else self.channels
+            k = 3 if torch.rand((), generator=generator) < 0.5 else 1
+            weight = torch.randn(c_out, c_in, *(k,) * spatial, generator=generator)
+            bias = torch.randn(c_out, generator=generator)
+            h = conv(h, weight, bias, padding=k // 2)
+            if i < self.layers - 1:
+                h = F.leaky_relu(h, 0.2)
+        alpha = torch.rand((), generator=generator)
+        mixed = alpha * h + (1 - alpha) * x
+        norm_in = x.flatten(1).norm(dim=1)
+        norm_out = mixed.flatten(1).norm(dim=1).clamp_min(1e-8)
+        return (mixed * (norm_in / norm_out).view(-1, *(1,) * (x.dim() - 1)))[:, 0]
 
 
 class EpisodeAugmentation:
@@ -189,7 +236,12 @@ class EpisodeAugmentation:
     deformation on images and labels together, MONAI intensity shift, scale and noise on the
     images, MONAI Sobel gradients for the label's edge map; label/image inversion, label
     dilation/erosion (3x3x3 max-pool) and slice resampling written here (MONAI has no
-    binary-mask morphology, and no "keep every k-th slice" transform)."""
+    binary-mask morphology, and no "keep every k-th slice" transform); GIN
+    (:class:`GlobalIntensityNonlinear`) on the images; and, for datasets whose name contains
+    ``volume_rotate90_datasets`` (every dataset when it is ``None``; the original: names with
+    ``_syn_type``), a MONAI 90-degree rotation of each volume on its own (image with its label),
+    so context and target need not share an orientation. The caller min-max normalises each
+    volume afterwards (as the original after GIN)."""
 
     def __init__(self, settings: AugmentationSettings) -> None:
         s = settings
@@ -204,8 +256,23 @@ class EpisodeAugmentation:
         self.intensity = Compose([RandShiftIntensity(offsets=0.2, prob=s.intensity_shift),
                                   RandScaleIntensity(factors=0.1, prob=s.intensity_scale),
                                   RandGaussianNoise(prob=s.noise, std=0.02)])
+        self.gin = GlobalIntensityNonlinear()
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int):
+    def _rotate_volumes(self, images, labels, rng):
+        size = images.shape[1:]
+        planes = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if size[a] == size[b]]
+        if not planes:  # a rotation would change the shape of one volume only
+            return images, labels
+        images, labels = images.clone(), labels.clone()
+        for i in range(images.shape[0]):
+            if rng.random() < self.settings.volume_rotate90:
+                rotate = Rotate90(k=int(rng.integers(1, 4)),
+                                  spatial_axes=planes[int(rng.integers(len(planes)))])
+                pair = torch.as_tensor(rotate(torch.stack([images[i], labels[i]])))
+                images[i], labels[i] = pair[0], pair[1]
+        return images, labels
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int, dataset: str = ""):
         rng = np.random.default_rng(seed)
         self.spatial.set_random_state(seed=seed % 2**32)
         self.intensity.set_random_state(seed=(seed + 1) % 2**32)
@@ -228,6 +295,10 @@ class EpisodeAugmentation:
         if rng.random() < s.resample:
             images, labels = _resample_slices(images, labels, axis=int(rng.integers(3)),
                                               step=int(rng.integers(2, 5)))
+        if s.volume_rotate90_datasets is None or s.volume_rotate90_datasets in dataset:
+            images, labels = self._rotate_volumes(images, labels, rng)
+        if rng.random() < s.gin:
+            images = self.gin(images, torch.Generator().manual_seed(int(rng.integers(2**31))))
         return images, labels
 
 
@@ -287,7 +358,8 @@ class EpisodeDataset(Dataset):
         raw = torch.cat([self.store.labels(entry.dataset, c) for c in episode.cases])
         labels = torch.isin(raw, torch.tensor(episode.classes)).float()
         if self.augmentation is not None:
-            images, labels = self.augmentation(images, labels, episode.seed)
+            images, labels = self.augmentation(images, labels, episode.seed,
+                                               dataset=entry.dataset.name)
         return minmax(images), labels
 
     def __getitem__(self, index: int) -> dict:

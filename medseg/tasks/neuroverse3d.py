@@ -231,9 +231,11 @@ def predict_case(model: Neuroverse3D, target: str | Path, context: NnunetDataset
 def open_episode_data(data_dir: str | Path, *, image_size: Sequence[int], settings,
                       datasets: Sequence[str] | None = None, sample_rate=None,
                       val_fraction: float = 0.1, episodes: int = 1000, val_episodes: int = 50,
-                      seed: int = 0, augmentation=None) -> dict[str, Any]:
+                      seed: int = 0, augmentation=None, keep_rate: float = 1.0) -> dict[str, Any]:
     """Training and validation :class:`EpisodeDataset` of the tasks ``datasets`` names in
-    ``data_dir`` (every dataset when ``None``), weighted by ``sample_rate``. Validation
+    ``data_dir`` (every dataset when ``None``), weighted by ``sample_rate``. ``keep_rate``: the
+    share of each dataset's training cases kept (the first in name order, at least one; the
+    original's sensitivity-analysis option); validation cases are not affected. Validation
     episodes have the fixed ``settings.context_size`` and no augmentation. The volumes are
     loaded here, once, so that loader workers share them."""
     from dataclasses import replace
@@ -241,9 +243,13 @@ def open_episode_data(data_dir: str | Path, *, image_size: Sequence[int], settin
     from medseg.data.episodes import VolumeStore, select_tasks, split_cases
     from medseg.data.nnunet import find_datasets
 
+    if not 0 < keep_rate <= 1:
+        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
     available = find_datasets(data_dir)
     tasks = select_tasks(available, datasets, sample_rate)
     splits = {t.dataset.name: split_cases(t.dataset.cases, val_fraction) for t in tasks}
+    splits = {k: (train[:max(1, round(len(train) * keep_rate))], val)
+              for k, (train, val) in splits.items()}
     store = VolumeStore(image_size)
     for task in tasks:
         for case in task.dataset.cases:

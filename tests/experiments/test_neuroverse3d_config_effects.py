@@ -15,7 +15,12 @@ import pytest
 import torch
 from support import add_effect_probe, load_experiment
 
-from ingredients.neuroverse3d import build_augmentation, build_model, open_episodes
+from ingredients.neuroverse3d import (
+    AUGMENTATION_FIELDS,
+    build_augmentation,
+    build_model,
+    open_episodes,
+)
 from medseg.data.nnunet import prepare_nnunet
 from medseg.data.synthetic.neuroverse3d import generate_neuroverse3d_data
 
@@ -43,6 +48,7 @@ def episodes(config):
             "background": sum(0 in e.classes for e in plan),
             "items": len(train), "val_items": len(val),
             "val_cases": data["statistics"]["val_cases"],
+            "train_cases": data["statistics"]["train_cases"],
             "shape": tuple(train[0]["target_in"].shape)}
 
 
@@ -74,6 +80,20 @@ def augmentation(config):
     return build_augmentation(config["augmentation"]) is None
 
 
+def augmented(config):
+    """One episode's volumes of a dataset named as the generated ones, augmented."""
+    augment = build_augmentation(config["augmentation"])
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(3, 8, 8, 8, generator=g), torch.zeros(3, 8, 8, 8)
+    labels[:, 2:5, 1:6, 3:7] = 1
+    new_images, new_labels = augment(images, labels, seed=5, dataset="Dataset001_SynBrainA")
+    return new_images.sum().item(), new_labels.flatten().nonzero().flatten().tolist()
+
+
+_NO_AUGMENTATION = {"enabled": True, **{k: 0.0 for k in AUGMENTATION_FIELDS
+                                        if k not in ("enabled", "volume_rotate90_datasets")}}
+
+
 BASE = {"image_size": [16, 16, 16], "datasets": ["Dataset001", "Dataset002"],
         "episodes_per_epoch": 60, "val_episodes": 3, "model": {"channels": [4, 8, 16]},
         "augmentation": {"enabled": False}, "tracking": {"observer": "none"}}
@@ -91,12 +111,18 @@ ROWS = [
     ("episodes_per_epoch", episodes, {"episodes_per_epoch": 10}),
     ("val_episodes", episodes, {"val_episodes": 1}),
     ("val_fraction", episodes, {"val_fraction": 0.5}),
+    ("keep_rate", episodes, {"keep_rate": 0.5}),
     ("model.channels", model, {"model": {"channels": [4, 8, 8]}}),
     ("model.conv_layers_per_stage", model, {"model": {"conv_layers_per_stage": 1}}),
     ("model.gs", model, {"model": {"gs": 1}}),
     ("model.val_gs", model, {"model": {"val_gs": 1}}),
     ("model.shuffle_groups", model, {"model": {"shuffle_groups": False}}),
     ("augmentation.enabled", augmentation, {"augmentation": {"enabled": True}}),
+    ("augmentation.gin", augmented, {"augmentation": {"gin": 1.0}}),
+    ("augmentation.volume_rotate90", augmented,
+     {"augmentation": {"volume_rotate90": 1.0, "volume_rotate90_datasets": None}}),
+    ("augmentation.volume_rotate90_datasets", augmented,
+     {"augmentation": {"volume_rotate90": 1.0, "volume_rotate90_datasets": "SynBrain"}}),
 ]
 
 
@@ -121,8 +147,16 @@ def test_entry_has_its_effect(data_dir, tmp_path, key, function, change):
     base_updates = {"model": {"gs": 3}} if key.startswith("model.") else {}
     if key in ("random_context_range", "random_context_probability"):
         base_updates = {"stage": 2, "weights": "W"}
+    if function is augmented:  # every augmentation off, then the row's entry on
+        base_updates = {"augmentation": dict(_NO_AUGMENTATION, volume_rotate90_datasets=None)}
+        if key == "augmentation.volume_rotate90_datasets":  # rotations on, in no dataset
+            base_updates["augmentation"].update(volume_rotate90=1.0,
+                                                volume_rotate90_datasets="_syn_type")
     before = _observe(data_dir, tmp_path, function, base_updates)
-    after = _observe(data_dir, tmp_path, function, {**base_updates, **change})
+    from support import merge
+
+    after = _observe(data_dir, tmp_path, function,
+                     merge(base_updates, change) if function is augmented else {**base_updates, **change})
     assert before != after
 
 
@@ -135,3 +169,17 @@ def test_every_own_entry_has_a_row():
                        "context_dir", "max_context", "prediction", "context_sizes",
                        "eval_datasets", "eval_episodes"}
     assert own - shown_elsewhere <= {r[0] for r in ROWS}
+
+
+def test_synthetic_structure_radius_sizes_the_generated_structures(tmp_path):
+    import nibabel as nib
+
+    def foreground(radius, folder):
+        synthetic = {"num_datasets": 2, "cases_per_dataset": 2, "volume_shape": [16, 16, 16],
+                     "structures": 2, "structure_radius": radius}
+        ex.run("generate_data", config_updates={"data_dir": str(tmp_path / folder),
+                                                "synthetic": synthetic,
+                                                "tracking": {"observer": "none"}})
+        masks = sorted((tmp_path / folder).rglob("*_gt.nii.gz"))
+        return sum(float((nib.load(m).get_fdata() > 0).mean()) for m in masks)
+    assert foreground([0.3, 0.32], "large") > 3 * foreground([0.12, 0.14], "small")

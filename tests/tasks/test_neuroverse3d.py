@@ -2,6 +2,7 @@
 
 import argparse
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -119,20 +120,83 @@ def test_split_is_the_last_tenth_in_name_order():
     assert split_cases(["a", "b", "c"], 0.1) == (["a", "b"], ["c"])
 
 
-@pytest.mark.parametrize("name", [n for n in AUGMENTATION_FIELDS if n != "enabled"])
-def test_every_augmentation_probability_has_its_effect(name):
+PROBABILITIES = [n for n in AUGMENTATION_FIELDS if n not in ("enabled", "volume_rotate90_datasets")]
+
+
+def _episode_volumes():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(3, *SIZE, generator=g)
     labels = torch.zeros(3, *SIZE)
     labels[:, 4:9, 3:12, 5:10] = 1
-    off = AugmentationSettings(**{n: 0.0 for n in AUGMENTATION_FIELDS if n != "enabled"})
+    return images, labels
+
+
+def _all_off(**changes):
+    return AugmentationSettings(**{**{n: 0.0 for n in PROBABILITIES}, **changes})
+
+
+@pytest.mark.parametrize("name", PROBABILITIES)
+def test_every_augmentation_probability_has_its_effect(name):
+    images, labels = _episode_volumes()
+    off = _all_off(volume_rotate90_datasets=None)
     same_images, same_labels = EpisodeAugmentation(off)(images, labels, seed=1)
     torch.testing.assert_close(same_images, images)
     torch.testing.assert_close(same_labels, labels)
-    on = AugmentationSettings(**{**vars(off), name: 1.0})
+    on = replace(off, **{name: 1.0})
     new_images, new_labels = EpisodeAugmentation(on)(images, labels, seed=1)
     assert not (torch.equal(new_images, images) and torch.equal(new_labels, labels))
     assert build_augmentation({"enabled": False, **vars(on)}) is None
+
+
+def test_gin_remaps_intensities_non_linearly_and_keeps_labels():
+    images, labels = _episode_volumes()
+    new_images, new_labels = EpisodeAugmentation(_all_off(gin=1.0))(images, labels, seed=4)
+    assert torch.equal(new_labels, labels)
+    # Not an affine map of the input (a voxel-wise linear fit leaves a residual) ...
+    x, y = images.flatten(), new_images.flatten()
+    design = torch.stack([x, torch.ones_like(x)], 1)
+    fit = torch.linalg.lstsq(design, y[:, None]).solution
+    assert (design @ fit - y[:, None]).abs().mean() > 1e-3 * y.abs().mean()
+    # ... each volume keeps its norm, and the same seed gives the same remapping.
+    torch.testing.assert_close(new_images.flatten(1).norm(dim=1), images.flatten(1).norm(dim=1))
+    again, _ = EpisodeAugmentation(_all_off(gin=1.0))(images, labels, seed=4)
+    torch.testing.assert_close(again, new_images)
+
+
+def test_volume_rotations_turn_each_volume_alone_in_the_datasets_named():
+    images, labels = _episode_volumes()
+    settings = _all_off(volume_rotate90=1.0)  # default datasets: names with "_syn_type"
+    augment = EpisodeAugmentation(settings)
+    same_images, same_labels = augment(images, labels, seed=2, dataset="Dataset001_SynBrainA")
+    assert torch.equal(same_images, images) and torch.equal(same_labels, labels)
+    new_images, new_labels = augment(images, labels, seed=2, dataset="Dataset987_syn_type")
+    for i in range(3):  # each volume is some 90-degree rotation of itself, image with label
+        turns = [(k, axes) for k in (1, 2, 3) for axes in ((0, 1), (0, 2), (1, 2))
+                 if torch.equal(torch.rot90(images[i], k, axes), new_images[i])]
+        assert turns, f"volume {i} is not a 90-degree rotation of itself"
+        k, axes = turns[0]
+        assert torch.equal(torch.rot90(labels[i], k, axes), new_labels[i])
+    every = EpisodeAugmentation(replace(settings, volume_rotate90_datasets=None))
+    assert not torch.equal(every(images, labels, seed=2, dataset="X")[0], images)
+    with pytest.raises(ValueError, match="gin must be a probability"):
+        AugmentationSettings(gin=2.0)
+
+
+def test_keep_rate_keeps_the_first_training_cases(data_dir):
+    def train_cases(keep_rate):
+        data = nv.open_episode_data(data_dir, image_size=SIZE, settings=EpisodeSettings(),
+                                    datasets=["Dataset001"], episodes=40, val_episodes=1,
+                                    val_fraction=0.25, keep_rate=keep_rate)
+        drawn = {c for e in data["train"].plan for c in e.cases}
+        return data["statistics"], drawn, data["val"].cases
+    full, drawn_full, val_full = train_cases(1.0)
+    half, drawn_half, val_half = train_cases(0.5)
+    assert full["train_cases"] == {"Dataset001_SynBrainA": 3}
+    assert half["train_cases"] == {"Dataset001_SynBrainA": 2}
+    assert drawn_half == {"case_000", "case_001"} < drawn_full
+    assert val_half == val_full
+    with pytest.raises(ValueError, match="keep_rate must be in"):
+        train_cases(0.0)
 
 
 def test_loss_values():
@@ -204,3 +268,15 @@ def test_context_size_curve_and_predict_with_multi_class_context(data_dir, tmp_p
     written, source = nib.load(result["output"]), nib.load(context.image_path("case_000"))
     assert written.shape == source.shape == (16, 20, 16)
     np.testing.assert_allclose(written.affine, source.affine)
+
+
+def test_structure_radius_sets_the_size_of_the_generated_structures(tmp_path):
+    from medseg.data.synthetic.neuroverse3d import _structure_specs, synthetic_case
+
+    def foreground(radius):
+        rng = np.random.default_rng(0)
+        specs = _structure_specs(rng, 2, held_out=False, radius=radius)
+        return float((synthetic_case(rng, (16, 16, 16), specs, 0.0)[1] > 0).mean())
+    assert foreground((0.3, 0.32)) > 3 * foreground((0.12, 0.14))
+    with pytest.raises(ValueError, match="structure_radius must be"):
+        generate_neuroverse3d_data(tmp_path / "x", structure_radius=(0.3, 0.1))

@@ -22,13 +22,14 @@ from medseg.data.staging import staged_folder
 KINDS = ("ball", "box", "shell", "rod", "dark")
 
 
-def _structure_specs(rng: np.random.Generator, count: int, held_out: bool) -> list[dict]:
+def _structure_specs(rng: np.random.Generator, count: int, held_out: bool,
+                     radius=(0.16, 0.24)) -> list[dict]:
     kinds = list(rng.permutation(KINDS))[:count] if count <= len(KINDS) else list(
         rng.choice(KINDS, count))
     specs = []
     for kind in kinds:
         base = rng.uniform(0.75, 1.0) if not held_out else rng.uniform(0.85, 1.1)
-        specs.append({"kind": kind, "radius": float(rng.uniform(0.16, 0.24)),
+        specs.append({"kind": kind, "radius": float(rng.uniform(*radius)),
                       "intensity": 0.15 if kind == "dark" else float(base)})
     return specs
 
@@ -83,11 +84,17 @@ def generate_neuroverse3d_data(data_dir: str | Path, *, num_datasets: int = 4,
                                cases_per_dataset: int = 12, volume_shape=(40, 48, 40),
                                structures: int = 4, noise_std: float = 0.03,
                                spacing: float = 1.2, seed: int = 0,
-                               overwrite: bool = False) -> list[Path]:
+                               overwrite: bool = False,
+                               structure_radius: tuple[float, float] = (0.16, 0.24)) -> list[Path]:
     """Write ``num_datasets`` folders of ``*_img.nii.gz`` / ``*_gt.nii.gz`` pairs; the last
-    one is the held-out dataset. Returns the dataset folders."""
+    one is the held-out dataset. ``structure_radius``: range of a structure's radius as a
+    fraction of the half-width of the volume (the brain's is ~0.8). Returns the dataset folders."""
     if num_datasets < 2:
         raise ValueError(f"num_datasets must be >= 2 (one is held out), got {num_datasets}")
+    low, high = structure_radius
+    if not 0 < low <= high:
+        raise ValueError(f"structure_radius must be (low, high) with 0 < low <= high, got "
+                         f"{tuple(structure_radius)}")
     if structures < 2:
         raise ValueError(f"structures must be >= 2, got {structures}")
     rng = np.random.default_rng(seed)
@@ -96,7 +103,8 @@ def generate_neuroverse3d_data(data_dir: str | Path, *, num_datasets: int = 4,
     shape = tuple(int(s) for s in volume_shape)
     with staged_folder(data_dir, overwrite=overwrite, what="synthetic Neuroverse3D data") as staging:
         for dataset_index, name in enumerate(names):
-            specs = _structure_specs(rng, structures, held_out=dataset_index == num_datasets - 1)
+            specs = _structure_specs(rng, structures, held_out=dataset_index == num_datasets - 1,
+                                     radius=structure_radius)
             folder = staging / name
             folder.mkdir()
             for case in range(cases_per_dataset):
