@@ -7,6 +7,11 @@
   the session starts on a free 127.0.0.1 port with temporary storage, and stops (by its
   PID, waiting for the exit) at the end. Each test that writes to it uses its own database
   name, so tests do not see each other's runs.
+- Under pytest-xdist each worker (and every process it starts: experiments from the shell,
+  torchrun ranks, Ray trials, loader workers) computes on one thread. Two workers on two
+  cores with torch's default of one thread per core oversubscribe them, and OpenMP's
+  spinning threads then make a step several times slower (a SADAAN learning test: 30 s
+  alone, far longer beside the other worker).
 - The root logger's level is restored after each test: an in-process Sacred run with
   ``--loglevel`` sets it for the whole process, which hid the warnings a later test of the
   same worker looked for.
@@ -15,10 +20,19 @@
 from __future__ import annotations
 
 import logging
+import os
 
-import pytest
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from medseg import db
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from medseg import db  # noqa: E402
 
 #: Nothing listens on port 1 of 127.0.0.1; the "local server" of auto mode is never found.
 UNUSED_PORT = "1"
