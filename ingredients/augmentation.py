@@ -21,21 +21,22 @@ SADAAN_FIELDS = {
 }
 
 
+def make_sadaan_transform(image_size, train: bool, enabled: bool, noise_std: float,
+                          intensity_scale_range, rotation_degrees: float,
+                          flip_probability: float):
+    """:func:`medseg.data.transforms.sadaan_transforms` at ``image_size`` (the caller's
+    ``training.image_size``) for training or evaluation; the rest from ``augmentation.*``."""
+    return sadaan_transforms(image_size=tuple(image_size), train=train, augment=enabled,
+                             noise_std=noise_std,
+                             intensity_scale_range=tuple(intensity_scale_range),
+                             rotation_degrees=rotation_degrees, flip_probability=flip_probability)
+
+
 class SADAANAugmentationIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
         super().__init__("augmentation", SADAAN_FIELDS, defaults)
-
-        @self.capture
-        def make_transform(image_size, train: bool, enabled: bool, noise_std: float,
-                           intensity_scale_range, rotation_degrees: float,
-                           flip_probability: float):
-            return sadaan_transforms(image_size=tuple(image_size), train=train, augment=enabled,
-                                     noise_std=noise_std,
-                                     intensity_scale_range=tuple(intensity_scale_range),
-                                     rotation_degrees=rotation_degrees,
-                                     flip_probability=flip_probability)
-
-        self.make_transform = make_transform
+        #: ``make_transform(image_size, train=...)``: :func:`make_sadaan_transform`.
+        self.make_transform = self.captured(make_sadaan_transform)
 
 
 CUBES_FIELDS = {
@@ -49,18 +50,20 @@ CUBES_FIELDS = {
 }
 
 
+def make_cube_transform(train: bool, enabled: bool, crop_size, rotate_probability: float,
+                        flip_probability: float):
+    """:func:`medseg.data.cube_transforms.cube_transforms` for training or evaluation, from
+    ``augmentation.*``."""
+    return cube_transforms(train=train, crop_size=crop_size, augment=enabled,
+                           rotate_probability=rotate_probability,
+                           flip_probability=flip_probability)
+
+
 class CubeAugmentationIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
         super().__init__("augmentation", CUBES_FIELDS, defaults)
-
-        @self.capture
-        def make_transform(train: bool, enabled: bool, crop_size, rotate_probability: float,
-                           flip_probability: float):
-            return cube_transforms(train=train, crop_size=crop_size, augment=enabled,
-                                   rotate_probability=rotate_probability,
-                                   flip_probability=flip_probability)
-
-        self.make_transform = make_transform
+        #: ``make_transform(train=...)``: :func:`make_cube_transform`.
+        self.make_transform = self.captured(make_cube_transform)
 
     def validate(self, config) -> None:
         super().validate(config)
@@ -110,17 +113,20 @@ LUNG_FIELDS = {
 }
 
 
+def make_slice_transform(image_size, train: bool, _config):
+    """:func:`medseg.data.slice_transforms.slice_transforms` at ``image_size`` (the caller's
+    ``training.image_size``); every ``augmentation.*`` entry but ``enabled`` is the
+    :class:`~medseg.data.slice_transforms.SliceAugmentation` field of the same name."""
+    settings = dict(_config)
+    enabled = settings.pop("enabled")
+    for name in ("scale_range", "elastic_magnitude"):
+        settings[name] = tuple(settings[name])
+    augmentation = SliceAugmentation(**settings) if enabled else None
+    return slice_transforms(image_size, train=train, augmentation=augmentation)
+
+
 class LungAugmentationIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
         super().__init__("augmentation", LUNG_FIELDS, defaults)
-
-        @self.capture
-        def make_transform(image_size, train: bool, _config):
-            settings = dict(_config)
-            enabled = settings.pop("enabled")
-            for name in ("scale_range", "elastic_magnitude"):
-                settings[name] = tuple(settings[name])
-            augmentation = SliceAugmentation(**settings) if enabled else None
-            return slice_transforms(image_size, train=train, augmentation=augmentation)
-
-        self.make_transform = make_transform
+        #: ``make_transform(image_size, train=...)``: :func:`make_slice_transform`.
+        self.make_transform = self.captured(make_slice_transform)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,17 @@ def run_directory(template: str, experiment: str, run_id: Any) -> Path:
     return Path(template.format(experiment=experiment, run_id=run_id))
 
 
+def make_checkpoint_manager(_run, save_dir: str, save_frequency: int, keep_best_only: bool,
+                            keep_periodic, file_names: dict[str, str]) -> CheckpointManager:
+    """The run's :class:`CheckpointManager` in ``checkpoint.save_dir`` (its placeholders filled
+    from the run), keeping files as ``checkpoint.*`` says, under the pipeline's
+    ``file_names``."""
+    directory = run_directory(save_dir, _run.experiment_info["name"], _run._id)
+    return CheckpointManager(directory, save_frequency=save_frequency,
+                             keep_best_only=keep_best_only, keep_periodic=keep_periodic,
+                             **file_names)
+
+
 class CheckpointIngredient(FieldIngredient):
     """``best_name``, ``last_name`` and ``periodic_name`` are the file names the pipeline's
     users know (``best_model.pth``, ``best.pth``, ``weights/best.pt`` ...)."""
@@ -36,17 +48,11 @@ class CheckpointIngredient(FieldIngredient):
     def __init__(self, *, best_name: str = "best_model.pth", last_name: str = "last_model.pth",
                  periodic_name: str = "checkpoint_epoch_{epoch}.pth", **defaults: Any) -> None:
         super().__init__("checkpoint", FIELDS, defaults, resume_may_change=True)
-
-        @self.capture
-        def make_manager(_run, save_dir: str, save_frequency: int, keep_best_only: bool,
-                         keep_periodic) -> CheckpointManager:
-            directory = run_directory(save_dir, _run.experiment_info["name"], _run._id)
-            return CheckpointManager(directory, save_frequency=save_frequency,
-                                     keep_best_only=keep_best_only, keep_periodic=keep_periodic,
-                                     best_name=best_name, last_name=last_name,
-                                     periodic_name=periodic_name)
-
-        self.make_manager = make_manager
+        #: ``make_manager()``: :func:`make_checkpoint_manager` with this pipeline's file names.
+        self.make_manager = functools.partial(
+            self.captured(make_checkpoint_manager),
+            file_names={"best_name": best_name, "last_name": last_name,
+                        "periodic_name": periodic_name})
 
     def validate(self, config) -> None:
         super().validate(config)

@@ -133,46 +133,45 @@ CUBES_FIELDS = {
 }
 
 
+def scan_cube_folder(cubes_dir: str, cube_shape: list[int], label_threshold: float) -> CubeIndex:
+    """Every cube of ``cubes_dir``, validated (raises DataError naming the file)."""
+    return scan_cubes(cubes_dir, cube_shape=cube_shape, label_threshold=label_threshold)
+
+
+def split_cubes(index: CubeIndex, val_fold: int, small_dataset: bool,
+                small_dataset_fraction: float, only_positive: bool,
+                only_positive_val: bool) -> tuple[list[CubeRecord], list[CubeRecord]]:
+    """Training cubes (every fold but ``val_fold``) and validation cubes."""
+    fraction = small_dataset_fraction if small_dataset else 1.0
+    train_folds = [fold for fold in range(NUM_FOLDS) if fold != val_fold]
+    return (select_records(index.records(train_folds), only_positive=only_positive,
+                           fraction=fraction),
+            select_records(index.records([val_fold]), only_positive=only_positive_val,
+                           fraction=fraction))
+
+
+def test_cubes(index: CubeIndex, small_dataset: bool,
+               small_dataset_fraction: float) -> list[CubeRecord]:
+    fraction = small_dataset_fraction if small_dataset else 1.0
+    return select_records(index.records([TEST_FOLD]), fraction=fraction)
+
+
+def open_cube_dataset(records, transform, label_threshold: float) -> NpzCubeDataset:
+    return NpzCubeDataset(records, label_threshold=label_threshold, transform=transform)
+
+
+def cube_folder_statistics(index: CubeIndex, label_threshold: float) -> dict[str, Any]:
+    return cube_statistics(index, label_threshold=label_threshold)
+
+
 class AneurysmCubesDatasetIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
         super().__init__("dataset", CUBES_FIELDS, defaults)
-
-        @self.capture
-        def scan(cubes_dir: str, cube_shape: list[int], label_threshold: float) -> CubeIndex:
-            """Every cube of ``cubes_dir``, validated (raises DataError naming the file)."""
-            return scan_cubes(cubes_dir, cube_shape=cube_shape, label_threshold=label_threshold)
-
-        @self.capture
-        def split(index: CubeIndex, val_fold: int, small_dataset: bool,
-                  small_dataset_fraction: float, only_positive: bool,
-                  only_positive_val: bool) -> tuple[list[CubeRecord], list[CubeRecord]]:
-            """Training cubes (every fold but ``val_fold``) and validation cubes."""
-            fraction = small_dataset_fraction if small_dataset else 1.0
-            train_folds = [fold for fold in range(NUM_FOLDS) if fold != val_fold]
-            return (select_records(index.records(train_folds), only_positive=only_positive,
-                                   fraction=fraction),
-                    select_records(index.records([val_fold]), only_positive=only_positive_val,
-                                   fraction=fraction))
-
-        @self.capture
-        def test_records(index: CubeIndex, small_dataset: bool,
-                         small_dataset_fraction: float) -> list[CubeRecord]:
-            fraction = small_dataset_fraction if small_dataset else 1.0
-            return select_records(index.records([TEST_FOLD]), fraction=fraction)
-
-        @self.capture
-        def open_cubes(records, transform, label_threshold: float) -> NpzCubeDataset:
-            return NpzCubeDataset(records, label_threshold=label_threshold, transform=transform)
-
-        @self.capture
-        def statistics(index: CubeIndex, label_threshold: float) -> dict[str, Any]:
-            return cube_statistics(index, label_threshold=label_threshold)
-
-        self.scan = scan
-        self.split = split
-        self.test_records = test_records
-        self.open_cubes = open_cubes
-        self.statistics = statistics
+        self.scan = self.captured(scan_cube_folder)
+        self.split = self.captured(split_cubes)
+        self.test_records = self.captured(test_cubes)
+        self.open_cubes = self.captured(open_cube_dataset)
+        self.statistics = self.captured(cube_folder_statistics)
 
 
 PREPARE_FIELDS = {
@@ -197,31 +196,30 @@ PREPARE_FIELDS = {
 }
 
 
-class AneurysmPrepareIngredient(FieldIngredient):
-    def __init__(self, **defaults: Any) -> None:
-        super().__init__("prepare", PREPARE_FIELDS, defaults)
-
-        @self.capture
-        def run(volumes_dir: str, cubes_dir: str, cube_shape: list[int], centres_csv,
+def run_prepare(volumes_dir: str, cubes_dir: str, cube_shape: list[int], centres_csv,
                 negatives_per_series: int, mask_sigma_mm: float, intensity_window,
                 target_spacing, positive_jitter: float, test_fraction: float, compress: bool,
                 seed: int, overwrite: bool) -> PrepareSummary:
-            return prepare_cubes(
-                volumes_dir, cubes_dir, centres_csv=centres_csv, cube_shape=cube_shape,
-                negatives_per_series=negatives_per_series, mask_sigma_mm=mask_sigma_mm,
-                intensity_window=intensity_window, target_spacing=target_spacing,
-                positive_jitter=positive_jitter, test_fraction=test_fraction,
-                compress=compress, seed=seed, overwrite=overwrite)
+    return prepare_cubes(
+        volumes_dir, cubes_dir, centres_csv=centres_csv, cube_shape=cube_shape,
+        negatives_per_series=negatives_per_series, mask_sigma_mm=mask_sigma_mm,
+        intensity_window=intensity_window, target_spacing=target_spacing,
+        positive_jitter=positive_jitter, test_fraction=test_fraction,
+        compress=compress, seed=seed, overwrite=overwrite)
 
-        @self.capture
-        def check_inputs(volumes_dir: str, cubes_dir: str, centres_csv, overwrite: bool) -> None:
-            """Everything `prepare` reads exists and its output may be written."""
-            volumes = find_volumes(volumes_dir)
-            read_centres(centres_csv or Path(volumes_dir) / CENTRES_FILE, list(volumes))
-            refuse_to_overwrite(cubes_dir, overwrite, "aneurysm cubes", "prepare.overwrite")
 
-        self.run = run
-        self.check_inputs = check_inputs
+def check_prepare_inputs(volumes_dir: str, cubes_dir: str, centres_csv, overwrite: bool) -> None:
+    """Everything `prepare` reads exists and its output may be written."""
+    volumes = find_volumes(volumes_dir)
+    read_centres(centres_csv or Path(volumes_dir) / CENTRES_FILE, list(volumes))
+    refuse_to_overwrite(cubes_dir, overwrite, "aneurysm cubes", "prepare.overwrite")
+
+
+class AneurysmPrepareIngredient(FieldIngredient):
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__("prepare", PREPARE_FIELDS, defaults)
+        self.run = self.captured(run_prepare)
+        self.check_inputs = self.captured(check_prepare_inputs)
 
 
 SYNTHETIC_FIELDS = {
@@ -238,27 +236,26 @@ SYNTHETIC_FIELDS = {
 }
 
 
+def make_aneurysm_volumes(volumes_dir: str, num_series: int, volume_shape: list[int], spacing,
+                          aneurysm_fraction: float, noise_std: float, seed: int,
+                          overwrite: bool) -> Path:
+    return generate_aneurysm_volumes(
+        volumes_dir, num_series=num_series, volume_shape=tuple(volume_shape),
+        spacing=tuple(spacing), aneurysm_fraction=aneurysm_fraction,
+        noise_std=noise_std, seed=seed, overwrite=overwrite)
+
+
+def check_volumes_output(volumes_dir: str, overwrite: bool) -> None:
+    refuse_to_overwrite(volumes_dir, overwrite, "synthetic volumes", "synthetic.overwrite")
+
+
 class AneurysmVolumesIngredient(SyntheticIngredient):
     """``generate_volumes``'s settings (synthetic head CT angiographies)."""
 
     def __init__(self, **defaults: Any) -> None:
         super().__init__(SYNTHETIC_FIELDS, defaults, generator="generate_volumes")
-
-        @self.capture
-        def generate(volumes_dir: str, num_series: int, volume_shape: list[int], spacing,
-                     aneurysm_fraction: float, noise_std: float, seed: int,
-                     overwrite: bool) -> Path:
-            return generate_aneurysm_volumes(
-                volumes_dir, num_series=num_series, volume_shape=tuple(volume_shape),
-                spacing=tuple(spacing), aneurysm_fraction=aneurysm_fraction,
-                noise_std=noise_std, seed=seed, overwrite=overwrite)
-
-        @self.capture
-        def check_output(volumes_dir: str, overwrite: bool) -> None:
-            refuse_to_overwrite(volumes_dir, overwrite, "synthetic volumes", "synthetic.overwrite")
-
-        self.generate = generate
-        self.check_output = check_output
+        self.generate = self.captured(make_aneurysm_volumes)
+        self.check_output = self.captured(check_volumes_output)
 
 
 # ----------------------------------------------------------------------------- lung tumour
@@ -300,23 +297,22 @@ LUNG_FIELDS = {
 }
 
 
+def convert_msd_task(task_dir: str, dataset_path: str, window_center: float, window_width: float,
+                     empty_slice_fraction: float, seed: int, overwrite: bool) -> dict[str, Any]:
+    settings = ConversionSettings(window_center=window_center, window_width=window_width,
+                                  empty_slice_fraction=empty_slice_fraction, seed=seed)
+    return convert_task(task_dir, dataset_path, settings, overwrite=overwrite)
+
+
+def split_slices(dataset_path: str, val_fraction: float, split_seed: int):
+    """Checked slice records of the training and validation volumes."""
+    return split_by_volume(scan_slices(dataset_path), val_fraction, split_seed)
+
+
 class LungDatasetIngredient(FieldIngredient):
     """The lung PNG slices: ``convert`` from an MSD task, and the volume-based split."""
 
     def __init__(self, **defaults: Any) -> None:
         super().__init__("dataset", LUNG_FIELDS, defaults)
-
-        @self.capture
-        def convert(task_dir: str, dataset_path: str, window_center: float, window_width: float,
-                    empty_slice_fraction: float, seed: int, overwrite: bool) -> dict[str, Any]:
-            settings = ConversionSettings(window_center=window_center, window_width=window_width,
-                                          empty_slice_fraction=empty_slice_fraction, seed=seed)
-            return convert_task(task_dir, dataset_path, settings, overwrite=overwrite)
-
-        @self.capture
-        def split(dataset_path: str, val_fraction: float, split_seed: int):
-            """Checked slice records of the training and validation volumes."""
-            return split_by_volume(scan_slices(dataset_path), val_fraction, split_seed)
-
-        self.convert = convert
-        self.split = split
+        self.convert = self.captured(convert_msd_task)
+        self.split = self.captured(split_slices)

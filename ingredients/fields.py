@@ -10,8 +10,10 @@ would change nothing in a given experiment.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Mapping
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,19 @@ class FieldIngredient(Ingredient):
         self.defaults = {name: copy.deepcopy(defaults.get(name, field.default))
                          for name, field in self.fields.items()}
         self.add_config(copy.deepcopy(self.defaults))
+
+    def captured(self, function: Callable) -> Callable:
+        """``function`` (a module-level function, where grep and go-to-definition find it)
+        with its parameters named like this ingredient's entries filled from the run's config,
+        as Sacred's ``capture`` does. Sacred keeps the config on the function object itself,
+        so each ingredient captures a copy: two experiments built in one process (a notebook,
+        the tests) would otherwise fill one function from the other's config."""
+        copy_ = types.FunctionType(function.__code__, function.__globals__, function.__name__,
+                                   function.__defaults__, function.__closure__)
+        copy_.__kwdefaults__ = copy.copy(function.__kwdefaults__)
+        functools.update_wrapper(copy_, function)
+        del copy_.__wrapped__  # Sacred reads the parameters of the copy, not through it
+        return self.capture(copy_)
 
     def validate(self, config: Mapping[str, Any]) -> None:
         """Check this ingredient's part of a merged config (raises ConfigError)."""

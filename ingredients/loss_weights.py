@@ -25,15 +25,16 @@ SADAAN_FIELDS = {
 }
 
 
+def make_sadaan_loss(_config) -> SADAANLoss:
+    """Every ``loss_weights.*`` entry is the :class:`SADAANLoss` weight of the same name."""
+    return SADAANLoss(**_config)
+
+
 class SADAANLossWeightsIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
         super().__init__("loss_weights", SADAAN_FIELDS, defaults)
-
-        @self.capture
-        def make_loss(_config) -> SADAANLoss:
-            return SADAANLoss(**_config)
-
-        self.make_loss = make_loss
+        #: ``make_loss()``: :func:`make_sadaan_loss`.
+        self.make_loss = self.captured(make_sadaan_loss)
 
 
 CUBES_FIELDS = {
@@ -44,15 +45,16 @@ CUBES_FIELDS = {
 }
 
 
+def make_cube_loss(pos_weight: float, dice: float, ce: float) -> WeightedDiceCELoss:
+    """The aneurysm loss from ``loss_weights.pos_weight``, ``.dice`` and ``.ce``."""
+    return WeightedDiceCELoss(pos_weight=pos_weight, dice=dice, ce=ce)
+
+
 class CubeLossWeightsIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
         super().__init__("loss_weights", CUBES_FIELDS, defaults)
-
-        @self.capture
-        def make_loss(pos_weight: float, dice: float, ce: float) -> WeightedDiceCELoss:
-            return WeightedDiceCELoss(pos_weight=pos_weight, dice=dice, ce=ce)
-
-        self.make_loss = make_loss
+        #: ``make_loss()``: :func:`make_cube_loss`.
+        self.make_loss = self.captured(make_cube_loss)
 
     def validate(self, config) -> None:
         super().validate(config)
@@ -69,14 +71,16 @@ LOSS_FIELDS = {
 }
 
 
+def make_lung_loss(deep_supervision: bool, type: str):
+    """The lung loss named by ``loss.type``; ``deep_supervision`` from ``model.deep_supervision``
+    (the caller's)."""
+    return build_loss(type, deep_supervision=deep_supervision)
+
+
 class LossIngredient(FieldIngredient):
     """``loss``: the loss by name (the seed's ``loss.type``) rather than term weights."""
 
     def __init__(self, **defaults: Any) -> None:
         super().__init__("loss", LOSS_FIELDS, defaults)
-
-        @self.capture
-        def make_loss(deep_supervision: bool, type: str):
-            return build_loss(type, deep_supervision=deep_supervision)
-
-        self.make_loss = make_loss
+        #: ``make_loss(deep_supervision=...)``: :func:`make_lung_loss`.
+        self.make_loss = self.captured(make_lung_loss)

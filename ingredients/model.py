@@ -47,16 +47,17 @@ def trained_model_config(ingredient: FieldIngredient, given: dict, trained: dict
     return dict(trained)
 
 
+def make_sadaan(num_structures: int, in_channels: int, base_channels: int) -> SADAAN:
+    """SADAAN for ``num_structures`` structures (from the data); the rest from ``model.*``."""
+    return SADAAN(in_channels=in_channels, num_structures=num_structures,
+                  base_channels=base_channels)
+
+
 class SADAANModelIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
         super().__init__("model", SADAAN_FIELDS, defaults)
-
-        @self.capture
-        def make_model(num_structures: int, in_channels: int, base_channels: int) -> SADAAN:
-            return SADAAN(in_channels=in_channels, num_structures=num_structures,
-                          base_channels=base_channels)
-
-        self.make_model = make_model
+        #: ``make_model(num_structures=N)``: :func:`make_sadaan` with ``model.*`` filled in.
+        self.make_model = self.captured(make_sadaan)
 
     @staticmethod
     def input_multiple() -> int:
@@ -106,12 +107,8 @@ def build_dynunet(filters, kernel_size: int, strides, dropout: float, norm_name:
 class DynUNetModelIngredient(FieldIngredient):
     def __init__(self, **defaults: Any) -> None:
         super().__init__("model", DYNUNET_FIELDS, defaults)
-
-        @self.capture
-        def make_model(_config) -> DynUNet:
-            return build_dynunet(**_config)
-
-        self.make_model = make_model
+        #: ``make_model()``: :func:`build_dynunet` with every ``model.*`` entry filled in.
+        self.make_model = self.captured(build_dynunet)
 
     @staticmethod
     def from_config(model_config: dict) -> DynUNet:
@@ -146,22 +143,23 @@ ATTENTION_UNET_FIELDS = {
 }
 
 
+def build_lung_network(architecture: str, channels: list[int], dropout: float,
+                       deep_supervision: bool) -> nn.Module:
+    """A 2D (background, tumour) network on one grey channel."""
+    if architecture == "unet":
+        return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels,
+                    strides=[2] * (len(channels) - 1), num_res_units=0, dropout=dropout)
+    return AttentionUNet(spatial_dims=2, in_channels=1, num_classes=2, channels=channels,
+                         dropout=dropout, deep_supervision=deep_supervision)
+
+
 class AttentionUNetModelIngredient(FieldIngredient):
     """2D (background, tumour) segmentation networks on one grey channel."""
 
     def __init__(self, **defaults: Any) -> None:
         super().__init__("model", ATTENTION_UNET_FIELDS, defaults)
-
-        @self.capture
-        def make_model(architecture: str, channels: list[int], dropout: float,
-                       deep_supervision: bool) -> nn.Module:
-            if architecture == "unet":
-                return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels,
-                            strides=[2] * (len(channels) - 1), num_res_units=0, dropout=dropout)
-            return AttentionUNet(spatial_dims=2, in_channels=1, num_classes=2, channels=channels,
-                                 dropout=dropout, deep_supervision=deep_supervision)
-
-        self.make_model = make_model
+        #: ``make_model()``: :func:`build_lung_network` with every ``model.*`` entry filled in.
+        self.make_model = self.captured(build_lung_network)
 
     def validate(self, config) -> None:
         super().validate(config)

@@ -47,24 +47,31 @@ FIELDS = {
 }
 
 
+def device_and_precision(device: str, mixed_precision: str) -> tuple[torch.device, Precision]:
+    """The device ``training.device`` names and the precision ``training.mixed_precision``
+    gives on it."""
+    resolved = resolve_device(device)
+    return resolved, resolve_precision(mixed_precision, resolved)
+
+
+def make_loader(dataset, train: bool, batch_size: int, num_workers: int, _seed: int,
+                device: str, val_batch_size: int = 1) -> EpochLoader:
+    """A loader of ``dataset`` built as ``fit()`` builds them (for the evaluation commands),
+    from ``training.batch_size``, ``.val_batch_size``, ``.num_workers`` and ``.device``; the
+    seed is the one Sacred draws for this function from the run's."""
+    settings = LoaderSettings(batch_size, val_batch_size, num_workers, _seed)
+    return build_loader(dataset, settings, train=train, device=resolve_device(device))
+
+
 class TrainingIngredient(FieldIngredient):
     def __init__(self, extra_fields: dict[str, Field] | None = None, **defaults: Any) -> None:
         super().__init__("training", {**FIELDS, **(extra_fields or {})}, defaults)
 
-        @self.capture
-        def device_and_precision(device: str, mixed_precision: str) -> tuple[torch.device, Precision]:
-            resolved = resolve_device(device)
-            return resolved, resolve_precision(mixed_precision, resolved)
-
-        @self.capture
-        def make_loader(dataset, train: bool, batch_size: int, num_workers: int, _seed: int,
-                        device: str, val_batch_size: int = 1) -> EpochLoader:
-            """A loader built as ``fit()`` builds them (for the evaluation commands)."""
-            settings = LoaderSettings(batch_size, val_batch_size, num_workers, _seed)
-            return build_loader(dataset, settings, train=train, device=resolve_device(device))
-
-        self.device_and_precision = device_and_precision
-        self.make_loader = make_loader
+        # Captured in this order: each draws its loader seed from the run's in turn.
+        #: ``device_and_precision()``: :func:`device_and_precision` from ``training.*``.
+        self.device_and_precision = self.captured(device_and_precision)
+        #: ``make_loader(dataset, train=...)``: :func:`make_loader` from ``training.*``.
+        self.make_loader = self.captured(make_loader)
 
     def validate(self, config) -> None:
         super().validate(config)

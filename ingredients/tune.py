@@ -71,6 +71,11 @@ def choice(*options: Any) -> list:
     return ["choice", list(options)]
 
 
+def search_space(space):
+    """``tune.space``, as the run's config has it."""
+    return space
+
+
 class TuneIngredient(FieldIngredient):
     """``tune``: the sweep's settings; ``space`` is the experiment's search space."""
 
@@ -86,11 +91,7 @@ class TuneIngredient(FieldIngredient):
 
         # Sacred accepts new keys below a captured function's argument, so a user can add
         # entries to the space (they are checked by check_space before the sweep starts).
-        @self.capture
-        def search_space(space):
-            return space
-
-        self.search_space = search_space
+        self.search_space = self.captured(search_space)
 
 
 def flat_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
