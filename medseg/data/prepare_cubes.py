@@ -347,8 +347,8 @@ def prepare_cubes(
     number(minimum=0, maximum=0.49)("positive_jitter", positive_jitter)
     number(minimum=0, maximum=0.9)("test_fraction", test_fraction)
     if intensity_window is not None and intensity_window[0] >= intensity_window[1]:
-        raise ConfigError(f"prepare.intensity_window must be [low, high] with low < high, got "
-                        f"{list(intensity_window)}")
+        raise ConfigError(f"intensity_window must be [low, high] with low < high, got "
+                          f"{list(intensity_window)}")
     volumes = find_volumes(volumes_dir)
     centres_csv = Path(centres_csv) if centres_csv else Path(volumes_dir) / CENTRES_FILE
     centres = read_centres(centres_csv, list(volumes))
