@@ -18,7 +18,7 @@ SIZE = (48, 48, 16)
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     return generate_lung_task(tmp_path_factory.mktemp("msd") / "Task006_Lung", num_volumes=8,
-                              volume_size=SIZE, tumour_free_fraction=0.3, seed=2)
+                              volume_size=SIZE, tumor_free_fraction=0.3, seed=2)
 
 
 def load(path):
@@ -99,7 +99,7 @@ def test_refuses_to_overwrite_without_permission(task, tmp_path):
 
 
 @pytest.mark.parametrize("name, value", [("num_volumes", 0), ("volume_size", (8, 8, 8)),
-                                         ("tumour_free_fraction", 1.5), ("noise_std", -1)])
+                                         ("tumor_free_fraction", 1.5), ("noise_std", -1)])
 def test_bad_settings_name_the_argument(tmp_path, name, value):
     with pytest.raises(ConfigError, match=f"^{name} must"):
         generate_lung_task(tmp_path / "T", **{name: value})

@@ -48,7 +48,7 @@ def msd_root(tmp_path_factory):
     """A tiny synthetic MSD folder: msd/Task006_Lung with 5 volumes of 32 x 32 x 16."""
     root = tmp_path_factory.mktemp("msd") / "msd"
     generate_lung_task(root / "Task006_Lung", num_volumes=5, volume_size=(32, 32, 16),
-                       tumour_free_fraction=0.0, seed=4)
+                       tumor_free_fraction=0.0, seed=4)
     return root
 
 
@@ -177,7 +177,7 @@ def test_generate_convert_train_from_the_command_line(tmp_path):
                               text=True, cwd=tmp_path, timeout=600)
 
     generated = cli("generate_msd", "with", "synthetic.num_volumes=4",
-                    "synthetic.volume_size=[32,32,16]", "synthetic.tumour_free_fraction=0.0", *common)
+                    "synthetic.volume_size=[32,32,16]", "synthetic.tumor_free_fraction=0.0", *common)
     assert generated.returncode == 0, generated.stderr
     converted = cli("convert", "with", *common)
     assert converted.returncode == 0, converted.stderr
@@ -511,12 +511,12 @@ EFFECTS = {
     "predict_dir": ("predict", PREDICT, {"predict_dir": "TMP/elsewhere"}),
     "synthetic.num_volumes": ("generate", GENERATE, {"synthetic.num_volumes": 3}),
     "synthetic.volume_size": ("generate", GENERATE, {"synthetic.volume_size": [32, 32, 20]}),
-    "synthetic.tumour_free_fraction": ("generate", {**GENERATE, "synthetic.num_volumes": 3},
-                                     {"synthetic.tumour_free_fraction": 1.0}),
-    "synthetic.max_tumours": ("generate", {**GENERATE, "synthetic.num_volumes": 4,
-                                         "synthetic.tumour_free_fraction": 0.0,
+    "synthetic.tumor_free_fraction": ("generate", {**GENERATE, "synthetic.num_volumes": 3},
+                                     {"synthetic.tumor_free_fraction": 1.0}),
+    "synthetic.max_tumors": ("generate", {**GENERATE, "synthetic.num_volumes": 4,
+                                         "synthetic.tumor_free_fraction": 0.0,
                                          "synthetic.volume_size": [64, 64, 16]},
-                            {"synthetic.max_tumours": 6}),
+                            {"synthetic.max_tumors": 6}),
     "synthetic.noise_std": ("generate", GENERATE, {"synthetic.noise_std": 80.0}),
     "synthetic.seed": ("generate", GENERATE, {"synthetic.seed": 5}),
     "synthetic.overwrite": ("generate:twice", GENERATE, {"synthetic.overwrite": True}),

@@ -50,8 +50,8 @@ HU = {
 @dataclass(frozen=True)
 class LungGeneratorSettings:
     volume_size: tuple[int, int, int]
-    tumour_free_fraction: float
-    max_tumours: int
+    tumor_free_fraction: float
+    max_tumors: int
     noise_std: float
     seed: int
 
@@ -68,27 +68,27 @@ def generate_lung_task(
     *,
     num_volumes: int = 32,
     volume_size: tuple[int, int, int] = (256, 256, 64),
-    tumour_free_fraction: float = 0.15,
-    max_tumours: int = 3,
+    tumor_free_fraction: float = 0.15,
+    max_tumors: int = 3,
     noise_std: float = 20.0,
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic Task006_Lung folder to ``task_dir`` and return it.
 
-    ``tumour_free_fraction`` of the volumes have no tumour; the others have 1 to
-    ``max_tumours``. Volume ``i`` depends only on ``(seed, i)``. The folder is written beside
+    ``tumor_free_fraction`` of the volumes have no tumour; the others have 1 to
+    ``max_tumors``. Volume ``i`` depends only on ``(seed, i)``. The folder is written beside
     ``task_dir`` and renamed into place at the end; a non-empty ``task_dir`` is replaced only
     with ``overwrite=True``.
     """
     integer(minimum=1)("num_volumes", num_volumes)
     sequence(integer(minimum=16), length=3)("volume_size", volume_size)
-    number(minimum=0, maximum=1)("tumour_free_fraction", tumour_free_fraction)
-    integer(minimum=1)("max_tumours", max_tumours)
+    number(minimum=0, maximum=1)("tumor_free_fraction", tumor_free_fraction)
+    integer(minimum=1)("max_tumors", max_tumors)
     number(minimum=0)("noise_std", noise_std)
     integer(minimum=0)("seed", seed)
-    settings = LungGeneratorSettings(tuple(volume_size), float(tumour_free_fraction),
-                                     max_tumours, float(noise_std), seed)
+    settings = LungGeneratorSettings(tuple(volume_size), float(tumor_free_fraction),
+                                     max_tumors, float(noise_std), seed)
     with staged_folder(task_dir, overwrite=overwrite, what="MSD task") as staging:
         (staging / "imagesTr").mkdir()
         (staging / "labelsTr").mkdir()
@@ -122,8 +122,8 @@ def _dataset_json(names: list[str], settings: LungGeneratorSettings) -> dict:
         "test": [],
         "generator": {"seed": settings.seed, "volume_size": list(settings.volume_size),
                       "spacing_mm": [round(s, 4) for s in settings.spacing],
-                      "tumour_free_fraction": settings.tumour_free_fraction,
-                      "max_tumours": settings.max_tumours, "noise_std": settings.noise_std,
+                      "tumor_free_fraction": settings.tumor_free_fraction,
+                      "max_tumors": settings.max_tumors, "noise_std": settings.noise_std,
                       "volume_seed": "numpy.random.default_rng([seed, volume_index])"},
     }
 
@@ -325,14 +325,14 @@ def _paint_tumours(hu: np.ndarray, chest: _Chest, lungs: np.ndarray, body: np.nd
                    settings: LungGeneratorSettings) -> np.ndarray:
     rng = chest.rng
     label = np.zeros(chest.shape, dtype=np.uint8)
-    if rng.random() < settings.tumour_free_fraction:
+    if rng.random() < settings.tumor_free_fraction:
         return label
     voxels = np.argwhere(lungs)
     if len(voxels) == 0:
         return label
     # At least 2.5 voxels across, so that every labelled tumour is visible at this resolution.
     smallest = max(8.0, 2.5 * float(chest.spacing.max()))
-    for _ in range(int(rng.integers(1, settings.max_tumours + 1))):
+    for _ in range(int(rng.integers(1, settings.max_tumors + 1))):
         diameter = float(np.exp(rng.uniform(np.log(smallest), np.log(max(45.0, smallest * 1.5)))))
         for _attempt in range(20):
             centre_voxel = voxels[rng.integers(len(voxels))]
