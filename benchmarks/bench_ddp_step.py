@@ -42,9 +42,9 @@ def run() -> dict:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         subprocess.run([sys.executable, str(ROOT / "experiments" / "sadaan.py"), "generate_data",
-                        "with", f"dataset_path={work / 'data'}", f"dataset.num_train={CASES}",
-                        "dataset.num_val=4", "dataset.num_test=0",
-                        f"dataset.image_size={SIZE}".replace(" ", ""), "tracking.observer=none"],
+                        "with", f"dataset_path={work / 'data'}", f"synthetic.num_train={CASES}",
+                        "synthetic.num_val=4", "synthetic.num_test=0",
+                        f"synthetic.image_size={SIZE}".replace(" ", ""), "tracking.observer=none"],
                        check=True, capture_output=True, text=True, timeout=600)
         one = _train(work, [sys.executable], "one")
         two = _train(work, [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -60,8 +60,8 @@ def _sadaan(work: Path, launcher: list[str], name: str, *extra: str) -> dict:
     data = work / "sadaan_data"
     if not data.exists():
         _shell([sys.executable, "experiments/sadaan.py", "generate_data", "with",
-                f"dataset_path={data}", "dataset.num_train=16", "dataset.num_val=4",
-                "dataset.num_test=4", "tracking.observer=none"], ROOT)
+                f"dataset_path={data}", "synthetic.num_train=16", "synthetic.num_val=4",
+                "synthetic.num_test=4", "tracking.observer=none"], ROOT)
     runs = work / f"runs_{name}"
     _shell([*launcher, "experiments/sadaan.py", "with", f"dataset_path={data}",
             "training.image_size=[64,64,32]", "training.num_epochs=2", "training.batch_size=4",
@@ -81,8 +81,8 @@ def _sadaan(work: Path, launcher: list[str], name: str, *extra: str) -> dict:
 
 def _lung(work: Path) -> dict:
     lung = [sys.executable, str(ROOT / "experiments" / "lung_tumor.py")]
-    _shell([*lung, "generate_msd", "with", "msd_dir=msd", "dataset.num_volumes=6",
-            "dataset.volume_size=[64,64,32]", "tracking.observer=none"], work)
+    _shell([*lung, "generate_msd", "with", "msd_dir=msd", "synthetic.num_volumes=6",
+            "synthetic.volume_size=[64,64,32]", "tracking.observer=none"], work)
     _shell([*lung, "convert", "with", "msd_dir=msd", "dataset_path=lung",
             "tracking.observer=none"], work)
     _shell([*lung, "with", "dataset_path=lung", "training.image_size=[64,64]",

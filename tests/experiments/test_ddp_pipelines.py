@@ -35,7 +35,7 @@ def _torchrun(experiment: str, arguments: list[str], cwd: Path):
 
 def _lung(cwd: Path) -> list[str]:
     lung = load_experiment("lung_tumor")
-    for command, updates in (("generate_msd", {"msd_dir": "msd", "dataset": {
+    for command, updates in (("generate_msd", {"msd_dir": "msd", "synthetic": {
             "num_volumes": 5, "volume_size": [32, 32, 16]}}),
                              ("convert", {"msd_dir": "msd", "dataset_path": "dataset"})):
         lung.ex.run(command, config_updates={**updates, "tracking": {"observer": "none"}},

@@ -97,8 +97,8 @@ def test_resume_continues_from_the_checkpoint(sadaan_quick, tmp_path):
 def test_generate_data_writes_the_documented_layout(tmp_path):
     target = tmp_path / "generated"
     run({"dataset_path": str(target), "tracking": {"observer": "none"},
-         "dataset": {"num_train": 3, "num_val": 2, "num_test": 1, "image_size": [32, 32, 16],
-                     "num_structures": 2}}, command="generate_data")
+         "synthetic": {"num_train": 3, "num_val": 2, "num_test": 1, "image_size": [32, 32, 16],
+                       "num_structures": 2}}, command="generate_data")
     assert sorted(p.name for p in target.iterdir()) == ["metadata.json", "test.h5", "train.h5",
                                                          "val.h5"]
     with h5py.File(target / "train.h5") as f:

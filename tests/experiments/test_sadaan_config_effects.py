@@ -95,7 +95,7 @@ def probe_precision(config):
 def probe_generate(config):
     target = Path(config["dataset_path"])
     try:
-        sadaan.dataset.generate(str(target))
+        sadaan.generate_data(str(target))
     except MedsegError as error:
         return f"error: {error}".replace(str(target), "TARGET")
     metadata = json.loads((target / "metadata.json").read_text())
