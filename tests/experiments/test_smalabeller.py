@@ -294,8 +294,9 @@ TINY = ["num_workers=0", "batch_size=2", "epochs=2", "model.channels=[4,8,16]",
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    "known defect since the issue-12/13 merge: the four trial runs stay RUNNING with no "
-    "metrics (the sweep's own run completes); passes on the issue-9 branch alone"))
+    "known defect: passes run alone (68 s on main, 2026-12-01) and in CI once, but within the "
+    "full suite on this machine its four trial runs stay RUNNING with no metrics while the "
+    "sweep's own run completes; cause not found yet (Ray trial start-up under load?)"))
 def test_a_four_trial_sweep_records_every_trial(data, tmp_path):
     args = [f"training_images={data / 'imagesTr_resampled'}",
             f"training_labels={data / 'labelsTr_resampled'}", f"runs_dir={tmp_path / 'runs'}",
