@@ -221,6 +221,13 @@ class AneurysmPrepareIngredient(FieldIngredient):
         self.run = self.captured(run_prepare)
         self.check_inputs = self.captured(check_prepare_inputs)
 
+    def validate(self, config) -> None:
+        super().validate(config)
+        window = config[self.path]["intensity_window"]
+        if window is not None and window[0] >= window[1]:
+            raise ConfigError(f"{self.path}.intensity_window must be [low, high] with low < high, "
+                              f"got {list(window)}")
+
 
 SYNTHETIC_FIELDS = {
     "num_series": Field(100, c.integer(minimum=1), "generate_volumes: series (NIfTI volumes)"),

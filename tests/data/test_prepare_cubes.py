@@ -213,6 +213,18 @@ def test_an_empty_volumes_folder_and_bad_settings_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"holds no NIfTI volumes"):
         prepare(tmp_path, tmp_path / "empty")
-    with pytest.raises(ConfigError, match=r"prepare\.intensity_window must be \[low, high\] "
+    with pytest.raises(ConfigError, match=r"^intensity_window must be \[low, high\] "
                                           r"with low < high"):
         prepare(tmp_path, write_inputs(tmp_path / "volumes"), intensity_window=[5, 5])
+
+
+def test_the_config_check_names_the_prepare_entry(tmp_path):
+    # The library names its argument; an `aneurysm_cubes.py prepare` user is told the entry.
+    from support import load_experiment
+
+    ex = load_experiment("aneurysm_cubes").ex
+    with pytest.raises(ConfigError, match=r"^prepare\.intensity_window must be \[low, high\] "
+                                          r"with low < high, got \[5, 5\]"):
+        ex.run("prepare", config_updates={"volumes_dir": str(tmp_path),
+                                          "prepare": {"intensity_window": [5, 5]},
+                                          "tracking": {"observer": "none"}})
