@@ -1,8 +1,9 @@
 """sacredboard against medseg's database: installed once into an environment of its own
 (it is unmaintained and needs ``pymongo<4``, which medseg's environment cannot have), every
 version pinned in ``docs/sacredboard-requirements.txt``, and started through
-``sacredboard_shim.py``, which makes its runs page work against the embedded server and
-binds it to the address the user chose (see that file)."""
+``tools/sacredboard_shim.py``, which makes its runs page work against the embedded server and
+binds it to the address the user chose (see that file). The shim lives outside the library
+because it imports sacredboard, which only that environment has."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from medseg.errors import MedsegError
 from medseg.tracking.omniboard import cache_dir
 
 VERSION = "0.4.2"
-REQUIREMENTS = Path(__file__).resolve().parents[2] / "docs" / "sacredboard-requirements.txt"
-SHIM = Path(__file__).with_name("sacredboard_shim.py")
+ROOT = Path(__file__).resolve().parents[2]
+REQUIREMENTS = ROOT / "docs" / "sacredboard-requirements.txt"
+SHIM = ROOT / "tools" / "sacredboard_shim.py"
 
 
 def install(directory: Path | None = None) -> Path:
