@@ -5,6 +5,10 @@ reach at best), after a time-boxed training run.
 
     NEUROVERSE3D_ICL_MINUTES=6.5 OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks neuroverse3d_icl
 
+``NEUROVERSE3D_ICL_STEPS=N`` ends training after N steps instead (the minutes, if also given,
+still bound it), so that a run sharing the machine with other work does the same training as
+one alone; the learning rate then decays over the steps.
+
 Training uses the pipeline's episodes, task, loss, Adam and clipping (as `with cpu stage=2`,
 contexts of 1-8), one structure per episode and no background in the class pool (so the
 held-out evaluation, which asks for one structure, is the task trained on).
@@ -50,7 +54,8 @@ def run() -> dict:
     from medseg.models.neuroverse3d import Neuroverse3D
     from medseg.tasks import neuroverse3d as nv
 
-    minutes = float(os.environ.get("NEUROVERSE3D_ICL_MINUTES", "7"))
+    max_steps = int(os.environ.get("NEUROVERSE3D_ICL_STEPS", "0")) or None
+    minutes = float(os.environ.get("NEUROVERSE3D_ICL_MINUTES", "600" if max_steps else "7"))
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -74,7 +79,8 @@ def run() -> dict:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
         started, steps, losses = time.perf_counter(), 0, []
         net.train()
-        while (elapsed := time.perf_counter() - started) < minutes * 60:
+        while ((elapsed := time.perf_counter() - started) < minutes * 60
+               and (max_steps is None or steps < max_steps)):
             if elapsed >= next_check:
                 quick = nv.context_size_curve(net.eval(), cases, [8], episodes=8, gs=4,
                                               device=torch.device("cpu"), seed=3)
@@ -86,7 +92,8 @@ def run() -> dict:
                 print(progress[-1], flush=True)
                 next_check += 60.0
             for group in optimizer.param_groups:
-                group["lr"] = LR + (FINAL_LR - LR) * elapsed / (minutes * 60)
+                done = steps / max_steps if max_steps else elapsed / (minutes * 60)
+                group["lr"] = LR + (FINAL_LR - LR) * done
             item = train[int(order[steps % len(order)])]
             batch = {k: v[None] if torch.is_tensor(v) else v for k, v in item.items()}
             output = task.training_step(net, batch, torch.device("cpu"))
@@ -107,7 +114,7 @@ def run() -> dict:
     return {"image_size": SIZE, "channels": CHANNELS, "volume_shape": list(VOLUME),
             "structures": STRUCTURES, "structure_radius": list(RADIUS), "lr": [LR, FINAL_LR], "train_gs": TRAIN_GS,
             "augmentation": None, "progress": progress, "train_minutes": round(train_s / 60, 2),
-            "steps": steps, "seconds_per_step": round(train_s / max(steps, 1), 3),
+            "max_steps": max_steps, "steps": steps, "seconds_per_step": round(train_s / max(steps, 1), 3),
             "loss_first_tenth": sum(losses[:window]) / window,
             "loss_last_tenth": sum(losses[-window:]) / window,
             "held_out_dataset": curve["cases"][0]["dataset"],
