@@ -29,7 +29,10 @@ def _work_tree(filename: str) -> str | None:
 def _commit_once_per_repository(get_commit):
     """Sacred asks git for the commit and dirty state of every source file of every ingredient
     when it is built (three git processes each: 131 for one SADAAN experiment, about half its
-    start-up time); the answer is the repository's, so it is asked once per repository."""
+    start-up time); the answer is the repository's, so it is asked once per repository.
+    The answers last until ``forget()`` (which every experiment calls once built): a
+    long-lived process (a notebook) that builds another experiment after a file changed records
+    the repository as it is then, dirty or committed anew."""
     @functools.lru_cache(maxsize=None)
     def of_repository(tree):
         return get_commit(os.path.join(tree, ".git"), True)
@@ -41,6 +44,7 @@ def _commit_once_per_repository(get_commit):
             return get_commit(filename, save_git_info)
         return of_repository(tree)
 
+    get_commit_if_possible.forget = of_repository.cache_clear
     return get_commit_if_possible
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import sacred.dependencies
 import sacred.experiment as sacred_experiment
 from sacred import Experiment
 from sacred.config import ConfigScope, load_config_file
@@ -169,6 +170,9 @@ class MedsegExperiment(Experiment):
             super().__init__(*args, **kwargs)
         finally:
             sacred_experiment.inspect = inspect
+            # Its ingredients and itself have their sources' git state: the next experiment
+            # built in this process asks git again.
+            sacred.dependencies.get_commit_if_possible.forget()
 
     def add_fields(self, fields: Mapping[str, Field]) -> None:
         """Top-level config entries declared like an ingredient's: default, check, doc."""
