@@ -188,6 +188,7 @@ def _aneurysm_epoch(count: int = 368, device: str = "cuda", precision: str = "fp
                  loaders=LoaderSettings(batch_size=4, num_workers=4 if device == "cuda" else 0))
     epoch_s = result.history[0]["epoch_time_s"]
     return {"cubes": count, "batch_size": 4, "train_time_s": result.history[0]["train_time_s"],
+            "train_loss_epoch": result.history[0]["train_loss_epoch"],
             "epoch_time_s": epoch_s, "wall_s": time.perf_counter() - started,
             "seed_rtx3090_epoch_s": SEED_EPOCH_S, "vs_seed_slowest": epoch_s / SEED_EPOCH_S[1]}
 

@@ -30,6 +30,7 @@ from ingredients.pipeline import PipelineRun
 from ingredients.tracking import LoggingIngredient, SacredReporter, TrackingIngredient
 from ingredients.training import TrainingIngredient
 from medseg import config as c
+from medseg.engine import distributed
 from medseg.data.npz_cubes import NUM_FOLDS
 from medseg.tasks import aneurysm_cv as cv
 from medseg.tasks.aneurysm import (
@@ -229,6 +230,8 @@ def main(_run, _config, _seed, cubes_dir, val_fold, viz_samples, viz_dir, cv_id)
     validation fold (`fold_*` metrics) and on test/ when it exists (`test_*`)."""
     index = dataset.scan(cubes_dir)
     train_records, val_records = dataset.split(index, val_fold)
+    if viz_samples and not distributed.is_main():
+        return {"viz_panels": []}  # under torchrun rank 0 writes the panels
     if viz_samples:
         paths = write_sample_panels(dataset.open_cubes(panel_records(train_records, viz_samples),
                                                        None),

@@ -211,7 +211,9 @@ def main(_run, _config, dataset_path):
     task = _task(_config)
     result = pipeline.fit(net, task, train_set, val_set, callbacks=_callbacks(net, _config),
                           curve_metrics=[f"val_{name}" for name in METRICS if name != "loss"])
-    figure = render_validation_predictions(net, task, val_set, pipeline.device, pipeline.precision,
-                                           pipeline.output_dir / "val_predictions.png")
-    pipeline.reporter.add_artifact(figure)
+    if pipeline.main:  # under torchrun only rank 0 writes files
+        figure = render_validation_predictions(net, task, val_set, pipeline.device,
+                                               pipeline.precision,
+                                               pipeline.output_dir / "val_predictions.png")
+        pipeline.reporter.add_artifact(figure)
     return result

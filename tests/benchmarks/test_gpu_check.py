@@ -25,8 +25,15 @@ def test_without_cuda_it_says_so_and_exits_cleanly():
 
 
 @pytest.mark.slow
-def test_its_aneurysm_epoch_trains_on_cpu():
+def test_its_aneurysm_epoch_runs_on_cpu_and_reports_its_time():
+    """The timed epoch of the GPU check, at two cubes: it trains (a finite loss) and reports
+    the epoch's time beside the seed's."""
+    import math
+
     from benchmarks.gpu_check import _aneurysm_epoch
 
     figures = _aneurysm_epoch(count=2, device="cpu", precision="none", filters=(4, 8, 16, 32))
     assert figures["cubes"] == 2 and figures["train_time_s"] > 0
+    assert math.isfinite(figures["train_loss_epoch"]) and figures["train_loss_epoch"] > 0
+    seed_slowest = figures["seed_rtx3090_epoch_s"][1]
+    assert figures["vs_seed_slowest"] == figures["epoch_time_s"] / seed_slowest
