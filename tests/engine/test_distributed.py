@@ -90,6 +90,14 @@ def test_without_torchrun_everything_is_one_process(monkeypatch):
     assert distributed.setup(torch.device("cpu")) == torch.device("cpu")
     assert distributed.shared_seed(lambda: 42) == 42
     assert distributed.gather("x") == ["x"] and distributed.from_main(3) == 3
+    assert distributed.silent_ranks() is None  # no other process to wait for
+
+
+def test_the_collective_timeout_must_be_positive():
+    with pytest.raises(ValueError, match=r"^timeout must be a number of seconds > 0, got 0$"):
+        distributed.setup(torch.device("cpu"), timeout=0)
+    assert distributed.timed_out(RuntimeError("[gloo] Timed out waiting 5000ms for recv"))
+    assert not distributed.timed_out(RuntimeError("Connection closed by peer"))
 
 
 class _Regression:
