@@ -1,4 +1,4 @@
-"""Training under ``torchrun``: the config entry that picks the process group's backend, the
+"""Training under ``torchrun``: the config entries of the process group (backend, timeout), the
 checks that refuse a job that cannot work (in config keys, before a run is recorded), and
 the Sacred side of a job of several processes: one seed for all, observers on rank 0 only,
 and a rank's failure recorded as the run's.
@@ -25,7 +25,15 @@ FIELDS = {
         "auto", c.choice(*distributed.BACKENDS),
         "Process group under torchrun: 'auto' (NCCL on CUDA, gloo on CPU), 'nccl', 'gloo'",
         resume_may_change=True),
+    "distributed_timeout": Field(
+        int(distributed.DEFAULT_TIMEOUT_S), c.number(above=0),
+        "Seconds a process under torchrun waits for the others in a collective before the run "
+        "fails, naming the process that stopped answering",
+        resume_may_change=True),
 }
+
+#: Where the timeout is set: each pipeline's training group.
+TIMEOUT_KEY = "training.distributed_timeout"
 
 
 class RankFailed(MedsegError):
@@ -85,7 +93,9 @@ def drop_observers(run) -> None:
 def recording_failures(function):
     """``function`` (a run's main function) leaving its error for the other ranks, and on
     rank 0 raising the error of a rank that failed first when this one was stopped for it
-    (torchrun's SIGTERM, or a collective the failed rank left)."""
+    (torchrun's SIGTERM, or a collective the failed rank left). A collective that timed out
+    (a rank hangs, ``training.distributed_timeout``) ends the run with the line naming the
+    ranks that no longer answer."""
     import functools
 
     @functools.wraps(function)
@@ -97,7 +107,12 @@ def recording_failures(function):
                 raise
             # Stopped because another rank went (torchrun's SIGTERM, a broken collective):
             # that rank writes its error just before it exits, so wait for it a moment.
-            peer = distributed.peer_failure(wait_s=3.0 if _caused_by_peer(error) else 0.0)
+            caused = _caused_by_peer(error)
+            peer = distributed.peer_failure(wait_s=3.0 if caused else 0.0)
+            if peer is None and caused and distributed.timed_out(error):
+                peer = _stopped_answering()
+                if peer is not None:  # for rank 0, when another rank found it silent
+                    distributed.report(peer)
             if peer is not None:
                 raise RankFailed(peer) from error
             if not isinstance(error, KeyboardInterrupt):  # Ctrl-C stops every rank alike
@@ -105,6 +120,17 @@ def recording_failures(function):
             raise
 
     return main
+
+
+def _stopped_answering() -> str | None:
+    """The line naming the ranks that did not answer, after a collective timed out."""
+    silent = distributed.silent_ranks()
+    if not silent:
+        return None
+    who = (f"rank {silent[0]}" if len(silent) == 1
+           else f"ranks {', '.join(map(str, silent))}")
+    return (f"{who} stopped answering: no reply to a collective within "
+            f"{distributed.timeout_s():g} s ({TIMEOUT_KEY}); the job is ended")
 
 
 def _caused_by_peer(error: BaseException) -> bool:

@@ -64,7 +64,9 @@ class PipelineRun:
         self.reporter = SacredReporter(run)
         self.device, self.precision = training.device_and_precision()
         # torchrun: join the job (this rank's device); its output folder is rank 0's.
-        self.device = distributed.setup(self.device, run.config["training"]["distributed_backend"])
+        engine = run.config["training"]
+        self.device = distributed.setup(self.device, engine["distributed_backend"],
+                                        engine["distributed_timeout"])
         self.checkpoints = checkpoint.make_manager()
         self.checkpoints.directory = Path(distributed.from_main(str(self.checkpoints.directory)))
         self.output_dir = self.checkpoints.directory

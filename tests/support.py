@@ -36,9 +36,10 @@ def merge(base: dict, updates: dict) -> dict:
 def shared_tracking_entry(key: str) -> bool:
     """Entries of the shared tracking ingredient (and ``tags``), whose effects
     tests/tracking/test_tracking_config.py shows once for every experiment, and
-    ``training.distributed_backend``, shown once by tests/experiments/test_ddp.py (it matters
-    only under torchrun)."""
-    return key.startswith("tracking.") or key in ("tags", "training.distributed_backend")
+    ``training.distributed_backend`` and ``training.distributed_timeout``, shown once by
+    tests/experiments/test_ddp.py (they matter only under torchrun)."""
+    return key.startswith("tracking.") or key in ("tags", "training.distributed_backend",
+                                                  "training.distributed_timeout")
 
 
 _PROGRESS_BAR = re.compile(r"\| *\d+/\d+ \[[\d:]+<[\d:?]+")

@@ -7,6 +7,12 @@ CUDA tensors with gloo beside it for CPU ones, gloo alone on CPU) with a timeout
 collective, gives each rank its device, and offers the few collectives the trainer needs:
 sums across ranks, one object from rank 0, every rank's object.
 
+A rank that hangs (a stuck loader, a deadlocked device) does not leave the others waiting
+for ever: their collective fails after the timeout, and :func:`silent_ranks` then asks every
+rank to answer a monitored barrier (torch's ``monitored_barrier``, on a gloo group of its
+own, since the main group may be left broken by the failed collective), which names the
+ranks that do not.
+
 Before the process group exists (while the command line and the config are read) the ranks
 already share one thing: the key-value store torchrun's rendezvous runs (``MASTER_ADDR``:
 ``MASTER_PORT``). Through it rank 0 hands its random seed to the others, and a rank that
@@ -19,6 +25,7 @@ Without torchrun every function here answers for one process: rank 0 of 1.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,8 +37,11 @@ from torch import nn
 from torch.utils.data import Sampler
 
 BACKENDS = ("auto", "nccl", "gloo")
-#: Seconds a collective (or the store) waits for the other ranks before it fails.
-DEFAULT_TIMEOUT_S = 600.0
+#: Seconds a collective (or the store) waits for the other ranks before it fails, until
+#: :func:`setup` is given another (torch's own default for gloo, and NCCL's with its watchdog).
+DEFAULT_TIMEOUT_S = 1800.0
+#: The longest wait for the ranks to answer :func:`silent_ranks`.
+MONITOR_WAIT_S = 60.0
 _STORE_PREFIX = "medseg"
 _FAILURE_KEY = "failure"
 
@@ -130,11 +140,14 @@ def rank_device(device: torch.device, started: Launch | None = None) -> torch.de
 # ---------------------------------------------------------------------------- the store
 _store: Any = None
 _seed_requests = 0
+_timeout_s = DEFAULT_TIMEOUT_S
+_monitor: Any = None  # the gloo group of silent_ranks()
 
 
 def timeout_s() -> float:
-    """``MEDSEG_COLLECTIVE_TIMEOUT_S`` or 600 s: the longest wait for another rank."""
-    return float(os.environ.get("MEDSEG_COLLECTIVE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    """The longest wait for another rank, in seconds: :func:`setup`'s ``timeout``
+    (:data:`DEFAULT_TIMEOUT_S` before it is called)."""
+    return _timeout_s
 
 
 def store():
@@ -175,16 +188,24 @@ def report_failure(error: BaseException) -> None:
     if started is None or started.world_size == 1:
         return
     line = str(error).splitlines()[0] if str(error) else ""
-    message = f"rank {started.rank} failed: {type(error).__name__}: {line}"
+    report(f"rank {started.rank} failed: {type(error).__name__}: {line}")
+
+
+def report(message: str) -> None:
+    """Leave ``message`` (why the job fails) where the other ranks find it with
+    :func:`peer_failure`; the first one left is kept."""
+    started = launch()
+    if started is None or started.world_size == 1:
+        return
     try:
-        store().compare_set(_FAILURE_KEY, "", message)
+        store().compare_set(_FAILURE_KEY, "", f"{started.rank}|{message}")
     except Exception:  # the store went with the job; nothing left to tell
         pass
 
 
 def peer_failure(wait_s: float = 3.0) -> str | None:
-    """The error another rank left in the store, waiting up to ``wait_s`` for it (the rank
-    that broke a collective writes it just before it exits)."""
+    """The error another rank left in the store (:func:`report`), waiting up to ``wait_s``
+    for it (the rank that broke a collective writes it just before it exits)."""
     started = launch()
     if started is None or started.world_size == 1:
         return None
@@ -192,8 +213,8 @@ def peer_failure(wait_s: float = 3.0) -> str | None:
     while True:
         try:
             if store().check([_FAILURE_KEY]):
-                message = store().get(_FAILURE_KEY).decode()
-                return None if message.startswith(f"rank {started.rank} ") else message
+                reporter, _, message = store().get(_FAILURE_KEY).decode().partition("|")
+                return None if reporter == str(started.rank) else message
         except Exception:  # the store is gone too: its host (rank 0 or the agent) ended
             return None
         if time.monotonic() >= deadline:
@@ -202,9 +223,15 @@ def peer_failure(wait_s: float = 3.0) -> str | None:
 
 
 # ---------------------------------------------------------------------------- process group
-def setup(device: torch.device, backend: str = "auto") -> torch.device:
+def setup(device: torch.device, backend: str = "auto",
+          timeout: float | None = None) -> torch.device:
     """Join the job's process group (once) and return this rank's device; without torchrun
-    ``device`` unchanged. NCCL carries CUDA tensors, gloo the CPU ones beside it."""
+    ``device`` unchanged. NCCL carries CUDA tensors, gloo the CPU ones beside it. Every
+    collective (and the store) waits at most ``timeout`` seconds for the other ranks
+    (:data:`DEFAULT_TIMEOUT_S` when None)."""
+    global _timeout_s, _monitor
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     started = launch()
     if started is None:
         return device
@@ -213,12 +240,44 @@ def setup(device: torch.device, backend: str = "auto") -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not is_initialized():
+        if timeout is not None:
+            _timeout_s = float(timeout)
+        wait = timedelta(seconds=timeout_s())
+        store().set_timeout(wait)
         name = resolve_backend(backend, device)
         dist.init_process_group("cpu:gloo,cuda:nccl" if name == "nccl" else "gloo",
                                 store=store(), rank=started.rank,
-                                world_size=started.world_size,
-                                timeout=timedelta(seconds=timeout_s()))
+                                world_size=started.world_size, timeout=wait)
+        if started.world_size > 1:
+            _monitor = dist.new_group(backend="gloo", timeout=wait)
     return device
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether ``error`` is a collective (or the store) giving up waiting for another rank."""
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def silent_ranks(wait_s: float | None = None) -> list[int] | None:
+    """The ranks that do not answer within ``wait_s`` seconds (the collective timeout, at
+    most :data:`MONITOR_WAIT_S`, when None): ``[]`` when all do, None when it cannot be told
+    (no process group). Every rank that can answers (each one whose collective timed out
+    calls this); rank 0 hears from each of the others, and the others from rank 0 alone."""
+    if _monitor is None or not is_initialized():
+        return None
+    wait = min(timeout_s(), MONITOR_WAIT_S) if wait_s is None else wait_s
+    try:
+        dist.monitored_barrier(group=_monitor, timeout=timedelta(seconds=wait),
+                               wait_all_ranks=True)
+    except Exception as error:  # gloo names the silent ranks in its message
+        text = str(error)
+        missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+        if missing:
+            return [int(r) for r in re.findall(r"\d+", missing.group(1))]
+        missing = re.search(r"send/recv from rank (\d+)", text)  # rank 0, seen by the others
+        return [int(missing.group(1))] if missing else None
+    return []
 
 
 def backend_name() -> str | None:
@@ -228,8 +287,10 @@ def backend_name() -> str | None:
 
 
 def shutdown() -> None:
+    global _monitor, _timeout_s
     if is_initialized():
         dist.destroy_process_group()
+    _monitor, _timeout_s = None, DEFAULT_TIMEOUT_S
 
 
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:

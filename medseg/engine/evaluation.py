@@ -60,25 +60,27 @@ def validation_pass(model: nn.Module, loader: Iterable, *, device: torch.device,
                     precision: Precision,
                     loss: Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
                     on_batch: Callable[..., None], keys: Sequence[str] = ("image", "mask"),
-                    forward: Callable[[torch.Tensor], Any] | None = None) -> LossMeter:
+                    forward: Callable[..., Any] | None = None,
+                    inputs: Sequence[str] = ("image",)) -> LossMeter:
     """One pass over ``loader`` as every task's validation makes it; the loss and its terms
     summed (a :class:`LossMeter`: its ``summary()`` gives the means, and the meters of the
     ranks of a torchrun job add up with ``extend``).
 
-    Each batch has ``keys`` moved to ``device``; ``forward(image)`` (by default the model
-    under ``precision``'s autocast) gives the output; ``loss(output, batch)`` gives the
+    Each batch has ``keys`` moved to ``device``; ``forward`` of the batch's ``inputs``
+    (``forward(image)``; by default the model under ``precision``'s autocast) gives the
+    output; ``loss(output, batch)`` gives the
     total and its terms, computed outside autocast; ``on_batch(batch, output, total, terms)``
     lets the task score the batch.
     """
     if forward is None:
-        def forward(image: torch.Tensor) -> Any:
+        def forward(*tensors: torch.Tensor) -> Any:
             with precision.autocast():
-                return model(image)
+                return model(*tensors)
 
     losses = LossMeter()
     for batch in loader:
         batch = {**batch, **{key: batch[key].to(device, non_blocking=True) for key in keys}}
-        output = forward(batch["image"])
+        output = forward(*(batch[key] for key in inputs))
         total, terms = loss(output, batch)
         losses.add(total, terms)
         on_batch(batch, output, total, terms)

@@ -5,6 +5,10 @@ Scores pool the pixels of all validation slices: ``tumor_dice`` is ``2 TP / (2 T
 over every pixel at once, so a slice without tumour adds its false positives instead of an
 undefined Dice of its own. ``volume_dice`` is the same per validation volume (its kept slices),
 averaged over the volumes where it is defined (tumour in the label or in the prediction).
+
+Under torchrun each rank scores its share of the validation batches; the ranks' pixel counts
+(pooled and per volume: a volume's slices may lie on several ranks) are added before any
+Dice is computed, so the figures are one process's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch.utils.data import Dataset
 
 from medseg.data.png_slices import PNGSliceDataset, scan_slices
 from medseg.data.slice_transforms import slice_transforms
-from medseg.engine.evaluation import validation_pass
+from medseg.engine.evaluation import LossMeter, validation_pass
 from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.trainer import StepOutput, image_mask_step
@@ -50,6 +54,10 @@ class Counts:
         self.fp += int((pred & ~target).sum())
         self.fn += int((~pred & target).sum())
         self.tn += int((~pred & ~target).sum())
+
+    def extend(self, other: Counts) -> None:
+        self.tp, self.fp = self.tp + other.tp, self.fp + other.fp
+        self.fn, self.tn = self.fn + other.fn, self.tn + other.tn
 
     @property
     def dice(self) -> float:
@@ -80,6 +88,12 @@ class TumorScores:
         for index, volume in enumerate(volumes):
             self.volumes[volume].add(pred[index], target[index])
 
+    def extend(self, other: TumorScores) -> None:
+        """Add the counts of ``other`` (another rank's slices), volume by volume."""
+        self.pooled.extend(other.pooled)
+        for volume, counts in other.volumes.items():
+            self.volumes[volume].extend(counts)
+
     def summary(self) -> dict[str, float]:
         per_volume = [c.dice for c in self.volumes.values() if not math.isnan(c.dice)]
         return {"tumor_dice": self.pooled.dice, "tumor_iou": self.pooled.iou,
@@ -104,9 +118,10 @@ class LungTumorTask:
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         return tumor_probability(logits) > self.threshold
 
-    def scores(self, model: nn.Module, loader: Iterable, device: torch.device,
-               precision: Precision) -> tuple[TumorScores, dict[str, float]]:
-        """Pixel counts and the loss with its terms (``{"loss", "loss_<term>"}``)."""
+    def validation_state(self, model: nn.Module, loader: Iterable, device: torch.device,
+                         precision: Precision) -> tuple[TumorScores, LossMeter]:
+        """Pixel counts and loss sums over ``loader`` (one rank's share under torchrun;
+        :meth:`summarise_validation` joins the ranks')."""
         scores = TumorScores()
 
         def score(batch, logits, *_) -> None:
@@ -115,12 +130,20 @@ class LungTumorTask:
         losses = validation_pass(model, loader, device=device, precision=precision,
                                  loss=lambda logits, batch: self.loss(logits, batch["mask"]),
                                  on_batch=score)
-        return scores, losses.summary()
+        return scores, losses
+
+    def summarise_validation(self, states: Sequence[tuple[TumorScores, LossMeter]]
+                             ) -> dict[str, float]:
+        scores, losses = TumorScores(), LossMeter()
+        for rank_scores, rank_losses in states:
+            scores.extend(rank_scores)
+            losses.extend(rank_losses)
+        return {**losses.summary(), **scores.summary()}
 
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
                  precision: Precision) -> dict[str, float]:
-        scores, losses = self.scores(model, loader, device, precision)
-        return {**losses, **scores.summary()}
+        return self.summarise_validation([self.validation_state(model, loader, device,
+                                                                precision)])
 
     def render_prediction(self, model: nn.Module, batch, device: torch.device, path: Path) -> Path:
         """The first slice of ``batch``: image, ground truth and prediction."""

@@ -21,7 +21,7 @@ from medseg.data.nnunet import (
     restore_geometry,
     write_labels,
 )
-from medseg.engine.evaluation import EvaluationReport
+from medseg.engine.evaluation import EvaluationReport, LossMeter, validation_pass
 from medseg.engine.precision import Precision
 from medseg.engine.trainer import StepOutput
 from medseg.errors import DataError, describe
@@ -58,20 +58,39 @@ class Neuroverse3DTask:
         total, terms = self.loss(output, batch["target_out"].to(device))
         return StepOutput(total, terms, output.shape[0])
 
+    def validation_state(self, model: nn.Module, loader: Iterable, device: torch.device,
+                         precision: Precision) -> tuple[LossMeter, list[float]]:
+        """Loss sums and each target's Dice over ``loader`` (one rank's share of the
+        episodes under torchrun; :meth:`summarise_validation` joins the ranks')."""
+        dices: list[float] = []
+
+        def score(batch, output, *_) -> None:
+            for pred, ref in zip(output.float() > THRESHOLD, batch["target_out"] > 0.5):
+                dices.append(dice(pred, ref))
+
+        def forward(target_in, context_in, context_out):
+            with precision.autocast():  # the context stays on the CPU (moved group by group)
+                return model(target_in, context_in, context_out, gs=self.val_gs)
+
+        losses = validation_pass(model, loader, device=device, precision=precision,
+                                 loss=lambda output, batch: self.loss(output, batch["target_out"]),
+                                 on_batch=score, keys=("target_in", "target_out"),
+                                 inputs=("target_in", "context_in", "context_out"),
+                                 forward=forward)
+        return losses, dices
+
+    def summarise_validation(self, states: Sequence[tuple[LossMeter, list[float]]]
+                             ) -> dict[str, float]:
+        losses, dices = LossMeter(), []
+        for rank_losses, rank_dices in states:
+            losses.extend(rank_losses)
+            dices += rank_dices
+        return {**losses.summary(), "dice": float(np.mean(dices)) if dices else float("nan")}
+
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
                  precision: Precision) -> dict[str, float]:
-        losses, terms, dices = [], [], []
-        for batch in loader:
-            with precision.autocast():
-                output = self._forward(model, batch, device, self.val_gs)
-            target = batch["target_out"].to(device)
-            total, parts = self.loss(output, target)
-            losses.append(float(total))
-            terms.append(float(parts["smooth_l3_l1"]))
-            for pred, ref in zip(output.float() > THRESHOLD, target > 0.5):
-                dices.append(dice(pred, ref))
-        return {"loss": float(np.mean(losses)), "loss_smooth_l3_l1": float(np.mean(terms)),
-                "dice": float(np.mean(dices))}
+        return self.summarise_validation([self.validation_state(model, loader, device,
+                                                                precision)])
 
 
 # ---------------------------------------------------------------------------- weights

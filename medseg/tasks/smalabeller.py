@@ -25,6 +25,7 @@ from medseg.data.mri_transforms import make_dataset, make_loader
 from medseg.data.nifti_pairs import CasePair
 from medseg.engine.bn_calibration import BatchNormCalibration
 from medseg.engine.checkpoint import CheckpointManager, load_checkpoint
+from medseg.engine.evaluation import LossMeter, validation_pass
 from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.schedulers import LRSchedule
@@ -129,26 +130,42 @@ class SMALabellerTask:
             total, terms = self.loss(logits, target)
         return StepOutput(total, terms, int(logits.shape[0]))
 
+    def validation_state(self, model: nn.Module, loader: Iterable, device: torch.device,
+                         precision: Precision) -> tuple[LossMeter, list[float]]:
+        """Loss sums and each volume's Dice over ``loader`` (one rank's share of the
+        volumes under torchrun; :meth:`summarise_validation` joins the ranks')."""
+        dices: list[float] = []
+
+        def score(batch, logits, *_) -> None:
+            volumes = batch["label"].shape[0]
+            pred = self.as_volumes(logits > 0, volumes)
+            truth = self.as_volumes(self.model_input(batch["label"]) > 0.5, volumes)
+            dices.extend(volume_dice(pred, truth))
+
+        def forward(image):
+            with precision.autocast():
+                return model(self.model_input(image))
+
+        losses = validation_pass(
+            model, loader, device=device, precision=precision, on_batch=score,
+            loss=lambda logits, batch: self.loss(logits, self.model_input(batch["label"])),
+            keys=("image", "label"), forward=forward)
+        return losses, dices
+
+    def summarise_validation(self, states: Sequence[tuple[LossMeter, list[float]]]
+                             ) -> dict[str, float]:
+        """The loss averaged over batches, Dice over the volumes where it is defined."""
+        losses, dices = LossMeter(), []
+        for rank_losses, rank_dices in states:
+            losses.extend(rank_losses)
+            dices += rank_dices
+        defined = [d for d in dices if not math.isnan(d)]
+        return {**losses.summary(), "dice": sum(defined) / len(defined) if defined else math.nan}
+
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
                  precision: Precision) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        dices: list[float] = []
-        batches = 0
-        for batch in loader:
-            with precision.autocast():
-                logits, target = self.forward(model, batch, device)
-            total, terms = self.loss(logits, target)
-            named = {"loss": total, **{f"loss_{k}": v for k, v in terms.items()}}
-            for name, value in named.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-            batches += 1
-            volumes = torch.as_tensor(batch["label"]).shape[0]
-            pred = self.as_volumes(logits > 0, volumes)
-            truth = self.as_volumes(target > 0.5, volumes)
-            dices += volume_dice(pred, truth)
-        defined = [d for d in dices if not math.isnan(d)]
-        return {**{name: value / max(batches, 1) for name, value in sums.items()},
-                "dice": sum(defined) / len(defined) if defined else math.nan}
+        return self.summarise_validation([self.validation_state(model, loader, device,
+                                                                precision)])
 
     def as_volumes(self, output: torch.Tensor, volumes: int) -> torch.Tensor:
         if self.spatial_dims == 3:

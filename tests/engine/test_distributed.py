@@ -4,6 +4,7 @@ the engine in a process group of one (DDP wrapped, checkpoints as one process wr
 
 from __future__ import annotations
 
+import math
 import socket
 
 import pytest
@@ -89,6 +90,14 @@ def test_without_torchrun_everything_is_one_process(monkeypatch):
     assert distributed.setup(torch.device("cpu")) == torch.device("cpu")
     assert distributed.shared_seed(lambda: 42) == 42
     assert distributed.gather("x") == ["x"] and distributed.from_main(3) == 3
+    assert distributed.silent_ranks() is None  # no other process to wait for
+
+
+def test_the_collective_timeout_must_be_positive():
+    with pytest.raises(ValueError, match=r"^timeout must be a number of seconds > 0, got 0$"):
+        distributed.setup(torch.device("cpu"), timeout=0)
+    assert distributed.timed_out(RuntimeError("[gloo] Timed out waiting 5000ms for recv"))
+    assert not distributed.timed_out(RuntimeError("Connection closed by peer"))
 
 
 class _Regression:
@@ -156,3 +165,75 @@ def test_one_process_on_several_gpus_says_to_use_torchrun(monkeypatch):
         "experiments/sadaan.py with training.batch_size=8")
     assert distributed.torchrun_hint(torch.device("cuda"), argv, visible=1) is None
     assert distributed.torchrun_hint(torch.device("cpu"), argv, visible=2) is None
+
+
+# ------------------------------------------------------------------ sharded validation
+class _Brightness(nn.Module):
+    """Tumour logit of a slice: its brightness (right on some pixels, wrong on others)."""
+
+    def forward(self, image):
+        return torch.cat([torch.zeros_like(image), (image - 0.6) * 10], dim=1)
+
+
+class _ContextConv(nn.Module):
+    """A stand-in for Neuroverse3D: the target's convolution shifted by the context labels'
+    mean (the context stays on the CPU, as the model's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 1, 3, padding=1)
+
+    def forward(self, target, context_in, context_out, gs):
+        return self.conv(target) + context_out.float().mean(dim=1).to(target)
+
+
+def _lung():
+    from medseg.losses.dice_bce import SegmentationLoss
+    from medseg.tasks.lung_tumor import LungTumorTask
+
+    # Ten slices of three volumes: in batches of 2 dealt to the ranks, v0's slices (0, 3, 6,
+    # 9) lie on every rank, so its Dice needs the ranks' counts added, not their Dice.
+    images = torch.rand(10, 1, 8, 8)
+    cases = [{"image": image, "mask": (image + 0.4 * torch.rand_like(image) > 0.8).float(),
+              "volume": f"v{i % 3}"} for i, image in enumerate(images)]
+    return LungTumorTask(SegmentationLoss("dice_bce")), _Brightness(), cases
+
+
+def _neuroverse3d():
+    from medseg.losses.neuroverse3d import SmoothL3L1Loss
+    from medseg.tasks.neuroverse3d import Neuroverse3DTask
+
+    cases = [{"target_in": torch.rand(1, 4, 4, 4), "context_in": torch.rand(2, 1, 4, 4, 4),
+              "context_out": (torch.rand(2, 1, 4, 4, 4) > 0.5).float(),
+              "target_out": (torch.rand(1, 4, 4, 4) > 0.5).float()} for _ in range(7)]
+    return Neuroverse3DTask(SmoothL3L1Loss(), val_gs=1), _ContextConv(), cases
+
+
+def _smalabeller():
+    from medseg.tasks.smalabeller import SegmentationLoss, SMALabellerTask
+
+    cases = [{"image": torch.rand(1, 8, 8, 3), "label": (torch.rand(1, 8, 8, 3) > 0.7).float()}
+             for _ in range(5)]
+    return (SMALabellerTask(SegmentationLoss("combination"), spatial_dims=2),
+            nn.Conv2d(1, 1, 3, padding=1), cases)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("pipeline", [_lung, _neuroverse3d, _smalabeller])
+def test_validation_shared_by_ranks_scores_as_one_process(pipeline, world):
+    """What each rank of a torchrun job scores (its share of the batches), joined as the
+    trainer joins the gathered states, gives one process's validation metrics."""
+    from medseg.engine.precision import resolve_precision
+
+    torch.manual_seed(0)
+    task, model, cases = pipeline()
+    cpu, fp32 = torch.device("cpu"), resolve_precision("none", torch.device("cpu"))
+    loader = EpochLoader(cases, batch_size=2, shuffle=False, num_workers=0, seed=0)
+    with torch.no_grad():
+        one = task.validate(model.eval(), loader, cpu, fp32)
+        states = [task.validation_state(model, loader.validation_shard(rank, world), cpu, fp32)
+                  for rank in range(world)]
+    shared = task.summarise_validation(states)
+    assert set(shared) == set(one) >= {"loss", "volume_dice" if pipeline is _lung else "dice"}
+    assert all(math.isfinite(value) for value in one.values())
+    assert shared == pytest.approx(one, rel=1e-9, abs=1e-12)

@@ -1,9 +1,10 @@
 """SADAAN under ``torchrun`` with two CPU processes (gloo), from the shell as a user starts it.
 
-One module fixture makes every run (about a minute of CPU): a two-rank run recorded with
-``-F``, the same command in one process, the two-rank checkpoint resumed in one process, and
-a job whose rank 1 fails. Bad input is checked in-process (the same check runs on every rank
-before a run is recorded).
+One module fixture makes every run (about a minute and a half of CPU): a two-rank run
+recorded with ``-F``, the same command in one process (its epoch-2 checkpoint kept), the
+two-rank checkpoint resumed in one process and the one-process checkpoint under two ranks, a
+job whose rank 1 fails and one whose rank 1 hangs. Bad input is checked in-process (the same
+check runs on every rank before a run is recorded).
 
 For a batch split over two ranks to train exactly as the whole batch in one process: the
 loss weights of the three terms that pool over the whole batch (Dice, attention supervision
@@ -45,8 +46,26 @@ FAILING_RANK = textwrap.dedent('''
         sadaan.SADAANTask.training_step = training_step
 ''')
 
+# Rank 1 stops answering in its third training step (a stuck loader or device), for longer
+# than the test allows the job: only the collective timeout ends it in time.
+HANGING_RANK = textwrap.dedent('''
+    import os
+    if os.environ.get("RANK") == "1":
+        import time
+        from medseg.tasks import sadaan
+        _step, _calls = sadaan.SADAANTask.training_step, [0]
+        def training_step(self, *args):
+            _calls[0] += 1
+            if _calls[0] == 3:
+                time.sleep(200)
+            return _step(self, *args)
+        sadaan.SADAANTask.training_step = training_step
+''')
+#: The job must end well before the hanging rank would wake.
+HANG_BOUND_S = 120
 
-def _arguments(data: Path, *extra: str) -> list[str]:
+
+def _arguments(data: Path, *extra: str, save_frequency: int = 0) -> list[str]:
     return ["with", "seed=7", f"dataset_path={data}", "training.image_size=[32,32,16]",
             "training.num_workers=0", "training.batch_size=2", "training.warmup_epochs=0",
             "training.gradient_accumulation_steps=1", "model.base_channels=4",
@@ -54,7 +73,14 @@ def _arguments(data: Path, *extra: str) -> list[str]:
             "loss_weights.attention_supervision=0",
             "optimizer.type=sgd", "training.learning_rate=0.01",
             "augmentation.enabled=False", "logging.progress_bar=False",
-            "logging.log_frequency=1", "checkpoint.save_frequency=0", *extra]
+            "logging.log_frequency=1", f"checkpoint.save_frequency={save_frequency}", *extra]
+
+
+def _with_site(cwd: Path, name: str, code: str) -> dict:
+    """The environment that runs ``code`` at the start of every process (sitecustomize)."""
+    (cwd / name).mkdir()
+    (cwd / name / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join([str(cwd / name), os.environ.get("PYTHONPATH", "")])}
 
 
 def _run(command: list[str], cwd: Path, env: dict | None = None, timeout: float = 240):
@@ -73,23 +99,31 @@ def runs(sadaan_data, tmp_path_factory):
                             "checkpoint.save_dir=ck_two/{run_id}")], cwd)
     one = _run([sys.executable, str(SADAAN),
                 *_arguments(sadaan_data, "training.num_epochs=3", "tracking.observer=file",
-                            "tracking.file_dir=runs_one", "checkpoint.save_dir=ck_one/{run_id}")],
+                            "tracking.file_dir=runs_one", "checkpoint.save_dir=ck_one/{run_id}",
+                            save_frequency=1)],
                cwd)
     resumed = _run([sys.executable, str(SADAAN),
                     *_arguments(sadaan_data, "training.num_epochs=3", "tracking.observer=file",
                                 "tracking.file_dir=runs_resumed",
                                 "checkpoint.save_dir=ck_resumed/{run_id}",
                                 "checkpoint.resume=ck_two/1/last_model.pth")], cwd)
-    (cwd / "failing").mkdir()
-    (cwd / "failing" / "sitecustomize.py").write_text(FAILING_RANK)
+    resumed_two = _run([*TORCHRUN, str(SADAAN),
+                        *_arguments(sadaan_data, "training.num_epochs=3",
+                                    "tracking.observer=file", "tracking.file_dir=runs_resumed_two",
+                                    "checkpoint.save_dir=ck_resumed_two/{run_id}",
+                                    "checkpoint.resume=ck_one/1/checkpoint_epoch_2.pth")], cwd)
     failing = _run([*TORCHRUN, str(SADAAN),
                     *_arguments(sadaan_data, "training.num_epochs=2", "tracking.observer=file",
                                 "tracking.file_dir=runs_failing",
                                 "checkpoint.save_dir=ck_failing/{run_id}")], cwd,
-                   env={"PYTHONPATH": os.pathsep.join([str(cwd / "failing"),
-                                                       os.environ.get("PYTHONPATH", "")])})
-    return {"cwd": cwd, "two": two, "one": one, "resumed": resumed, "failing": failing,
-}
+                   env=_with_site(cwd, "failing", FAILING_RANK))
+    hanging = _run([*TORCHRUN, str(SADAAN),
+                    *_arguments(sadaan_data, "training.num_epochs=2", "tracking.observer=file",
+                                "tracking.file_dir=runs_hanging", "training.distributed_timeout=5",
+                                "checkpoint.save_dir=ck_hanging/{run_id}")], cwd,
+                   env=_with_site(cwd, "hanging", HANGING_RANK))
+    return {"cwd": cwd, "two": two, "one": one, "resumed": resumed, "resumed_two": resumed_two,
+            "failing": failing, "hanging": hanging}
 
 
 def _metrics(directory: Path) -> dict[str, dict]:
@@ -149,6 +183,34 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(runs):
             assert a[step] == pytest.approx(b[step], **TOLERANCE), (name, step)
 
 
+def test_checkpoint_of_one_process_resumes_under_two_ranks(runs):
+    import torch
+
+    resumed = runs["resumed_two"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after, uninterrupted = (_metrics(runs["cwd"] / "runs_resumed_two"),
+                            _metrics(runs["cwd"] / "runs_one"))
+    assert sorted(_values(after, "val_loss")) == [3]
+    assert sorted(_values(after, "train_loss")) == [9, 10, 11, 12]  # the steps of epoch 3
+    for name in _compared(after, uninterrupted):
+        a, b = _values(after, name), _values(uninterrupted, name)
+        for step in a:
+            assert a[step] == pytest.approx(b[step], **TOLERANCE), (name, step)
+    # The end of both: the same weights, optimizer state and place in the schedule.
+    (last,) = (runs["cwd"] / "ck_resumed_two").glob("*/last_model.pth")
+    two, one = (torch.load(path, weights_only=True) for path in
+                (last, runs["cwd"] / "ck_one" / "1" / "last_model.pth"))
+    assert (two["epoch"], two["global_step"]) == (one["epoch"], one["global_step"]) == (3, 12)
+    assert two["scheduler"] == one["scheduler"]
+    for name, weight in one["model"].items():
+        assert torch.allclose(two["model"][name], weight, rtol=1e-3, atol=1e-5), name
+    for index, state in one["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.allclose(two["optimizer"]["state"][index][key], value, rtol=1e-3,
+                                  atol=1e-5), (index, key)
+    assert two["optimizer"]["param_groups"] == one["optimizer"]["param_groups"]
+
+
 def test_a_failing_rank_fails_the_run_with_its_error(runs):
     failing = runs["failing"]
     assert failing.returncode != 0
@@ -158,6 +220,18 @@ def test_a_failing_rank_fails_the_run_with_its_error(runs):
     assert "rank 1 failed: RuntimeError: injected failure in rank 1's third step" in \
         "".join(recorded["fail_trace"])
     assert "error: rank 1 failed: RuntimeError: injected failure" in failing.stderr
+
+
+def test_a_hanging_rank_fails_the_run_after_the_timeout_naming_it(runs):
+    hanging = runs["hanging"]
+    assert hanging.returncode != 0
+    assert hanging.seconds < HANG_BOUND_S  # rank 1 sleeps 200 s: the timeout ended the job
+    (recorded,) = file_runs(runs["cwd"] / "runs_hanging")
+    assert recorded["status"] == "FAILED"
+    line = ("rank 1 stopped answering: no reply to a collective within 5 s "
+            "(training.distributed_timeout)")
+    assert line in "".join(recorded["fail_trace"])
+    assert f"error: {line}" in hanging.stderr
 
 
 @pytest.mark.parametrize("training, line", [

@@ -1,9 +1,12 @@
 """The other pipelines under ``torchrun`` with two CPU processes (gloo): each records one
-COMPLETED run with the job's world size and its checkpoints from rank 0 alone. The
-aneurysm pipeline scores each rank's share of the validation cubes (sliding window): its
-recorded figures equal one process's on the same weights (a learning rate of 1e-12 keeps the
-weights those of the seed in both runs, whatever the batches). SADAAN's tests, with the
-resume and the failing rank, are in test_ddp.py."""
+COMPLETED run with the job's world size and its checkpoints from rank 0 alone, each rank
+validating its share of the cases. The aneurysm pipeline's recorded figures (sliding window
+over each rank's cubes) equal one process's on the same weights: a learning rate of 1e-12
+keeps the weights those of the seed in both runs, whatever the batches, and its default
+model (instance norm) has no BatchNorm statistics, which would be rank 0's half batch. That
+the other pipelines' shares join into one process's figures is shown without processes in
+tests/engine/test_distributed.py. SADAAN's tests, with the resumes and the failing and
+hanging ranks, are in test_ddp.py."""
 
 from __future__ import annotations
 
