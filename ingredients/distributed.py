@@ -10,6 +10,7 @@ The engine side (process group, sharded batches, reductions) is
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,15 +70,20 @@ def check_training(config: Mapping[str, Any], path: str, device: torch.device) -
                  path=path)
 
 
-def agree_on_seed(config_updates: dict | None) -> dict | None:
-    """Rank 0's seed for every rank when none is given (Sacred draws one per process)."""
+def agreed_seed(seed: int) -> int | None:
+    """Rank 0's seed when it is not ``seed``, this rank's (None without torchrun, or when the
+    ranks already agree). Each process resolves its config first, so a seed that a config
+    file or named config sets is the same everywhere; only a seed Sacred drew differs, one
+    per process, and then rank 0's is the job's."""
     if distributed.launch() is None or distributed.world_size() == 1:
-        return config_updates
-    if config_updates and "seed" in config_updates:
-        return config_updates
-    from sacred.randomness import get_seed
-
-    return {**(config_updates or {}), "seed": distributed.shared_seed(get_seed)}
+        return None
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ConfigError(f"RANK and WORLD_SIZE are set (a job of {distributed.world_size()} "
+                          f"processes) but {' and '.join(missing)} not: start the job with "
+                          "torchrun, which sets them all")
+    shared = distributed.shared_seed(lambda: seed)
+    return None if shared == seed else shared
 
 
 def drop_observers(run) -> None:
@@ -101,7 +107,7 @@ def recording_failures(function):
     @functools.wraps(function)
     def main(*args):
         try:
-            return function(*args)
+            result = function(*args)
         except BaseException as error:
             if distributed.launch() is None or distributed.world_size() == 1:
                 raise
@@ -118,6 +124,10 @@ def recording_failures(function):
             if not isinstance(error, KeyboardInterrupt):  # Ctrl-C stops every rank alike
                 distributed.report_failure(error)
             raise
+        # Every collective of the run is done: the process group ends with it (NCCL warns
+        # at exit, and may hang there, when it is left up).
+        distributed.shutdown()
+        return result
 
     return main
 

@@ -211,10 +211,15 @@ class MedsegExperiment(Experiment):
         self._add_labels()
         _check_config_files(named_configs)
         seed_given = "seed" in (config_updates or {})
-        config_updates = distributed.agree_on_seed(config_updates)  # torchrun: rank 0's
         try:
             run = super()._create_run(command_name, config_updates, named_configs, info,
                                       meta_info, options)
+            # torchrun: every process takes rank 0's seed (Sacred draws one per process).
+            agreed = None if seed_given else distributed.agreed_seed(run.config["seed"])
+            if agreed is not None:
+                config_updates = {**(config_updates or {}), "seed": agreed}
+                run = super()._create_run(command_name, config_updates, named_configs, info,
+                                          meta_info, options)
         except ConfigAddedError as error:
             raise ConfigError(self._unknown_entries(error.__conflicting_configs__,
                                                     named_configs)) from None

@@ -22,6 +22,7 @@ from medseg.data.episodes import (
 )
 from medseg.data.nnunet import NnunetDataset, find_datasets
 from medseg.data.staging import refuse_to_overwrite
+from medseg.engine import distributed
 from medseg.errors import ConfigError, DataError
 from medseg.models.neuroverse3d import DEFAULT_CHANNELS, Neuroverse3D
 from medseg.tasks.neuroverse3d import open_episode_data, read_weights
@@ -181,9 +182,12 @@ def _check_training(config) -> None:
                               f"{list(channels)}, but model.channels is "
                               f"{list(config['model']['channels'])}; set model.channels to match")
     random = config["stage"] == 2 and config["random_context_probability"] > 0
-    if random and config["training"]["batch_size"] > 1:
-        raise ConfigError("training.batch_size must be 1 in stage 2: its episodes have different "
-                          f"context sizes and cannot share a batch (got {config['training']['batch_size']})")
+    processes = distributed.world_size()  # torchrun: each process takes its share
+    if random and config["training"]["batch_size"] > processes:
+        each = "1" if processes == 1 else f"{processes} (one per process under torchrun)"
+        raise ConfigError(f"training.batch_size must be {each} in stage 2: its episodes have "
+                          "different context sizes and cannot share a batch (got "
+                          f"{config['training']['batch_size']})")
     tasks = _tasks(config, "datasets")
     rate = config["sample_rate"]
     names = config["datasets"] or sorted({t.dataset.name for t in tasks})

@@ -237,3 +237,68 @@ def test_validation_shared_by_ranks_scores_as_one_process(pipeline, world):
     assert set(shared) == set(one) >= {"loss", "volume_dice" if pipeline is _lung else "dice"}
     assert all(math.isfinite(value) for value in one.values())
     assert shared == pytest.approx(one, rel=1e-9, abs=1e-12)
+
+
+_SEED_SCRIPT = '''import os
+from ingredients.experiment import MedsegExperiment
+
+ex = MedsegExperiment("seeds")
+
+
+@ex.capture
+def data_seed(_seed):
+    return _seed
+
+
+@ex.main
+def main(seed):
+    print(f"rank {os.environ['RANK']}: seed {seed} data {data_seed()}", flush=True)
+
+
+if __name__ == "__main__":
+    ex.run_commandline()
+'''
+
+
+@pytest.mark.parametrize("given", [None, "file"])
+def test_every_rank_runs_with_rank_0s_seed_or_the_config_files(tmp_path, given):
+    """Sacred draws a seed per process: under torchrun every rank takes rank 0's, and a seed
+    a config file sets is the one every rank uses (it was overridden by rank 0's draw)."""
+    import re
+    import subprocess
+    import sys
+
+    script = tmp_path / "seeds.py"
+    script.write_text(_SEED_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(script)]
+    if given == "file":
+        (tmp_path / "seed.yaml").write_text("seed: 5\n")
+        command += ["with", str(tmp_path / "seed.yaml")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = dict((int(r), (int(s), int(d))) for r, s, d in
+                re.findall(r"rank (\d): seed (\d+) data (\d+)", done.stdout))
+    assert set(seen) == {0, 1}
+    assert seen[0] == seen[1]
+    if given == "file":
+        assert seen[0][0] == 5
+
+
+def test_a_job_environment_without_its_address_is_one_line(tmp_path):
+    """RANK and WORLD_SIZE set by hand (not by torchrun) without MASTER_ADDR/PORT."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "seeds.py"
+    script.write_text(_SEED_SCRIPT)
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**environment, "RANK": "1",
+                                                       "WORLD_SIZE": "2"})
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert ("RANK and WORLD_SIZE are set (a job of 2 processes) but MASTER_ADDR and "
+            "MASTER_PORT not: start the job with torchrun") in done.stderr

@@ -132,6 +132,30 @@ def test_bad_config_stops_before_a_run(ex_run, prepared, updates, message):
         ex_run(**updates)
 
 
+def test_stage_2_under_torchrun_takes_one_episode_per_process(ex_run, prepared, monkeypatch):
+    """Random context sizes cannot share a batch: under torchrun each process takes one
+    episode, so the batch is the number of processes (rank 0 of a two-process job here, whose
+    checks refuse the config before any process group is made)."""
+    import socket
+
+    from medseg.engine import distributed
+    from medseg.models.neuroverse3d import Neuroverse3D
+
+    torch.save({"model": Neuroverse3D(channels=[4, 8, 16]).state_dict(),
+                "config": {"model": {"channels": [4, 8, 16]}}}, prepared / "w.ckpt")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "_store", None)  # this job's store goes with the test
+    with pytest.raises(ConfigError, match=r"training.batch_size must be 2 \(one per process "
+                                          r"under torchrun\) in stage 2: .* \(got 4\)"):
+        ex_run(stage=2, weights="w.ckpt", training={"batch_size": 4},
+               datasets=["Dataset001", "Dataset002"])
+
+
 def test_checkpoint_of_another_architecture(ex_run, prepared):
     from medseg.models.neuroverse3d import Neuroverse3D
     torch.save({"model": Neuroverse3D(channels=[4, 8]).state_dict(),
