@@ -7,7 +7,8 @@ reach at best), after a time-boxed training run.
 
 ``NEUROVERSE3D_ICL_STEPS=N`` ends training after N steps instead (the minutes, if also given,
 still bound it), so that a run sharing the machine with other work does the same training as
-one alone; the learning rate then decays over the steps.
+one alone; the learning rate then decays over the steps. ``NEUROVERSE3D_ICL_DATASETS=N``
+generates N datasets (default 4), the last held out: more training tasks, less to memorise.
 
 Training uses the pipeline's episodes, task, loss, Adam and clipping (as `with cpu stage=2`,
 contexts of 1-8), one structure per episode and no background in the class pool (so the
@@ -55,18 +56,19 @@ def run() -> dict:
     from medseg.tasks import neuroverse3d as nv
 
     max_steps = int(os.environ.get("NEUROVERSE3D_ICL_STEPS", "0")) or None
+    datasets = int(os.environ.get("NEUROVERSE3D_ICL_DATASETS", "4"))
     minutes = float(os.environ.get("NEUROVERSE3D_ICL_MINUTES", "600" if max_steps else "7"))
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate_neuroverse3d_data(tmp / "raw", num_datasets=4, cases_per_dataset=12, seed=0,
-                                   volume_shape=VOLUME, structures=STRUCTURES,
+        generate_neuroverse3d_data(tmp / "raw", num_datasets=datasets, cases_per_dataset=12,
+                                   seed=0, volume_shape=VOLUME, structures=STRUCTURES,
                                    structure_radius=RADIUS)
         prepare_nnunet(tmp / "raw", tmp / "nn", dataset_name="x", modality="MRI")
         settings = EpisodeSettings(context_size=3, random_context_range=(1, 8),
                                    random_context_probability=0.5, max_classes=1,
                                    background_in_pool=False)
-        trained_on = ["Dataset001", "Dataset002", "Dataset003"]
+        trained_on = [f"Dataset{index:03d}" for index in range(1, datasets)]
         data = nv.open_episode_data(tmp / "nn", image_size=SIZE, settings=settings,
                                     datasets=trained_on, episodes=100000, val_episodes=1)
         net = Neuroverse3D(channels=CHANNELS, gs=TRAIN_GS)
@@ -111,8 +113,9 @@ def run() -> dict:
         seen_curve = nv.context_size_curve(net, seen, CONTEXT_SIZES, episodes=20, gs=4,
                                            device=torch.device("cpu"), seed=2)
     window = max(1, steps // 10)
-    return {"image_size": SIZE, "channels": CHANNELS, "volume_shape": list(VOLUME),
-            "structures": STRUCTURES, "structure_radius": list(RADIUS), "lr": [LR, FINAL_LR], "train_gs": TRAIN_GS,
+    return {"datasets": datasets, "image_size": SIZE, "channels": CHANNELS,
+            "volume_shape": list(VOLUME), "structures": STRUCTURES,
+            "structure_radius": list(RADIUS), "lr": [LR, FINAL_LR], "train_gs": TRAIN_GS,
             "augmentation": None, "progress": progress, "train_minutes": round(train_s / 60, 2),
             "max_steps": max_steps, "steps": steps,
             "seconds_per_step": round(train_s / max(steps, 1), 3),
