@@ -40,7 +40,7 @@ from medseg.data.staging import refuse_to_overwrite
 from medseg.data.synthetic.lung import generate_lung_task
 from medseg.engine.ema import ModelEMA
 from medseg.tasks.lung_tumor import (
-    METRICS,
+    CURVE_METRICS,
     LungTumorTask,
     overfit_slices,
     render_validation_predictions,
@@ -210,7 +210,7 @@ def main(_run, _config, dataset_path):
     net = model.make_model()
     task = _task(_config)
     result = pipeline.fit(net, task, train_set, val_set, callbacks=_callbacks(net, _config),
-                          curve_metrics=[f"val_{name}" for name in METRICS if name != "loss"])
+                          curve_metrics=[f"val_{name}" for name in CURVE_METRICS])
     figure = render_validation_predictions(net, task, val_set, pipeline.device, pipeline.precision,
                                            pipeline.output_dir / "val_predictions.png")
     pipeline.reporter.add_artifact(figure)

@@ -1,10 +1,18 @@
 """How the lung-tumour model trains and is scored on 2D slices, its figures, and the overfit
 sanity check.
 
-Scores pool the pixels of all validation slices: ``tumor_dice`` is ``2 TP / (2 TP + FP + FN)``
-over every pixel at once, so a slice without tumour adds its false positives instead of an
-undefined Dice of its own. ``volume_dice`` is the same per validation volume (its kept slices),
-averaged over the volumes where it is defined (tumour in the label or in the prediction).
+Tumour Dice is reported the three ways users compare it (a slice, a volume or a pixel as the
+unit), each ``2 TP / (2 TP + FP + FN)``:
+
+- ``tumor_dice_pooled`` (also ``tumor_dice``, the monitored default): over every validation
+  pixel at once, so a slice without tumour adds its false positives instead of an undefined
+  Dice of its own. The seed's ``SegmentationMetrics`` accumulates one confusion matrix over
+  the validation batches, so its reported Dice is most likely this one.
+- ``tumor_dice_per_volume``: each validation volume's Dice over all its slices, averaged over
+  the volumes where it is defined (tumour in the label or in the prediction; a volume
+  without tumour and without predicted tumour counts for nothing).
+- ``tumor_dice_per_slice``: each slice's Dice averaged over the slices whose label holds
+  tumour (false positives on slices without tumour do not count).
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ from medseg.errors import DataError
 from medseg.viz.overlays import plot_prediction_grid, plot_segmentation_panel
 
 TUMOR = 1
-METRICS = ("loss", "tumor_dice", "tumor_iou", "pixel_accuracy", "volume_dice")
+METRICS = ("loss", "tumor_dice", "tumor_dice_pooled", "tumor_dice_per_volume",
+           "tumor_dice_per_slice", "tumor_iou", "pixel_accuracy")
+#: ``tumor_dice`` is ``tumor_dice_pooled`` under the name runs have always had (and monitor).
+CURVE_METRICS = tuple(name for name in METRICS if name not in ("loss", "tumor_dice"))
 
 
 def tumor_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -51,6 +62,10 @@ class Counts:
         self.fn += int((~pred & target).sum())
         self.tn += int((~pred & ~target).sum())
 
+    def merge(self, other: Counts) -> None:
+        self.tp, self.fp = self.tp + other.tp, self.fp + other.fp
+        self.fn, self.tn = self.fn + other.fn, self.tn + other.tn
+
     @property
     def dice(self) -> float:
         denominator = 2 * self.tp + self.fp + self.fn
@@ -69,22 +84,37 @@ class Counts:
 
 @dataclass
 class TumorScores:
-    """Pixel counts pooled over all slices and per volume."""
+    """Pixel counts pooled over all slices, per volume, and each tumour slice's Dice."""
 
     pooled: Counts = field(default_factory=Counts)
     volumes: dict[str, Counts] = field(default_factory=lambda: defaultdict(Counts))
+    tumor_slice_dice: list[float] = field(default_factory=list)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, volumes: Sequence[str]) -> None:
         """``pred`` and ``target`` bool [B, 1, H, W]; ``volumes`` the volume of each slice."""
         self.pooled.add(pred, target)
         for index, volume in enumerate(volumes):
-            self.volumes[volume].add(pred[index], target[index])
+            counts = Counts()
+            counts.add(pred[index], target[index])
+            self.volumes[volume].merge(counts)
+            if counts.tp + counts.fn:  # the label holds tumour
+                self.tumor_slice_dice.append(counts.dice)
+
+    def merge(self, other: TumorScores) -> None:
+        """Add what ``other`` scored (another rank's share of the validation slices; a
+        volume split between ranks adds up to the same counts)."""
+        self.pooled.merge(other.pooled)
+        for volume, counts in other.volumes.items():
+            self.volumes[volume].merge(counts)
+        self.tumor_slice_dice += other.tumor_slice_dice
 
     def summary(self) -> dict[str, float]:
         per_volume = [c.dice for c in self.volumes.values() if not math.isnan(c.dice)]
-        return {"tumor_dice": self.pooled.dice, "tumor_iou": self.pooled.iou,
-                "pixel_accuracy": self.pooled.accuracy,
-                "volume_dice": float(np.mean(per_volume)) if per_volume else math.nan}
+        return {"tumor_dice": self.pooled.dice, "tumor_dice_pooled": self.pooled.dice,
+                "tumor_dice_per_volume": float(np.mean(per_volume)) if per_volume else math.nan,
+                "tumor_dice_per_slice": (float(np.mean(self.tumor_slice_dice))
+                                         if self.tumor_slice_dice else math.nan),
+                "tumor_iou": self.pooled.iou, "pixel_accuracy": self.pooled.accuracy}
 
 
 class LungTumorTask:

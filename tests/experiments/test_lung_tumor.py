@@ -105,7 +105,8 @@ def test_training_lowers_the_loss_raises_dice_and_saves_the_seed_outputs(slices,
     # Six epochs of 32-pixel slices on a CPU: a clear trend, far from convergence.
     assert losses[-1] < 0.85 * losses[0]
     assert max(dice[1:]) > 1.5 * dice[0]
-    for name in ("val_tumor_iou", "val_pixel_accuracy", "val_volume_dice", "val_loss"):
+    for name in ("val_tumor_iou", "val_pixel_accuracy", "val_tumor_dice_pooled",
+                 "val_tumor_dice_per_volume", "val_tumor_dice_per_slice", "val_loss"):
         assert len(metrics[name]["values"]) == 6, name
     assert result["best_metric"] == pytest.approx(max(dice))
     info = json.loads((tmp_path / "runs" / "1" / "info.json").read_text())
