@@ -10,6 +10,7 @@
     python experiments/lung_tumor.py print_config                  # every entry
 """
 
+import logging
 from pathlib import Path
 
 from ingredients.augmentation import LungAugmentationIngredient
@@ -35,6 +36,7 @@ from ingredients.training import (
     val_batch_size_field,
 )
 from medseg import config as c
+from medseg.data.msd import partial_volumes_note
 from medseg.data.png_slices import PNGSliceDataset, scan_slices, slice_statistics
 from medseg.data.staging import refuse_to_overwrite
 from medseg.data.synthetic.lung import generate_lung_task
@@ -203,6 +205,8 @@ def main(_run, _config, dataset_path):
     tumour Dice, and save training_curves.png and val_predictions.png."""
     pipeline = PipelineRun(_run, training, optimizer, checkpoint)
     train_records, val_records = dataset.split(dataset_path=dataset_path)
+    if note := partial_volumes_note(dataset_path):
+        logging.getLogger("medseg").warning("%s", note)
     pipeline.record_dataset(dataset_path, slice_statistics(train_records, val_records))
     size = _config["training"]["image_size"]
     train_set = PNGSliceDataset(train_records, augmentation.make_transform(size, train=True))

@@ -111,6 +111,11 @@ def test_training_lowers_the_loss_raises_dice_and_saves_the_seed_outputs(slices,
     assert result["best_metric"] == pytest.approx(max(dice))
     info = json.loads((tmp_path / "runs" / "1" / "info.json").read_text())
     assert info["dataset"]["splits"]["val"]["volumes"] == 1
+    # Validation scores the whole volume (16 slices, left_out/ included); training reads only
+    # the slices convert kept (every tumour slice, a third of the others).
+    assert info["dataset"]["splits"]["val"]["slices"] == 16
+    kept = len(list((slices / "images").iterdir()))
+    assert info["dataset"]["splits"]["train"]["slices"] < kept < 5 * 16
     artifacts = json.loads((tmp_path / "runs" / "1" / "run.json").read_text())["artifacts"]
     assert {"training_curves.png", "val_predictions.png", "best.pt", "last.pt"} <= set(artifacts)
 
