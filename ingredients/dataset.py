@@ -291,9 +291,12 @@ class LungSyntheticIngredient(SyntheticIngredient):
 
 
 LUNG_FIELDS = {
-    "window_center": Field(-300.0, c.number(), "convert / predict on NIfTI: CT window centre (HU)"),
+    "window_center": Field(-300.0, c.number(),
+                           "convert: CT window centre (HU); predict on NIfTI uses the window "
+                           "the training slices' conversion.json recorded, this one only "
+                           "without it"),
     "window_width": Field(1400.0, c.number(above=0),
-                          "convert / predict on NIfTI: CT window width (HU)"),
+                          "convert: CT window width (HU); predict on NIfTI as window_center"),
     "empty_slice_fraction": Field(0.1, c.number(minimum=0, maximum=1),
                                   "convert: share of the slices without tumour that are kept"),
     "seed": Field(0, c.integer(minimum=0), "convert: random seed of the kept empty slices"),

@@ -9,17 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.data.utils import set_rnd
 from PIL import Image
 
+import ingredients.lung_tumor as lung_ingredients
 from ingredients.training import loader_settings
 from medseg.data.msd import ConversionSettings, convert_task
 from medseg.data.synthetic.lung import generate_lung_task
 from medseg.engine import trainer as trainer_module
-from medseg.engine.checkpoint import load_checkpoint
+from medseg.engine.checkpoint import atomic_save, load_checkpoint
 from medseg.engine.fit import make_loaders
 from medseg.errors import ConfigError, DataError, MedsegError
 from support import (
@@ -153,7 +155,45 @@ def test_predict_with_a_trained_checkpoint_on_png_folder_and_nifti(slices, msd_r
         assert summary["weights"] == str(weights) and summary["epoch"] == 1
         expected = len(list(source.iterdir())) if source.is_dir() else 1
         assert len(summary["predictions"]) == expected
-    assert (tmp_path / "predicted" / "lung_001.nii.gz" / "lung_001_mask.nii.gz").is_file()
+    mask = tmp_path / "predicted" / "lung_001.nii.gz" / "lung_001_mask.nii.gz"
+    assert summary["window_center"] == -300.0 and summary["window_width"] == 1400.0
+    # Another window in the config does not change the volume's prediction: the slices
+    # were converted with conversion.json's window, and predict uses that.
+    out = tmp_path / "predicted" / "other_window"
+    run("predict", slices, tmp_path, weights=str(weights), source=str(volume),
+        predict_dir=str(out), **{"dataset.window_center": 200.0, "dataset.window_width": 400.0})
+    assert np.array_equal(np.asarray(nib.load(out / "lung_001_mask.nii.gz").dataobj),
+                          np.asarray(nib.load(mask).dataobj))
+    assert json.loads((out / "predictions.json").read_text())["window_center"] == -300.0
+
+
+def test_predict_windows_nifti_as_the_training_slices_were_converted(tmp_path, caplog):
+    """The window comes from conversion.json of the checkpoint's dataset_path, not from the
+    current dataset.window_* entries; one line says so when they differ."""
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "conversion.json").write_text(json.dumps({"window_center": -600.0,
+                                                           "window_width": 1500.0}))
+    weights = tmp_path / "best.pt"
+    atomic_save({"model": {}, "config": {"dataset_path": str(converted)}}, weights)
+    volume, image = [tmp_path / "ct.nii.gz"], [tmp_path / "slice.png"]
+    config = {"weights": str(weights), "dataset": {"window_center": -300.0,
+                                                   "window_width": 1400.0}}
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert lung_ingredients.predict_window(config, volume) == (-600.0, 1500.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "centre -600, width 1500" in lines[0]
+    assert "conversion.json" in lines[0] and "dataset.window_center=-300" in lines[0]
+    caplog.clear()
+    same = {**config, "dataset": {"window_center": -600.0, "window_width": 1500.0}}
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert lung_ingredients.predict_window(same, volume) == (-600.0, 1500.0)
+        assert lung_ingredients.predict_window(config, image) == (-600.0, 1500.0)
+    assert not caplog.records   # same window, or no volume to window: nothing to say
+    (converted / "conversion.json").unlink()   # a folder converted elsewhere, or moved
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert lung_ingredients.predict_window(config, volume) == (-300.0, 1400.0)
+    assert len(caplog.records) == 1 and "no conversion.json" in caplog.records[0].getMessage()
 
 
 @pytest.mark.slow
