@@ -6,6 +6,7 @@
     python experiments/lung_tumor.py with configs/lung_tumor.yaml  # train
     python experiments/lung_tumor.py predict with weights=runs/lung_tumor/1/weights/best.pt \\
         source=image.png threshold=0.3 save_overlay=True           # PNG, folder or NIfTI
+    python experiments/lung_tumor.py evaluate with weights=runs/lung_tumor/1/weights/best.pt
     python experiments/lung_tumor.py with demo                     # minutes on a laptop CPU
     python experiments/lung_tumor.py with cpu_quality              # per-volume Dice on a CPU
     python experiments/lung_tumor.py print_config                  # every entry
@@ -24,6 +25,7 @@ from ingredients.lung_tumor import (
     check_image_size_and_monitor,
     check_predict_inputs,
     check_validation_has_tumor,
+    check_weights,
     predict_window,
 )
 from ingredients.model import AttentionUNetModelIngredient, trained_model_config
@@ -46,6 +48,7 @@ from medseg.engine.ema import ModelEMA
 from medseg.tasks.lung_tumor import (
     CURVE_METRICS,
     LungTumorTask,
+    evaluate_lung,
     overfit_slices,
     render_validation_predictions,
 )
@@ -88,7 +91,8 @@ ex.add_fields({
     "task": Field("Task006_Lung", c.text(), "The MSD task folder in msd_dir",
                   resume_may_change=True),
     "weights": Field(None, c.optional(c.text()),
-                     "predict: the checkpoint to use (e.g. runs/lung_tumor/1/weights/best.pt)",
+                     "predict / evaluate: the checkpoint to use (e.g. "
+                     "runs/lung_tumor/1/weights/best.pt)",
                      resume_may_change=True),
     "source": Field(None, c.optional(c.text()),
                     "predict: an image, a NIfTI volume, or a folder of them",
@@ -141,6 +145,8 @@ def check_inputs(config, command_name):
         scan_slices(config["dataset_path"])
     if command_name == "predict":
         check_predict_inputs(config, model)
+    if command_name == "evaluate":
+        check_weights(config, "evaluate")
     if command_name == "generate_msd":
         refuse_to_overwrite(Path(config["msd_dir"]) / config["task"],
                             config["synthetic"]["overwrite"], "MSD task", "synthetic.overwrite")
@@ -204,6 +210,20 @@ def predict(_config, weights, source, threshold, save_overlay, predict_dir):
         precision=precision)
     print(f"wrote predictions of {source} to {predict_dir} (summary: {summary})")
     return str(summary)
+
+
+@ex.command
+def evaluate(_run, _config, dataset_path, weights):
+    """Score the checkpoint `weights` on every slice of the validation volumes: the three
+    tumour Dice, IoU, pixel accuracy and the loss as val_* metrics, per_volume_dice.json."""
+    pipeline = PipelineRun(_run, training, optimizer, checkpoint)
+    _, val_records = dataset.split(dataset_path=dataset_path)
+    val_set = PNGSliceDataset(val_records, augmentation.make_transform(
+        _config["training"]["image_size"], train=False))
+    net = model.make_model()
+    pipeline.load_weights(net, weights, "weights")
+    return pipeline.evaluate(evaluate_lung, net, _task(_config),
+                             training.make_loader(val_set, train=False), "val")
 
 
 def _callbacks(net, config) -> list:

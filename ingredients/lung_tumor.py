@@ -41,13 +41,18 @@ def check_validation_has_tumor(config: Mapping[str, Any], val: list[SliceRecord]
                         "dataset.val_fraction")
 
 
-def check_predict_inputs(config: Mapping[str, Any], model: FieldIngredient) -> None:
-    """``weights`` names a checkpoint of this pipeline, ``source`` something to predict on."""
+def check_weights(config: Mapping[str, Any], use: str = "predict with") -> None:
+    """``weights`` names an existing file."""
     if config["weights"] is None:
-        raise ConfigError("weights is not set; give the checkpoint to predict with, e.g. "
+        raise ConfigError(f"weights is not set; give the checkpoint to {use}, e.g. "
                           "weights=runs/lung_tumor/1/weights/best.pt")
     if not Path(config["weights"]).is_file():
         raise ConfigError(f"weights: no checkpoint file at {config['weights']}")
+
+
+def check_predict_inputs(config: Mapping[str, Any], model: FieldIngredient) -> None:
+    """``weights`` names a checkpoint of this pipeline, ``source`` something to predict on."""
+    check_weights(config)
     if config["source"] is None:
         raise ConfigError("source is not set; give an image, a NIfTI volume or a folder, "
                           "e.g. source=image.png")

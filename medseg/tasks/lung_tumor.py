@@ -17,6 +17,7 @@ unit), each ``2 TP / (2 TP + FP + FN)``:
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,7 @@ from torch.utils.data import Dataset
 
 from medseg.data.png_slices import PNGSliceDataset, scan_slices
 from medseg.data.slice_transforms import slice_transforms
-from medseg.engine.evaluation import validation_pass
+from medseg.engine.evaluation import EvaluationReport, validation_pass
 from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.trainer import StepOutput, image_mask_step
@@ -160,6 +161,26 @@ class LungTumorTask:
                                        batch["mask"][0].numpy(), pred, path,
                                        structure_names=["tumour"],
                                        title=f"{batch['volume'][0]} slice {int(batch['slice'][0])}")
+
+
+def evaluate_lung(model: nn.Module, loader: Iterable, *, task: LungTumorTask,
+                  device: torch.device, precision: Precision, output_dir: Path,
+                  split: str) -> EvaluationReport:
+    """The validation metrics of ``loader`` (its loss terms and the three tumour Dice) and
+    ``per_volume_dice.json``: each volume's Dice over all its slices, with its pixel counts."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scores, losses = task.scores(model, loader, device, precision)
+    volumes = {name: {"dice": None if math.isnan(c.dice) else round(c.dice, 6),
+                      "tumour_pixels": c.tp + c.fn, "predicted_pixels": c.tp + c.fp,
+                      "true_positives": c.tp}
+               for name, c in sorted(scores.volumes.items())}
+    path = output_dir / "per_volume_dice.json"
+    path.write_text(json.dumps(volumes, indent=1) + "\n")
+    return EvaluationReport({**losses, **scores.summary()},
+                            headline=["tumor_dice_per_volume", "tumor_dice_pooled",
+                                      "tumor_dice_per_slice"],
+                            artifacts=[path], info={"split": split, "volumes": len(volumes)})
 
 
 def choose_examples(dataset: Dataset, count: int, *, include_empty: bool = True) -> list[int]:

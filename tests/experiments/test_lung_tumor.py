@@ -165,6 +165,16 @@ def test_predict_with_a_trained_checkpoint_on_png_folder_and_nifti(slices, msd_r
     assert np.array_equal(np.asarray(nib.load(out / "lung_001_mask.nii.gz").dataobj),
                           np.asarray(nib.load(mask).dataobj))
     assert json.loads((out / "predictions.json").read_text())["window_center"] == -300.0
+    # evaluate scores the checkpoint on every slice of the validation volume.
+    scored = run("evaluate", slices, tmp_path, weights=str(weights)).result
+    assert set(scored) == {"val_tumor_dice_per_volume", "val_tumor_dice_pooled",
+                           "val_tumor_dice_per_slice"}
+    folder = next(p for p in (tmp_path / "checkpoints").iterdir() if (p / "evaluation_val").is_dir())
+    recorded = json.loads((folder / "evaluation_val" / "val_metrics.json").read_text())
+    assert recorded["val_tumor_dice_per_volume"] == scored["val_tumor_dice_per_volume"]
+    assert {"val_loss", "val_tumor_iou", "val_pixel_accuracy"} <= set(recorded)
+    per_volume = json.loads((folder / "evaluation_val" / "per_volume_dice.json").read_text())
+    assert len(per_volume) == 1 and next(iter(per_volume.values()))["tumour_pixels"] > 0
 
 
 def test_predict_windows_nifti_as_the_training_slices_were_converted(tmp_path, caplog):
