@@ -368,6 +368,18 @@ def test_bad_predict_inputs_are_named(slices, tmp_path, dotted, message):
     assert not (tmp_path / "predictions").exists()
 
 
+@pytest.mark.parametrize("dotted, message", [
+    ({}, "weights is not set; give the checkpoint to evaluate"),
+    ({"weights": "nowhere.pt"}, "weights: no checkpoint file at nowhere.pt"),
+    ({"weights": "WEIGHTS"}, "w.pt could not be read as a medseg checkpoint"),
+])
+def test_bad_evaluate_inputs_are_named(slices, tmp_path, dotted, message):
+    (tmp_path / "w.pt").write_bytes(b"")
+    dotted = {k: str(tmp_path / "w.pt") if v == "WEIGHTS" else v for k, v in dotted.items()}
+    with pytest.raises(MedsegError, match=message):
+        run("evaluate", slices, tmp_path, **dotted)
+
+
 # ----------------------------------------------------------------------------- config effects
 def probe_loader(config):
     train, val = lung.dataset.split(dataset_path=config["dataset_path"])
