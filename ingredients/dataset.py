@@ -44,7 +44,7 @@ from medseg.data.synthetic.aneurysm import generate_aneurysm_volumes
 
 
 from medseg.data.msd import ConversionSettings, convert_task
-from medseg.data.png_slices import scan_slices, split_by_volume
+from medseg.data.png_slices import scan_left_out, scan_slices, split_whole_volumes
 from medseg.errors import ConfigError
 
 SADAAN_SYNTHETIC_FIELDS = {
@@ -291,9 +291,12 @@ class LungSyntheticIngredient(SyntheticIngredient):
 
 
 LUNG_FIELDS = {
-    "window_center": Field(-300.0, c.number(), "convert / predict on NIfTI: CT window centre (HU)"),
+    "window_center": Field(-300.0, c.number(),
+                           "convert: CT window centre (HU); predict on NIfTI uses the window "
+                           "the training slices' conversion.json recorded, this one only "
+                           "without it"),
     "window_width": Field(1400.0, c.number(above=0),
-                          "convert / predict on NIfTI: CT window width (HU)"),
+                          "convert: CT window width (HU); predict on NIfTI as window_center"),
     "empty_slice_fraction": Field(0.1, c.number(minimum=0, maximum=1),
                                   "convert: share of the slices without tumour that are kept"),
     "seed": Field(0, c.integer(minimum=0), "convert: random seed of the kept empty slices"),
@@ -312,8 +315,10 @@ def convert_msd_task(task_dir: str, dataset_path: str, window_center: float, win
 
 
 def split_slices(dataset_path: str, val_fraction: float, split_seed: int):
-    """Checked slice records of the training and validation volumes."""
-    return split_by_volume(scan_slices(dataset_path), val_fraction, split_seed)
+    """Checked slice records of the training volumes (the slices ``convert`` kept) and of
+    the validation volumes (every slice, ``left_out/`` included)."""
+    return split_whole_volumes(scan_slices(dataset_path), scan_left_out(dataset_path),
+                               val_fraction, split_seed)
 
 
 class LungDatasetIngredient(FieldIngredient):

@@ -3,6 +3,7 @@ from ``experiments/lung_tumor.py``'s config validator)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ from medseg.data.png_slices import SliceRecord
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.errors import ConfigError, DataError
 from medseg.tasks.lung_tumor import METRICS
-from medseg.tasks.lung_tumor_predict import find_sources
+from medseg.data.nifti import is_nifti
+from medseg.tasks.lung_tumor_predict import find_sources, training_window
+
+log = logging.getLogger("medseg")
 
 
 def check_image_size_and_monitor(config: Mapping[str, Any], multiple: int) -> None:
@@ -37,13 +41,18 @@ def check_validation_has_tumor(config: Mapping[str, Any], val: list[SliceRecord]
                         "dataset.val_fraction")
 
 
-def check_predict_inputs(config: Mapping[str, Any], model: FieldIngredient) -> None:
-    """``weights`` names a checkpoint of this pipeline, ``source`` something to predict on."""
+def check_weights(config: Mapping[str, Any], use: str = "predict with") -> None:
+    """``weights`` names an existing file."""
     if config["weights"] is None:
-        raise ConfigError("weights is not set; give the checkpoint to predict with, e.g. "
+        raise ConfigError(f"weights is not set; give the checkpoint to {use}, e.g. "
                           "weights=runs/lung_tumor/1/weights/best.pt")
     if not Path(config["weights"]).is_file():
         raise ConfigError(f"weights: no checkpoint file at {config['weights']}")
+
+
+def check_predict_inputs(config: Mapping[str, Any], model: FieldIngredient) -> None:
+    """``weights`` names a checkpoint of this pipeline, ``source`` something to predict on."""
+    check_weights(config)
     if config["source"] is None:
         raise ConfigError("source is not set; give an image, a NIfTI volume or a folder, "
                           "e.g. source=image.png")
@@ -52,3 +61,27 @@ def check_predict_inputs(config: Mapping[str, Any], model: FieldIngredient) -> N
     if trained.get("model") and set(trained["model"]) != set(model.fields):
         trained_model_config(model, config["model"], trained["model"], config["weights"],
                              "weights")  # another pipeline's checkpoint: refused up front
+
+
+def predict_window(config: Mapping[str, Any], sources: list[Path]) -> tuple[float, float]:
+    """The CT window ``predict`` shows NIfTI volumes through: the one ``conversion.json`` of
+    the checkpoint's training slices recorded at conversion, else ``dataset.window_center``
+    and ``dataset.window_width``; one line says which when they differ (or none is recorded)
+    and a volume is predicted."""
+    current = (float(config["dataset"]["window_center"]),
+               float(config["dataset"]["window_width"]))
+    trained = load_checkpoint(config["weights"]).get("config")
+    recorded = training_window(trained)
+    if not any(is_nifti(path) for path in sources):
+        return recorded[:2] if recorded else current
+    if recorded is None:
+        log.warning("predict: no conversion.json records the CT window the checkpoint's "
+                    "training slices were converted with (dataset_path %s); windowing NIfTI "
+                    "volumes with dataset.window_center=%g and dataset.window_width=%g",
+                    (trained or {}).get("dataset_path"), *current)
+        return current
+    if recorded[:2] != current:
+        log.warning("predict: windowing NIfTI volumes at centre %g, width %g HU as %s "
+                    "recorded at conversion, not dataset.window_center=%g, "
+                    "dataset.window_width=%g", recorded[0], recorded[1], recorded[2], *current)
+    return recorded[:2]

@@ -12,8 +12,10 @@ Volumes are first turned to one display orientation, whatever the order they wer
 in (:data:`DISPLAY_AXES`, from the NIfTI affine): image rows run anterior to posterior, columns
 from the patient's right to left (the radiological view), and slice ``k`` counts from
 inferior to superior. Slices with tumour are all kept; of the others a sampled share is kept,
-so the dataset is not dominated by empty slices. Slice ``k`` of volume ``lung_001.nii.gz``
-becomes ``lung_001_slice_0042.png`` in ``images/`` and ``labels/``.
+so training is not dominated by empty slices. Slice ``k`` of volume ``lung_001.nii.gz``
+becomes ``lung_001_slice_0042.png`` in ``images/`` and ``labels/``. The empty slices not kept
+go to ``left_out/images/`` and ``left_out/labels/`` (:data:`~medseg.data.png_slices.LEFT_OUT`):
+training never reads them, validation scores them, so it covers whole volumes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from nibabel import orientations
 from PIL import Image
 
 from medseg.data.nifti import nifti_stem, open_nifti
+from medseg.data.png_slices import LEFT_OUT
 from medseg.data.staging import staged_folder
 from medseg.errors import DataError, describe
 
@@ -192,8 +195,8 @@ def convert_task(task_dir: str | Path, output_dir: str | Path, settings: Convers
     for case in task.cases:
         _check_pair(case)
     with staged_folder(output_dir, overwrite=overwrite, what="PNG slices") as staging:
-        (staging / "images").mkdir()
-        (staging / "labels").mkdir()
+        for folder in ("images", "labels", f"{LEFT_OUT}/images", f"{LEFT_OUT}/labels"):
+            (staging / folder).mkdir(parents=True)
         volumes = [_convert_case(case, number, staging, settings)
                    for number, case in enumerate(task.cases)]
         record = {"task": str(task.path), "name": task.description.get("name"),
@@ -203,9 +206,40 @@ def convert_task(task_dir: str | Path, output_dir: str | Path, settings: Convers
                                   "slices": DISPLAY_ORIENTATION},
                   "volumes": volumes,
                   "slices": sum(v["kept_slices"] for v in volumes),
+                  "left_out_slices": sum(v["left_out_slices"] for v in volumes),
                   "tumour_slices": sum(v["tumour_slices"] for v in volumes)}
         (staging / CONVERSION_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def read_conversion_record(dataset_dir: str | Path) -> dict[str, Any] | None:
+    """``conversion.json`` of a PNG slice folder written by :func:`convert_task`, or ``None``
+    when there is none (a folder made otherwise)."""
+    path = Path(dataset_dir) / CONVERSION_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON ({error}); it is written by `convert`") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path} holds {type(record).__name__}; expected the object `convert` "
+                        "writes")
+    return record
+
+
+def partial_volumes_note(dataset_dir: str | Path) -> str | None:
+    """One line when ``dataset_dir`` was converted before ``left_out/`` existed and dropped
+    slices: then validation can score only the converted slices of its volumes."""
+    record = read_conversion_record(dataset_dir)
+    if record is None or "left_out_slices" in record:
+        return None
+    dropped = sum(v.get("slices", 0) - v.get("kept_slices", 0) for v in record.get("volumes", []))
+    if dropped <= 0:
+        return None
+    return (f"{dataset_dir} holds {dropped} fewer slices than its volumes (converted before "
+            f"{LEFT_OUT}/ was written): validation scores only the converted slices of each "
+            "volume; run `convert` again to score whole volumes")
 
 
 def _check_pair(case: MSDCase) -> None:
@@ -242,12 +276,14 @@ def _convert_case(case: MSDCase, number: int, output: Path,
                             replace=False)
     keep = np.sort(np.concatenate([np.flatnonzero(has_tumor), kept_empty])).astype(int)
     grey = window(hu, settings.window_center, settings.window_width)
-    for index in keep:
+    for index in range(hu.shape[2]):
         name = slice_file_name(case.name, index)
-        Image.fromarray(slice_to_image(grey[:, :, index])).save(output / "images" / name)
+        folder = output if index in keep else output / LEFT_OUT
+        Image.fromarray(slice_to_image(grey[:, :, index])).save(folder / "images" / name)
         mask = slice_to_image(foreground[:, :, index]).astype(np.uint8) * 255
-        Image.fromarray(mask).save(output / "labels" / name)
+        Image.fromarray(mask).save(folder / "labels" / name)
     return {"volume": case.name, "stored_orientation": stored,
             "label_values": [0, *(int(v) if v.is_integer() else v for v in classes)],
             "slices": int(hu.shape[2]), "kept_slices": len(keep),
+            "left_out_slices": int(hu.shape[2]) - len(keep),
             "tumour_slices": int(has_tumor.sum()), "tumour_voxels": int(foreground.sum())}

@@ -8,6 +8,10 @@ A dataset is a folder::
 Slices of one volume are strongly correlated, so the split into training and validation is
 by volume: every slice of a volume lands on the same side, and validation measures the model
 on patients it has not seen.
+
+``left_out/images/`` and ``left_out/labels/`` (optional, same layout) hold the slices without
+tumour that ``convert`` did not keep for training; :func:`split_whole_volumes` adds those of
+the validation volumes to validation, so it scores every slice of each validation volume.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ SLICE_NAME = re.compile(r"^(?P<volume>.+)_slice_(?P<index>\d+)\.png$", re.IGNORE
 IMAGE_MODES = ("L", "RGB")   # RGB slices are read as grey
 LABEL_MODES = ("L", "1")
 TUMOR_VALUE = 255
+LEFT_OUT = "left_out"
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,27 @@ def split_by_volume(records: Sequence[SliceRecord], val_fraction: float,
     train = [r for r in records if r.volume not in chosen]
     val = [r for r in records if r.volume in chosen]
     return train, val
+
+
+def scan_left_out(dataset_dir: str | Path) -> list[SliceRecord]:
+    """The checked slices of ``dataset_dir/left_out`` (none when the folder does not exist or
+    holds no PNG files)."""
+    folder = Path(dataset_dir) / LEFT_OUT
+    if not (folder / "images").is_dir() or not any(folder.glob("images/*.png")):
+        return []
+    return scan_slices(folder)
+
+
+def split_whole_volumes(records: Sequence[SliceRecord], left_out: Sequence[SliceRecord],
+                        val_fraction: float,
+                        seed: int) -> tuple[list[SliceRecord], list[SliceRecord]]:
+    """:func:`split_by_volume` of the volumes of ``records`` and ``left_out`` together:
+    training gets the ``records`` of its volumes, validation every slice of its volumes
+    (``left_out`` included), in volume and slice order."""
+    train, val = split_by_volume([*records, *left_out], val_fraction, seed)
+    left = set(left_out)
+    return ([r for r in train if r not in left],
+            sorted(val, key=lambda r: (r.volume, r.index)))
 
 
 class PNGSliceDataset(Dataset):

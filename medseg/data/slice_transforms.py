@@ -17,6 +17,11 @@ GaussNoise            ``RandGaussianNoised`` with a standard deviation drawn per
 CoarseDropout         ``RandCoarseDropoutd``: rectangles of the image set to 0
 ====================  =================================================================
 
+Brightness, contrast and noise can push values out of the [0, 1] of the slices (a bright
+tumour shifted up, dark air scaled below zero); the image is clipped back to [0, 1] after them,
+as Albumentations clips its results, so training never sees intensities that no converted
+slice holds.
+
 Spatial transforms move image and mask together (the mask with nearest neighbours so it stays
 binary); intensity transforms and dropout touch the image only, as in the seed, where the
 dropped rectangles keep their tumour label.
@@ -42,6 +47,7 @@ from monai.transforms import (
     RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
     Resized,
+    ThresholdIntensityd,
 )
 
 KEYS = ("image", "mask")
@@ -142,6 +148,9 @@ def _intensity(aug: SliceAugmentation, size: tuple[int, int]) -> list:
     if aug.noise_probability > 0 and aug.noise_std > 0:
         steps.append(RandGaussianNoised(keys="image", prob=aug.noise_probability,
                                         std=aug.noise_std, sample_std=True))
+    if steps:  # clip to [0, 1]: values below 0 become 0, above 1 become 1
+        steps += [ThresholdIntensityd(keys="image", threshold=0.0, above=True, cval=0.0),
+                  ThresholdIntensityd(keys="image", threshold=1.0, above=False, cval=1.0)]
     if aug.coarse_dropout_probability > 0 and aug.coarse_dropout_holes > 0:
         largest = [max(1, round(aug.coarse_dropout_size * s)) for s in size]
         steps.append(RandCoarseDropoutd(keys="image", prob=aug.coarse_dropout_probability,

@@ -1,10 +1,18 @@
 """How the lung-tumour model trains and is scored on 2D slices, its figures, and the overfit
 sanity check.
 
-Scores pool the pixels of all validation slices: ``tumor_dice`` is ``2 TP / (2 TP + FP + FN)``
-over every pixel at once, so a slice without tumour adds its false positives instead of an
-undefined Dice of its own. ``volume_dice`` is the same per validation volume (its kept slices),
-averaged over the volumes where it is defined (tumour in the label or in the prediction).
+Tumour Dice is reported the three ways users compare it (a slice, a volume or a pixel as the
+unit), each ``2 TP / (2 TP + FP + FN)``:
+
+- ``tumor_dice_pooled`` (also ``tumor_dice``, the monitored default): over every validation
+  pixel at once, so a slice without tumour adds its false positives instead of an undefined
+  Dice of its own. The seed's ``SegmentationMetrics`` accumulates one confusion matrix over
+  the validation batches, so its reported Dice is most likely this one.
+- ``tumor_dice_per_volume``: each validation volume's Dice over all its slices, averaged over
+  the volumes where it is defined (tumour in the label or in the prediction; a volume
+  without tumour and without predicted tumour counts for nothing).
+- ``tumor_dice_per_slice``: each slice's Dice averaged over the slices whose label holds
+  tumour (false positives on slices without tumour do not count).
 
 Under torchrun each rank scores its share of the validation batches; the ranks' pixel counts
 (pooled and per volume: a volume's slices may lie on several ranks) are added before any
@@ -13,6 +21,7 @@ Dice is computed, so the figures are one process's.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -26,7 +35,7 @@ from torch.utils.data import Dataset
 
 from medseg.data.png_slices import PNGSliceDataset, scan_slices
 from medseg.data.slice_transforms import slice_transforms
-from medseg.engine.evaluation import LossMeter, validation_pass
+from medseg.engine.evaluation import EvaluationReport, LossMeter, validation_pass
 from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.trainer import StepOutput, image_mask_step
@@ -34,7 +43,10 @@ from medseg.errors import DataError
 from medseg.viz.overlays import plot_prediction_grid, plot_segmentation_panel
 
 TUMOR = 1
-METRICS = ("loss", "tumor_dice", "tumor_iou", "pixel_accuracy", "volume_dice")
+METRICS = ("loss", "tumor_dice", "tumor_dice_pooled", "tumor_dice_per_volume",
+           "tumor_dice_per_slice", "tumor_iou", "pixel_accuracy")
+#: ``tumor_dice`` is ``tumor_dice_pooled`` under the name runs have always had (and monitor).
+CURVE_METRICS = tuple(name for name in METRICS if name not in ("loss", "tumor_dice"))
 
 
 def tumor_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -55,7 +67,7 @@ class Counts:
         self.fn += int((~pred & target).sum())
         self.tn += int((~pred & ~target).sum())
 
-    def extend(self, other: Counts) -> None:
+    def merge(self, other: Counts) -> None:
         self.tp, self.fp = self.tp + other.tp, self.fp + other.fp
         self.fn, self.tn = self.fn + other.fn, self.tn + other.tn
 
@@ -77,28 +89,37 @@ class Counts:
 
 @dataclass
 class TumorScores:
-    """Pixel counts pooled over all slices and per volume."""
+    """Pixel counts pooled over all slices, per volume, and each tumour slice's Dice."""
 
     pooled: Counts = field(default_factory=Counts)
     volumes: dict[str, Counts] = field(default_factory=lambda: defaultdict(Counts))
+    tumor_slice_dice: list[float] = field(default_factory=list)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, volumes: Sequence[str]) -> None:
         """``pred`` and ``target`` bool [B, 1, H, W]; ``volumes`` the volume of each slice."""
         self.pooled.add(pred, target)
         for index, volume in enumerate(volumes):
-            self.volumes[volume].add(pred[index], target[index])
+            counts = Counts()
+            counts.add(pred[index], target[index])
+            self.volumes[volume].merge(counts)
+            if counts.tp + counts.fn:  # the label holds tumour
+                self.tumor_slice_dice.append(counts.dice)
 
-    def extend(self, other: TumorScores) -> None:
-        """Add the counts of ``other`` (another rank's slices), volume by volume."""
-        self.pooled.extend(other.pooled)
+    def merge(self, other: TumorScores) -> None:
+        """Add what ``other`` scored (another rank's share of the validation slices; a
+        volume split between ranks adds up to the same counts)."""
+        self.pooled.merge(other.pooled)
         for volume, counts in other.volumes.items():
-            self.volumes[volume].extend(counts)
+            self.volumes[volume].merge(counts)
+        self.tumor_slice_dice += other.tumor_slice_dice
 
     def summary(self) -> dict[str, float]:
         per_volume = [c.dice for c in self.volumes.values() if not math.isnan(c.dice)]
-        return {"tumor_dice": self.pooled.dice, "tumor_iou": self.pooled.iou,
-                "pixel_accuracy": self.pooled.accuracy,
-                "volume_dice": float(np.mean(per_volume)) if per_volume else math.nan}
+        return {"tumor_dice": self.pooled.dice, "tumor_dice_pooled": self.pooled.dice,
+                "tumor_dice_per_volume": float(np.mean(per_volume)) if per_volume else math.nan,
+                "tumor_dice_per_slice": (float(np.mean(self.tumor_slice_dice))
+                                         if self.tumor_slice_dice else math.nan),
+                "tumor_iou": self.pooled.iou, "pixel_accuracy": self.pooled.accuracy}
 
 
 class LungTumorTask:
@@ -136,7 +157,7 @@ class LungTumorTask:
                              ) -> dict[str, float]:
         scores, losses = TumorScores(), LossMeter()
         for rank_scores, rank_losses in states:
-            scores.extend(rank_scores)
+            scores.merge(rank_scores)
             losses.extend(rank_losses)
         return {**losses.summary(), **scores.summary()}
 
@@ -153,6 +174,27 @@ class LungTumorTask:
                                        batch["mask"][0].numpy(), pred, path,
                                        structure_names=["tumour"],
                                        title=f"{batch['volume'][0]} slice {int(batch['slice'][0])}")
+
+
+def evaluate_lung(model: nn.Module, loader: Iterable, *, task: LungTumorTask,
+                  device: torch.device, precision: Precision, output_dir: Path,
+                  split: str) -> EvaluationReport:
+    """The validation metrics of ``loader`` (its loss terms and the three tumour Dice) and
+    ``per_volume_dice.json``: each volume's Dice over all its slices, with its pixel counts."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scores, meter = task.validation_state(model, loader, device, precision)
+    losses = meter.summary()
+    volumes = {name: {"dice": None if math.isnan(c.dice) else round(c.dice, 6),
+                      "tumour_pixels": c.tp + c.fn, "predicted_pixels": c.tp + c.fp,
+                      "true_positives": c.tp}
+               for name, c in sorted(scores.volumes.items())}
+    path = output_dir / "per_volume_dice.json"
+    path.write_text(json.dumps(volumes, indent=1) + "\n")
+    return EvaluationReport({**losses, **scores.summary()},
+                            headline=["tumor_dice_per_volume", "tumor_dice_pooled",
+                                      "tumor_dice_per_slice"],
+                            artifacts=[path], info={"split": split, "volumes": len(volumes)})
 
 
 def choose_examples(dataset: Dataset, count: int, *, include_empty: bool = True) -> list[int]:

@@ -3,7 +3,8 @@
 - An image (PNG, JPEG, ...) is a slice already windowed to 8-bit grey, as ``convert`` writes
   them. Output: ``<name>_mask.png`` (0 / 255, the image's size) and, with overlays,
   ``<name>_overlay.png`` (the tumour tinted red and outlined).
-- A NIfTI volume (``.nii`` / ``.nii.gz``) in HU is windowed as in conversion and predicted
+- A NIfTI volume (``.nii`` / ``.nii.gz``) in HU is windowed as in conversion (the window that
+  ``conversion.json`` of the training slices recorded: :func:`training_window`) and predicted
   slice by slice along its last axis. Output: ``<name>_mask.nii.gz`` (uint8 0 / 1, the
   volume's shape, affine and header) and, with overlays, ``<name>_overlays/slice_<k>.png``
   for each slice with predicted tumour.
@@ -28,7 +29,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from medseg.data.msd import (
+    CONVERSION_RECORD,
     from_display,
+    read_conversion_record,
     read_scaled_volume,
     slice_to_image,
     to_display,
@@ -64,6 +67,20 @@ def find_sources(source: str | Path) -> list[Path]:
         raise DataError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no NIfTI "
                         "volumes")
     return found
+
+
+def training_window(trained_config: dict[str, Any] | None) -> tuple[float, float, Path] | None:
+    """The CT window (centre, width in HU) the training slices were converted with, and the
+    ``conversion.json`` that recorded it: that of the ``dataset_path`` in a checkpoint's
+    config. ``None`` when the config names no folder or the folder has no such record."""
+    dataset_path = (trained_config or {}).get("dataset_path")
+    if not dataset_path:
+        return None
+    record = read_conversion_record(dataset_path)
+    if record is None or not {"window_center", "window_width"} <= set(record):
+        return None
+    return (float(record["window_center"]), float(record["window_width"]),
+            Path(dataset_path) / CONVERSION_RECORD)
 
 
 @dataclass
@@ -204,4 +221,6 @@ def predict_with_checkpoint(weights: str | Path, sources: list[Path], output_dir
                                threshold=threshold)
     return run_prediction(predictor, sources, output_dir, save_overlay=save_overlay,
                           window_center=window_center, window_width=window_width,
-                          provenance={"weights": str(weights), "epoch": state.get("epoch")})
+                          provenance={"weights": str(weights), "epoch": state.get("epoch"),
+                                      "window_center": window_center,
+                                      "window_width": window_width})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +14,7 @@ from PIL import Image
 from medseg.data.msd import (
     ConversionSettings,
     convert_task,
+    partial_volumes_note,
     read_scaled_volume,
     read_task,
     slice_to_image,
@@ -76,6 +78,25 @@ def test_conversion_keeps_tumour_slices_and_a_share_of_empty_ones(task, tmp_path
     assert len(names) == 4 + 4 + 7 == record["slices"]
     assert record["tumour_slices"] == 4
     assert json.loads((out / "conversion.json").read_text())["slices"] == len(names)
+    # The empty slices not kept are written apart, so validation can score whole volumes.
+    left_out = sorted(p.name for p in (out / "left_out" / "images").iterdir())
+    assert sorted(p.name for p in (out / "left_out" / "labels").iterdir()) == left_out
+    assert len(left_out) == 20 + 30 - len(names) == record["left_out_slices"]
+    assert not set(left_out) & set(names)
+    assert [v["left_out_slices"] for v in record["volumes"]] == [20 - 3 - 4, 30 - 1 - 7]
+
+
+def test_a_dataset_converted_without_left_out_slices_is_named(task, tmp_path):
+    out = tmp_path / "dataset"
+    convert_task(task, out, ConversionSettings(empty_slice_fraction=0.25, seed=3))
+    assert partial_volumes_note(out) is None
+    record = json.loads((out / "conversion.json").read_text())   # as convert wrote it before
+    del record["left_out_slices"]
+    (out / "conversion.json").write_text(json.dumps(record))
+    shutil.rmtree(out / "left_out")
+    note = partial_volumes_note(out)
+    assert "35 fewer slices" in note and "run `convert` again" in note
+    assert partial_volumes_note(tmp_path) is None   # a folder made otherwise: nothing known
 
 
 def test_conversion_windows_and_orients_each_slice(task, tmp_path):

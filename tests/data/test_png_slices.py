@@ -13,8 +13,10 @@ from PIL import Image
 from medseg.data.png_slices import (
     PNGSliceDataset,
     scan_slices,
+    scan_left_out,
     slice_statistics,
     split_by_volume,
+    split_whole_volumes,
 )
 from medseg.errors import DataError
 
@@ -61,6 +63,25 @@ def test_split_is_by_volume_and_reproducible(dataset_dir):
     assert {r.volume for r in reordered} == val_volumes
     others = [{r.volume for r in split_by_volume(records, 0.4, seed=s)[1]} for s in range(2, 8)]
     assert any(o != val_volumes for o in others)
+
+
+def test_validation_gets_every_slice_of_its_volumes_training_only_the_kept(dataset_dir):
+    assert scan_left_out(dataset_dir) == []
+    for volume in ("lung_001", "lung_002", "lung_003", "lung_004", "lung_005", "lung_006"):
+        for k in (0, 1, 2):
+            write_slice(dataset_dir / "left_out", f"{volume}_slice_{k:04d}.png", tumour=False)
+    left_out = scan_left_out(dataset_dir)
+    assert len(left_out) == 18
+    train, val = split_whole_volumes(scan_slices(dataset_dir), left_out, 0.4, seed=1)
+    assert not {r.volume for r in train} & {r.volume for r in val}
+    assert not set(train) & set(left_out)
+    for volume in {r.volume for r in val}:   # whole volumes, in slice order
+        slices = [r.index for r in val if r.volume == volume]
+        assert slices == ([0, 1, 2, 3, 4, 9] if volume != "lung_006" else [0, 1, 2])
+    assert len(train) == 3 * len({r.volume for r in train} - {"lung_006"})
+    # The volumes are drawn as split_by_volume draws them from all slices.
+    assert {r.volume for r in val} == {r.volume for r in split_by_volume(
+        [*scan_slices(dataset_dir), *left_out], 0.4, seed=1)[1]}
 
 
 def test_split_needs_two_volumes(tmp_path):

@@ -75,6 +75,26 @@ def test_intensity_transforms_change_the_image_only(settings):
     assert np.array_equal(out["mask"].numpy(), plain["mask"])
 
 
+@pytest.mark.parametrize("settings", [
+    {"brightness_contrast_probability": 1.0, "brightness_limit": 0.5, "contrast_limit": 0.0},
+    {"brightness_contrast_probability": 1.0, "brightness_limit": 0.0, "contrast_limit": 0.9},
+    {"noise_probability": 1.0, "noise_std": 0.5}])
+def test_brightness_contrast_and_noise_stay_within_0_and_1(settings):
+    """Strong settings on a slice spanning [0, 1]: without clipping each pushes values out."""
+    yy, xx = np.mgrid[:48, :40]
+    image = (xx / 39.0).astype(np.float32)[None]   # 0 at the left edge, 1 at the right
+    transform = slice_transforms((48, 40), train=True, augmentation=only(**settings))
+    outside = 0
+    for seed in range(6):
+        set_rnd(transform, seed)
+        out = transform({"image": image.copy(), "mask": np.zeros_like(image)})["image"]
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+        outside += int(((out == 0) | (out == 1)).sum())
+        assert not np.allclose(out.numpy(), image)   # augmented, not left alone
+    # Values were clipped, not rescaled: many pixels sit exactly on a bound.
+    assert outside > 48
+
+
 def test_coarse_dropout_zeroes_rectangles_within_the_size_limit():
     aug = only(coarse_dropout_probability=1.0, coarse_dropout_holes=3, coarse_dropout_size=0.125)
     out = apply(slice_transforms((48, 40), train=True, augmentation=aug), seed=1)

@@ -9,17 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.data.utils import set_rnd
 from PIL import Image
 
+import ingredients.lung_tumor as lung_ingredients
 from ingredients.training import loader_settings
 from medseg.data.msd import ConversionSettings, convert_task
 from medseg.data.synthetic.lung import generate_lung_task
 from medseg.engine import trainer as trainer_module
-from medseg.engine.checkpoint import load_checkpoint
+from medseg.engine.checkpoint import atomic_save, load_checkpoint
 from medseg.engine.fit import make_loaders
 from medseg.errors import ConfigError, DataError, MedsegError
 from support import (
@@ -105,11 +107,17 @@ def test_training_lowers_the_loss_raises_dice_and_saves_the_seed_outputs(slices,
     # Six epochs of 32-pixel slices on a CPU: a clear trend, far from convergence.
     assert losses[-1] < 0.85 * losses[0]
     assert max(dice[1:]) > 1.5 * dice[0]
-    for name in ("val_tumor_iou", "val_pixel_accuracy", "val_volume_dice", "val_loss"):
+    for name in ("val_tumor_iou", "val_pixel_accuracy", "val_tumor_dice_pooled",
+                 "val_tumor_dice_per_volume", "val_tumor_dice_per_slice", "val_loss"):
         assert len(metrics[name]["values"]) == 6, name
     assert result["best_metric"] == pytest.approx(max(dice))
     info = json.loads((tmp_path / "runs" / "1" / "info.json").read_text())
     assert info["dataset"]["splits"]["val"]["volumes"] == 1
+    # Validation scores the whole volume (16 slices, left_out/ included); training reads only
+    # the slices convert kept (every tumour slice, a third of the others).
+    assert info["dataset"]["splits"]["val"]["slices"] == 16
+    kept = len(list((slices / "images").iterdir()))
+    assert info["dataset"]["splits"]["train"]["slices"] < kept < 5 * 16
     artifacts = json.loads((tmp_path / "runs" / "1" / "run.json").read_text())["artifacts"]
     assert {"training_curves.png", "val_predictions.png", "best.pt", "last.pt"} <= set(artifacts)
 
@@ -147,7 +155,55 @@ def test_predict_with_a_trained_checkpoint_on_png_folder_and_nifti(slices, msd_r
         assert summary["weights"] == str(weights) and summary["epoch"] == 1
         expected = len(list(source.iterdir())) if source.is_dir() else 1
         assert len(summary["predictions"]) == expected
-    assert (tmp_path / "predicted" / "lung_001.nii.gz" / "lung_001_mask.nii.gz").is_file()
+    mask = tmp_path / "predicted" / "lung_001.nii.gz" / "lung_001_mask.nii.gz"
+    assert summary["window_center"] == -300.0 and summary["window_width"] == 1400.0
+    # Another window in the config does not change the volume's prediction: the slices
+    # were converted with conversion.json's window, and predict uses that.
+    out = tmp_path / "predicted" / "other_window"
+    run("predict", slices, tmp_path, weights=str(weights), source=str(volume),
+        predict_dir=str(out), **{"dataset.window_center": 200.0, "dataset.window_width": 400.0})
+    assert np.array_equal(np.asarray(nib.load(out / "lung_001_mask.nii.gz").dataobj),
+                          np.asarray(nib.load(mask).dataobj))
+    assert json.loads((out / "predictions.json").read_text())["window_center"] == -300.0
+    # evaluate scores the checkpoint on every slice of the validation volume.
+    scored = run("evaluate", slices, tmp_path, weights=str(weights)).result
+    assert set(scored) == {"val_tumor_dice_per_volume", "val_tumor_dice_pooled",
+                           "val_tumor_dice_per_slice"}
+    folder = next(p for p in (tmp_path / "checkpoints").iterdir() if (p / "evaluation_val").is_dir())
+    recorded = json.loads((folder / "evaluation_val" / "val_metrics.json").read_text())
+    assert recorded["val_tumor_dice_per_volume"] == scored["val_tumor_dice_per_volume"]
+    assert {"val_loss", "val_tumor_iou", "val_pixel_accuracy"} <= set(recorded)
+    per_volume = json.loads((folder / "evaluation_val" / "per_volume_dice.json").read_text())
+    assert len(per_volume) == 1 and next(iter(per_volume.values()))["tumour_pixels"] > 0
+
+
+def test_predict_windows_nifti_as_the_training_slices_were_converted(tmp_path, caplog):
+    """The window comes from conversion.json of the checkpoint's dataset_path, not from the
+    current dataset.window_* entries; one line says so when they differ."""
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "conversion.json").write_text(json.dumps({"window_center": -600.0,
+                                                           "window_width": 1500.0}))
+    weights = tmp_path / "best.pt"
+    atomic_save({"model": {}, "config": {"dataset_path": str(converted)}}, weights)
+    volume, image = [tmp_path / "ct.nii.gz"], [tmp_path / "slice.png"]
+    config = {"weights": str(weights), "dataset": {"window_center": -300.0,
+                                                   "window_width": 1400.0}}
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert lung_ingredients.predict_window(config, volume) == (-600.0, 1500.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "centre -600, width 1500" in lines[0]
+    assert "conversion.json" in lines[0] and "dataset.window_center=-300" in lines[0]
+    caplog.clear()
+    same = {**config, "dataset": {"window_center": -600.0, "window_width": 1500.0}}
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert lung_ingredients.predict_window(same, volume) == (-600.0, 1500.0)
+        assert lung_ingredients.predict_window(config, image) == (-600.0, 1500.0)
+    assert not caplog.records   # same window, or no volume to window: nothing to say
+    (converted / "conversion.json").unlink()   # a folder converted elsewhere, or moved
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert lung_ingredients.predict_window(config, volume) == (-300.0, 1400.0)
+    assert len(caplog.records) == 1 and "no conversion.json" in caplog.records[0].getMessage()
 
 
 @pytest.mark.slow
@@ -310,6 +366,18 @@ def test_bad_predict_inputs_are_named(slices, tmp_path, dotted, message):
     with pytest.raises(MedsegError, match=message):
         run("predict", slices, tmp_path, **dotted)
     assert not (tmp_path / "predictions").exists()
+
+
+@pytest.mark.parametrize("dotted, message", [
+    ({}, "weights is not set; give the checkpoint to evaluate"),
+    ({"weights": "nowhere.pt"}, "weights: no checkpoint file at nowhere.pt"),
+    ({"weights": "WEIGHTS"}, "w.pt could not be read as a medseg checkpoint"),
+])
+def test_bad_evaluate_inputs_are_named(slices, tmp_path, dotted, message):
+    (tmp_path / "w.pt").write_bytes(b"")
+    dotted = {k: str(tmp_path / "w.pt") if v == "WEIGHTS" else v for k, v in dotted.items()}
+    with pytest.raises(MedsegError, match=message):
+        run("evaluate", slices, tmp_path, **dotted)
 
 
 # ----------------------------------------------------------------------------- config effects

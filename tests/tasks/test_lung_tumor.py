@@ -68,10 +68,43 @@ def test_scores_pool_pixels_and_average_volumes():
                   masks([1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]),
                   ["a", "a", "b", "c"])
     summary = scores.summary()
-    assert summary["tumor_dice"] == pytest.approx(4 / 5)       # 2TP / (2TP + FP + FN) pooled
-    assert summary["volume_dice"] == pytest.approx(0.5)        # a: 1, b: 0, c: undefined
+    assert summary["tumor_dice_pooled"] == pytest.approx(4 / 5)  # 2TP / (2TP + FP + FN) pooled
+    assert summary["tumor_dice"] == summary["tumor_dice_pooled"]
+    assert summary["tumor_dice_per_volume"] == pytest.approx(0.5)  # a: 1, b: 0, c: undefined
+    assert summary["tumor_dice_per_slice"] == pytest.approx(1.0)   # one tumour slice, perfect
     assert summary["pixel_accuracy"] == pytest.approx(15 / 16)
     assert summary["tumor_iou"] == pytest.approx(2 / 3)
+
+
+def test_three_dice_ways_differ_as_defined_on_a_hand_made_case():
+    """Two volumes of 8-pixel slices. Volume a: a large tumour found exactly on one slice, a
+    small one missed half on another, and an empty slice with 2 false positives; volume b: one
+    small tumour slice with 1 false positive beside its 1 true pixel."""
+    pred = masks([1, 1, 1, 1, 0, 0, 0, 0],   # a: tumour 4 px, all found         Dice 1
+                 [1, 0, 0, 0, 0, 0, 0, 0],   # a: tumour 2 px, 1 found            Dice 2/3
+                 [0, 0, 0, 0, 0, 0, 1, 1],   # a: no tumour, 2 false positives
+                 [1, 1, 0, 0, 0, 0, 0, 0])   # b: tumour 1 px found, 1 FP         Dice 2/3
+    truth = masks([1, 1, 1, 1, 0, 0, 0, 0],
+                  [1, 1, 0, 0, 0, 0, 0, 0],
+                  [0, 0, 0, 0, 0, 0, 0, 0],
+                  [1, 0, 0, 0, 0, 0, 0, 0])
+    scores = TumorScores()
+    scores.update(pred[:2], truth[:2], ["a", "a"])   # in two batches, as a loader gives them
+    scores.update(pred[2:], truth[2:], ["a", "b"])
+    summary = scores.summary()
+    # Pooled: TP 6, FP 3, FN 1 -> 12 / 16.
+    assert summary["tumor_dice_pooled"] == pytest.approx(12 / 16)
+    # Per volume: a has TP 5, FP 2, FN 1 -> 10 / 13; b has TP 1, FP 1 -> 2 / 3.
+    assert summary["tumor_dice_per_volume"] == pytest.approx((10 / 13 + 2 / 3) / 2)
+    # Per tumour slice: 1, 2/3, 2/3 (the empty slice's false positives do not count).
+    assert summary["tumor_dice_per_slice"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    # Ranks that each scored part of the slices (one volume split between them) merge to the
+    # same figures.
+    first, second = TumorScores(), TumorScores()
+    first.update(pred[:2], truth[:2], ["a", "a"])
+    second.update(pred[2:], truth[2:], ["a", "b"])
+    first.merge(second)
+    assert first.summary() == pytest.approx(summary)
 
 
 def slice_dataset(tmp_path, count=6, size=32):
@@ -102,7 +135,8 @@ def test_validate_reports_every_metric(tmp_path):
     terms = ["loss_balanced_ce", "loss_dice"]
     assert sorted(metrics) == sorted([*task.metric_names(), *terms])
     assert metrics["loss"] == pytest.approx(sum(metrics[t] for t in terms))
-    assert metrics["tumor_dice"] > 0.95 and metrics["volume_dice"] > 0.95
+    assert metrics["tumor_dice"] > 0.95 and metrics["tumor_dice_per_volume"] > 0.95
+    assert metrics["tumor_dice_per_slice"] > 0.95
     inverted = task.validate(lambda x: -Thresholding()(x), loader, CPU, FP32)
     assert inverted["tumor_dice"] < 0.05 and inverted["loss"] > 3 * metrics["loss"]
 

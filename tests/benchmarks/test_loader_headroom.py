@@ -1,0 +1,37 @@
+"""``python -m benchmarks loader_headroom`` in its tiny mode: the pipeline's own training
+loader and model are captured from its ``main`` and measured; and the GPU columns' arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import bench_loader_headroom as bench
+
+
+def test_tiny_mode_measures_the_lung_pipelines_own_loader_and_model(monkeypatch):
+    monkeypatch.setenv("LOADER_HEADROOM_TINY", "1")
+    monkeypatch.setenv("LOADER_HEADROOM_PIPELINES", "lung_tumor")
+    result = bench.run()
+    entry = result["pipelines"]["lung_tumor"]
+    # The demo's batch of 8 from the tiny data's kept training slices.
+    assert entry["batch_size"] == 8 and entry["training_samples"] > 8
+    assert set(entry["loader_samples_per_s"]) == {"workers_0", "workers_2"}
+    assert all(rate > 0 for rate in entry["loader_samples_per_s"].values())
+    assert entry["consumed_samples_per_s_cpu"] > 0
+    for key, rate in entry["loader_samples_per_s"].items():
+        assert entry["headroom_cpu"][key] == pytest.approx(
+            rate / entry["consumed_samples_per_s_cpu"], rel=0.06, abs=0.06)
+    assert "gpu_estimate" not in result   # the seed-size timing is left out of the tiny mode
+
+
+def test_gpu_columns_scale_the_cpu_rate_and_count_workers_for_5x():
+    columns = bench.gpu_estimate(2.0, {"workers_0": 30.0, "workers_2": 50.0}, speedup=10.0,
+                                 batch_size=4)
+    assert columns["consumed_samples_per_s_gpu_estimate"] == 20.0
+    assert columns["headroom_gpu_estimate"] == {"workers_0": 1.5, "workers_2": 2.5}
+    assert columns["workers_for_5x_gpu"] == 4   # 5 x 20 = 100 samples/s at 30 per worker
+    assert bench.gpu_estimate(0.1, {"workers_0": 30.0}, speedup=1.0,
+                              batch_size=4)["workers_for_5x_gpu"] == 1
+    # A small network is not sped up past one step per 15 ms: batch 4 -> 267 samples/s.
+    fast = bench.gpu_estimate(50.0, {"workers_0": 30.0}, speedup=100.0, batch_size=4)
+    assert fast["consumed_samples_per_s_gpu_estimate"] == pytest.approx(4 / 0.015, abs=0.01)
