@@ -133,7 +133,9 @@ def main(_run, _config, dataset_path, eval_split):
     pipeline, metadata, net, task = _pipeline(_run, _config)
     pipeline.record_dataset(dataset_path, dataset.statistics(dataset_path, metadata))
     result = pipeline.fit(net, task, _split(_config, "train", True), _split(_config, "val", False),
-                          curve_metrics=["val_dice", "val_iou", "val_presence_accuracy"])
+                          curve_metrics=["val_dice", "val_dice_present", "val_iou",
+                                         "val_presence_accuracy",
+                                         "val_presence_balanced_accuracy"])
     if dataset.has_split(dataset_path, eval_split):
         loader = training.make_loader(_split(_config, eval_split, train=False), train=False)
         result.update(pipeline.evaluate(evaluate_sadaan, net, task, loader, eval_split))
