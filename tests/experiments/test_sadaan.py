@@ -211,6 +211,7 @@ def test_command_line_accepts_a_partial_loss_weights_dict(sadaan_data, tmp_path)
     ("for_speed", {"training.num_workers": 8, "augmentation.enabled": False}),
     ("for_accuracy", {"loss_weights.dice": 3.0, "training.gradient_clip_norm": 1.0,
                       "optimizer.weight_decay": 1e-5, "augmentation.noise_std": 1.0}),
+    ("high_absence", {"synthetic.absent_probability": 0.7}),
 ])
 def test_named_configs_apply_the_seed_recipes(name, expected):
     config = run({"tracking": {"observer": "none"}}, command="print_config", named=[name]).config
