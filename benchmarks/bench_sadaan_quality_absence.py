@@ -4,7 +4,8 @@ balanced accuracy, per structure, with the wall time.
 
 The full run (40 epochs at 64x64x32 on 160 training cases, like `sadaan_quality`) takes about
 an hour on 2 CPU cores. ``SADAAN_QUALITY_EPOCHS``, ``SADAAN_QUALITY_SIZE`` (``H,W,D``) and
-``SADAAN_QUALITY_TRAIN`` (training cases) shorten it; the result records what was run.
+``SADAAN_QUALITY_TRAIN`` (training cases) and ``SADAAN_QUALITY_EVAL`` (validation and test
+cases each) shorten it; the result records what was run.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ def settings() -> tuple[list[str], list[str]]:
     epochs = int(os.environ.get("SADAAN_QUALITY_EPOCHS", "40"))
     size = [int(v) for v in os.environ.get("SADAAN_QUALITY_SIZE", "64,64,32").split(",")]
     train = int(os.environ.get("SADAAN_QUALITY_TRAIN", "160"))
+    held_out = int(os.environ.get("SADAAN_QUALITY_EVAL", "32"))
     size_text = "[" + ",".join(map(str, size)) + "]"
-    generate = ["high_absence", f"synthetic.image_size={size_text}", f"synthetic.num_train={train}"]
+    generate = ["high_absence", f"synthetic.image_size={size_text}", f"synthetic.num_train={train}",
+                f"synthetic.num_val={held_out}", f"synthetic.num_test={held_out}"]
     training = [u for u in TRAINING if not u.startswith(("training.image_size=",
                                                          "training.num_epochs="))]
     training += [f"training.image_size={size_text}", f"training.num_epochs={epochs}"]

@@ -7,11 +7,12 @@ from benchmarks import bench_sadaan_quality, bench_sadaan_quality_absence
 
 
 def test_by_default_it_trains_the_sadaan_quality_recipe_on_high_absence_data(monkeypatch):
-    for name in ("SADAAN_QUALITY_EPOCHS", "SADAAN_QUALITY_SIZE", "SADAAN_QUALITY_TRAIN"):
+    for name in ("SADAAN_QUALITY_EPOCHS", "SADAAN_QUALITY_SIZE", "SADAAN_QUALITY_TRAIN",
+                 "SADAAN_QUALITY_EVAL"):
         monkeypatch.delenv(name, raising=False)
     generate, training = bench_sadaan_quality_absence.settings()
     assert generate == ["high_absence", "synthetic.image_size=[64,64,32]",
-                        "synthetic.num_train=160"]
+                        "synthetic.num_train=160", "synthetic.num_val=32", "synthetic.num_test=32"]
     assert sorted(training) == sorted(bench_sadaan_quality.TRAINING)
 
 
@@ -19,8 +20,10 @@ def test_environment_shortens_it(monkeypatch):
     monkeypatch.setenv("SADAAN_QUALITY_EPOCHS", "3")
     monkeypatch.setenv("SADAAN_QUALITY_SIZE", "32,32,16")
     monkeypatch.setenv("SADAAN_QUALITY_TRAIN", "12")
+    monkeypatch.setenv("SADAAN_QUALITY_EVAL", "5")
     generate, training = bench_sadaan_quality_absence.settings()
-    assert "synthetic.num_train=12" in generate and "synthetic.image_size=[32,32,16]" in generate
+    assert {"synthetic.num_train=12", "synthetic.image_size=[32,32,16]", "synthetic.num_val=5",
+            "synthetic.num_test=5"} <= set(generate)
     assert {"training.num_epochs=3", "training.image_size=[32,32,16]"} <= set(training)
     assert not {"training.num_epochs=40", "training.image_size=[64,64,32]"} & set(training)
 
