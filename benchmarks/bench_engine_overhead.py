@@ -135,6 +135,9 @@ def run() -> dict:
     result = measure(batch=int(environ("ENGINE_OVERHEAD_BATCH", BATCH)), size=size,
                      rounds=int(environ("ENGINE_OVERHEAD_ROUNDS", ROUNDS)),
                      steps=int(environ("ENGINE_OVERHEAD_STEPS", STEPS)))
-    return {**result, "threads": torch.get_num_threads(),
+    settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                        if k.startswith("ENGINE_OVERHEAD_") or k == "OMP_NUM_THREADS")
+    return {"command": f"{settings} python -m benchmarks engine_overhead".strip(), **result,
+            "threads": torch.get_num_threads(),
             "load_average_after": [round(v, 1) for v in os.getloadavg()],
             "target": "suite_over_bare_median <= 1.02"}
