@@ -3,17 +3,20 @@ and batch (SADAAN, batch 4 of 64x64x32, 13 structures), timed in one process in 
 rounds so that machine load hits both alike: median and spread of the per-round ratio.
 
 Each round times ``STEPS`` steps of each loop, within one training epoch of the suite, the
-order alternating between rounds (bare then suite, suite then bare, ...) so that a load that rises or falls through a round also
-cancels. Both the wall clock and the process's CPU time are reported: on a machine shared
-with other work (2 cores, load 8-10 here) the wall-clock ratio of a round swings by +-20 %,
+order alternating between rounds (bare then suite, suite then bare, ...) so that a load that
+rises or falls through a round also cancels. The suite's steps are those of
+:meth:`Trainer._train_epoch` with the settings the SADAAN recipes use (gradient clipping, loss
+logging every 10 steps, a progress bar, memory clean-up every 10 steps), so everything the
+engine does per step is included.
+
+Both the wall clock and the process's CPU time are reported: on a machine shared with other
+work (2 cores, load 5-10 here) the wall-clock ratio of a round swings by +-20 % or more,
 while the CPU time the process spent is what the engine adds to (run it with
-``OMP_NUM_THREADS=1`` so that CPU time is one core's). The suite's steps are those of :meth:`Trainer._train_epoch` with the settings the
-SADAAN recipes use (gradient clipping, loss logging every 10 steps, a progress bar, memory
-clean-up every 10 steps), so everything the engine records per step is included.
+``OMP_NUM_THREADS=1`` so that CPU time is one core's).
 
 ``ENGINE_OVERHEAD_SIZE`` (``H,W,D``), ``ENGINE_OVERHEAD_BATCH``, ``ENGINE_OVERHEAD_ROUNDS`` and
 ``ENGINE_OVERHEAD_STEPS`` change the shape and length (a smaller step makes the engine's
-fixed per-step cost a larger share, so its ratio bounds the default's from above).
+fixed per-step cost a larger share of it).
 """
 
 from __future__ import annotations
@@ -131,7 +134,8 @@ def measure(batch: int = BATCH, size: tuple[int, ...] = SIZE, structures: int = 
 
 def run() -> dict:
     environ = os.environ.get
-    size = tuple(int(v) for v in environ("ENGINE_OVERHEAD_SIZE", ",".join(map(str, SIZE))).split(","))
+    size_text = environ("ENGINE_OVERHEAD_SIZE", ",".join(map(str, SIZE)))
+    size = tuple(int(v) for v in size_text.split(","))
     result = measure(batch=int(environ("ENGINE_OVERHEAD_BATCH", BATCH)), size=size,
                      rounds=int(environ("ENGINE_OVERHEAD_ROUNDS", ROUNDS)),
                      steps=int(environ("ENGINE_OVERHEAD_STEPS", STEPS)))
