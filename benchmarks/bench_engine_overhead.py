@@ -36,6 +36,7 @@ from medseg.models.sadaan import SADAAN
 from medseg.tasks.sadaan import SADAANTask
 
 BATCH, SIZE, STRUCTURES = 4, (64, 64, 32), 13
+QUICK = False  # about 10 minutes at the default shape on 2 shared cores
 WARMUP, STEPS, ROUNDS = 2, 4, 10  # one epoch of 40 steps, as 160 cases at batch 4
 CLIP = 0.5
 
