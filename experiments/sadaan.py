@@ -20,7 +20,7 @@ from ingredients.training import TrainingIngredient, image_size_field
 from medseg import config as c
 from medseg.data.hdf5 import SPLITS
 from medseg.data.staging import refuse_to_overwrite
-from medseg.data.synthetic.sadaan import generate_sadaan_dataset
+from medseg.data.synthetic.sadaan import HIGH_ABSENCE_PROBABILITY, generate_sadaan_dataset
 from medseg.errors import ConfigError
 from medseg.tasks.sadaan import SADAANTask, evaluate_sadaan
 
@@ -77,6 +77,10 @@ ex.add_named_config("demo", dataset_path="data/sadaan_demo", eval_split="test",
                               "learning_rate": 2e-3, "num_workers": 1},
                     optimizer={"lr_scheduler": "cosine_annealing"},
                     checkpoint={"save_frequency": 0})
+# Data where absence is common (most cases had surgery), to judge presence detection where it
+# matters: `generate_data with high_absence`, then train `with high_absence`.
+ex.add_named_config("high_absence", dataset_path="data/sadaan_high_absence",
+                    synthetic={"absent_probability": HIGH_ABSENCE_PROBABILITY})
 
 
 @ex.config_validator
@@ -133,7 +137,9 @@ def main(_run, _config, dataset_path, eval_split):
     pipeline, metadata, net, task = _pipeline(_run, _config)
     pipeline.record_dataset(dataset_path, dataset.statistics(dataset_path, metadata))
     result = pipeline.fit(net, task, _split(_config, "train", True), _split(_config, "val", False),
-                          curve_metrics=["val_dice", "val_iou", "val_presence_accuracy"])
+                          curve_metrics=["val_dice", "val_dice_present", "val_iou",
+                                         "val_presence_accuracy",
+                                         "val_presence_balanced_accuracy"])
     if dataset.has_split(dataset_path, eval_split):
         loader = training.make_loader(_split(_config, eval_split, train=False), train=False)
         result.update(pipeline.evaluate(evaluate_sadaan, net, task, loader, eval_split))

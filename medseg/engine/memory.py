@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import resource
 import sys
@@ -68,9 +69,39 @@ class MemoryMonitor:
         return metrics
 
 
+class _Window:
+    active = False
+
+
+@contextlib.contextmanager
+def cleanup_window():
+    """Within it, each :func:`cleanup_memory` moves what survived its collection out of the
+    collector's reach (``gc.freeze``), so that the next one scans only the objects created
+    since, not the whole heap again; on exit everything is handed back (``gc.unfreeze``).
+
+    A full collection of a process that has imported torch and MONAI scans some 370,000
+    objects, 0.1-0.5 s on a laptop CPU: every 10 steps of a 1.3 s SADAAN step that was the
+    engine's main cost over a bare loop. The garbage a cleanup can miss is an object that
+    survived an earlier cleanup of the window and has since become unreachable in a reference
+    cycle; it is collected after the window (the training epoch). A process that froze
+    objects itself keeps full collections (its frozen set is not touched)."""
+    if _Window.active or gc.get_freeze_count():
+        yield
+        return
+    _Window.active = True
+    try:
+        yield
+    finally:
+        _Window.active = False
+        gc.unfreeze()
+
+
 def cleanup_memory(device: torch.device) -> None:
-    """Collect garbage and hand cached CUDA blocks back to the driver."""
+    """Collect garbage and hand cached CUDA blocks back to the driver (inside
+    :func:`cleanup_window`, collect only what is new since the last cleanup)."""
     gc.collect()
+    if _Window.active:
+        gc.freeze()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -28,7 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from medseg.engine import distributed
 from medseg.engine.checkpoint import CheckpointManager, load_checkpoint, plain
 from medseg.files import remove_leftovers
-from medseg.engine.memory import MemoryMonitor, cleanup_memory
+from medseg.engine.memory import MemoryMonitor, cleanup_memory, cleanup_window
 from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.schedulers import LRSchedule
@@ -420,7 +420,9 @@ class Trainer:
                    disable=not settings.progress_bar, leave=True, mininterval=2.0,
                    file=sys.stderr, dynamic_ncols=False, ncols=100)
         self.optimizer.zero_grad(set_to_none=True)
-        with _messages_above_bars():
+        cleanups = (cleanup_window() if settings.memory_cleanup_frequency
+                    else contextlib.nullcontext())
+        with _messages_above_bars(), cleanups:
             for index, batch in enumerate(bar):
                 group_start = index - index % accumulation
                 group_size = min(accumulation, num_batches - group_start)

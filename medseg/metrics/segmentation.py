@@ -4,6 +4,11 @@ Conventions for a structure whose target is empty in a case (absent structure):
 
 - prediction also empty: Dice and IoU are undefined, returned as NaN and left out of every mean;
 - prediction not empty: Dice and IoU are 0, a false-positive segmentation.
+
+:class:`SegmentationScores` reports Dice two ways: ``dice`` by these conventions (a
+false-positive mask on an absent structure counts 0, a correct "absent" is left out), and
+``dice_present`` over the cases where the structure is present only (the definition of the
+other public SADAAN implementation), which ignores what is predicted where it is absent.
 """
 
 from __future__ import annotations
@@ -64,6 +69,18 @@ def presence_confusion(pred_presence: torch.Tensor,
     return PresenceConfusion(*counts.unbind(-1))
 
 
+def balanced_accuracy(pred_presence: torch.Tensor, true_presence: torch.Tensor) -> torch.Tensor:
+    """Per-structure balanced accuracy [S] of ``pred_presence`` against ``true_presence``
+    [B, S] (bool): the mean of sensitivity and specificity over the classes that occur among
+    the cases (scikit-learn's ``balanced_accuracy_score`` for each column); NaN without cases."""
+    pred, true = pred_presence.bool(), true_presence.bool()
+    present, absent = true.sum(0).float(), (~true).sum(0).float()
+    # 0/0 is NaN for a class that never occurs, which nanmean then leaves out.
+    sensitivity = (pred & true).sum(0).float() / present
+    specificity = (~pred & ~true).sum(0).float() / absent
+    return torch.stack([sensitivity, specificity]).nanmean(0)
+
+
 class SegmentationScores:
     """Accumulates per-case, per-structure scores over batches.
 
@@ -74,7 +91,14 @@ class SegmentationScores:
 
     - ``dice``, ``iou``: mean over structures of each structure's mean over the cases where it
       is defined; ``presence_accuracy``: fraction of correct presence calls;
-    - ``dice_<name>``, ``iou_<name>``, ``presence_accuracy_<name>`` per structure.
+    - ``dice_present``: like ``dice``, but each structure's mean covers only the cases whose
+      target holds it (false-positive masks on absent structures are not counted);
+    - ``presence_balanced_accuracy``: mean over structures of each structure's balanced
+      accuracy, the mean of its sensitivity (present called present) and specificity (absent
+      called absent) over those of the two classes that occur in its cases (sensitivity
+      alone for a structure never absent, as scikit-learn's ``balanced_accuracy_score``);
+    - ``dice_<name>``, ``iou_<name>``, ``presence_accuracy_<name>``, ``dice_present_<name>``,
+      ``presence_balanced_accuracy_<name>`` per structure.
 
     A score with no defined case is NaN.
     """
@@ -90,6 +114,7 @@ class SegmentationScores:
     def reset(self) -> None:
         self._dice: list[torch.Tensor] = []
         self._iou: list[torch.Tensor] = []
+        self._dice_present: list[torch.Tensor] = []
         self._pred_presence: list[torch.Tensor] = []
         self._true_presence: list[torch.Tensor] = []
 
@@ -98,7 +123,10 @@ class SegmentationScores:
         if pred_masks.shape[1] != len(self.structure_names):
             raise ValueError(f"masks have {pred_masks.shape[1]} structures, but "
                              f"{len(self.structure_names)} structure names were given")
-        self._dice.append(per_structure_dice(pred_masks, true_masks).cpu())
+        dice = per_structure_dice(pred_masks, true_masks)
+        self._dice.append(dice.cpu())
+        target_present = true_masks.flatten(2).any(-1)
+        self._dice_present.append(dice.masked_fill(~target_present, math.nan).cpu())
         self._iou.append(per_structure_iou(pred_masks, true_masks).cpu())
         self._pred_presence.append(pred_presence.bool().cpu())
         self._true_presence.append(true_presence.bool().cpu())
@@ -107,6 +135,7 @@ class SegmentationScores:
         """Add the cases ``other`` scored (another rank's share of a validation pass)."""
         self._dice += other._dice
         self._iou += other._iou
+        self._dice_present += other._dice_present
         self._pred_presence += other._pred_presence
         self._true_presence += other._true_presence
 
@@ -117,14 +146,20 @@ class SegmentationScores:
     def summary(self) -> dict[str, float]:
         dice = self._stacked(self._dice).nanmean(0)
         iou = self._stacked(self._iou).nanmean(0)
-        correct = self._stacked(self._pred_presence) == self._stacked(self._true_presence)
-        accuracy = correct.float().mean(0)
+        dice_present = self._stacked(self._dice_present).nanmean(0)
+        pred, true = self._stacked(self._pred_presence), self._stacked(self._true_presence)
+        accuracy = (pred == true).float().mean(0)
+        balanced = balanced_accuracy(pred, true)
         scores = {"dice": _nanmean(dice), "iou": _nanmean(iou),
-                  "presence_accuracy": _nanmean(accuracy)}
+                  "presence_accuracy": _nanmean(accuracy),
+                  "dice_present": _nanmean(dice_present),
+                  "presence_balanced_accuracy": _nanmean(balanced)}
         for index, name in enumerate(self._keys):
             scores[f"dice_{name}"] = float(dice[index])
             scores[f"iou_{name}"] = float(iou[index])
             scores[f"presence_accuracy_{name}"] = float(accuracy[index])
+            scores[f"dice_present_{name}"] = float(dice_present[index])
+            scores[f"presence_balanced_accuracy_{name}"] = float(balanced[index])
         return scores
 
     def confusion(self) -> dict[str, dict[str, int]]:

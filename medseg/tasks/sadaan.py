@@ -24,6 +24,9 @@ from medseg.metrics.segmentation import SegmentationScores, metric_key
 from medseg.viz.overlays import plot_attention_maps, plot_metric_bars, plot_segmentation_panel
 
 MASK_THRESHOLD = 0.5
+# Each also per structure as ``<metric>_<name>``; definitions in medseg.metrics.segmentation.
+PER_STRUCTURE_METRICS = ("dice", "iou", "presence_accuracy", "dice_present",
+                         "presence_balanced_accuracy")
 
 
 class SADAANTask:
@@ -35,8 +38,8 @@ class SADAANTask:
 
     def metric_names(self) -> list[str]:
         per_structure = [f"{metric}_{metric_key(name)}" for name in self.structure_names
-                         for metric in ("dice", "iou", "presence_accuracy")]
-        return ["loss", "dice", "iou", "presence_accuracy", *per_structure]
+                         for metric in PER_STRUCTURE_METRICS]
+        return ["loss", *PER_STRUCTURE_METRICS, *per_structure]
 
     def _inputs(self, batch, device: torch.device):
         return (batch["image"].to(device, non_blocking=True),
@@ -104,7 +107,8 @@ class SADAANTask:
 def evaluate_sadaan(model: nn.Module, loader: Iterable, *, task: SADAANTask, device: torch.device,
                     precision: Precision, output_dir: Path, split: str,
                     num_figures: int = 4) -> EvaluationReport:
-    """Per-structure Dice/IoU, presence accuracy and confusion counts on ``loader``; writes
+    """Per-structure Dice/IoU (also over present structures only), presence accuracy and
+    balanced accuracy and confusion counts on ``loader``; writes
     ``per_case_metrics.json``, Dice bars and the first ``num_figures`` cases with their
     attention maps."""
     output_dir = Path(output_dir)
@@ -134,7 +138,7 @@ def evaluate_sadaan(model: nn.Module, loader: Iterable, *, task: SADAANTask, dev
     dice = {name: summary.get(f"dice_{metric_key(name)}", float("nan"))
             for name in task.structure_names}
     bars = plot_metric_bars(dice, output_dir / "dice_per_structure.png", f"{split}: Dice per structure")
-    return EvaluationReport(metrics=summary, headline=["loss", "dice", "iou", "presence_accuracy"],
+    return EvaluationReport(metrics=summary, headline=["loss", *PER_STRUCTURE_METRICS],
                             artifacts=[per_case_path, bars, *figures],
                             info={"confusion": scores.confusion(), "cases": scores.num_cases})
 

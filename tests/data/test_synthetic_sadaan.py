@@ -97,6 +97,20 @@ def test_absent_probability_sets_how_many_cases_miss_a_structure(
     assert (data["presence_labels"].min(axis=1) == 1).all() == expect_normal
 
 
+def test_high_absence_scenario_has_most_cases_miss_a_structure(tmp_path):
+    folder = generate_sadaan_dataset(tmp_path / "d", num_train=40, num_val=1, num_test=0,
+                                     image_size=(16, 16, 16), seed=4,
+                                     absent_probability=sadaan.HIGH_ABSENCE_PROBABILITY)
+    presence = read_split(folder, "train")["presence_labels"]
+    assert (presence.min(axis=1) == 0).mean() >= 0.5
+    default = generate_sadaan_dataset(tmp_path / "default", num_train=40, num_val=1, num_test=0,
+                                      image_size=(16, 16, 16), seed=4)
+    assert (read_split(default, "train")["presence_labels"].min(axis=1) == 0).mean() < 0.3
+    # The organ surgery removes most often is absent in some cases, present in most.
+    gallbladder = STRUCTURE_NAMES.index("gallbladder")
+    assert 0 < presence[:, gallbladder].mean() < 0.95
+
+
 def test_structures_vary_in_position_and_size_between_cases(default_size):
     masks = read_split(default_size, "train")["masks"]
     liver = STRUCTURE_NAMES.index("liver")

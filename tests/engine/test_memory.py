@@ -39,3 +39,41 @@ def test_cuda_epochs_report_allocator_peaks_in_megabytes(monkeypatch):
     metrics = monitor.epoch_metrics()
     assert calls == [torch.device("cuda", 0)]
     assert metrics["gpu_mem_max_allocated_mb"] == 3 and metrics["gpu_mem_max_reserved_mb"] == 5
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_cleanups_in_a_window_collect_new_cycles_and_hand_back_what_they_froze():
+    import gc
+    import weakref
+
+    from medseg.engine.memory import cleanup_memory, cleanup_window
+
+    cpu = torch.device("cpu")
+    with cleanup_window():
+        cleanup_memory(cpu)
+        assert gc.get_freeze_count() > 0  # the survivors are out of the next scan
+        garbage = _Cycle()
+        alive = weakref.ref(garbage)
+        del garbage
+        cleanup_memory(cpu)
+        assert alive() is None  # a cycle made since the last cleanup is collected
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_window_leaves_objects_frozen_by_others_alone():
+    import gc
+
+    from medseg.engine.memory import cleanup_memory, cleanup_window
+
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with cleanup_window():
+            cleanup_memory(torch.device("cpu"))
+        assert gc.get_freeze_count() == before
+    finally:
+        gc.unfreeze()

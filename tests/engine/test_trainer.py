@@ -157,6 +157,24 @@ def test_memory_cleanup_runs_at_its_frequency(make_trainer, monkeypatch):
     assert calls == []
 
 
+def test_memory_cleanups_scan_only_what_is_new_during_an_epoch(make_trainer):
+    import gc
+
+    frozen = []
+
+    class Watch(trainer_module.Callback):
+        def on_optimizer_step(self, trainer):
+            frozen.append(gc.get_freeze_count())
+
+    trainer = make_trainer(num_epochs=2, memory_cleanup_frequency=3)
+    trainer.callbacks.append(Watch())
+    trainer.fit()
+    # Before the epoch's first cleanup nothing is frozen; after it the survivors are, until
+    # the epoch ends.
+    assert frozen[:3] == [0, 0, 0] and frozen[3] > 0
+    assert gc.get_freeze_count() == 0
+
+
 def test_validation_metrics_undefined_this_epoch_are_left_out(make_trainer):
     class Partial(type(make_trainer().task)):
         def metric_names(self):

@@ -50,7 +50,9 @@ def test_a_run_records_metrics_info_artifacts_and_checkpoints(sadaan_quick, tmp_
     metrics = metrics_of(run_dir)
     for name in ("train_loss", "train_loss_dice", "train_loss_confidence", "val_loss",
                  "val_loss_dice", "val_loss_confidence", "val_dice",
-                 "val_presence_accuracy", "val_dice_spleen", "lr", "epoch_time_s",
+                 "val_presence_accuracy", "val_dice_spleen", "val_dice_present",
+                 "val_presence_balanced_accuracy", "val_presence_balanced_accuracy_spleen",
+                 "val_dice_present_spleen", "test_presence_balanced_accuracy", "lr", "epoch_time_s",
                  "samples_per_s", "rss_mb", "rss_peak_mb", "test_dice"):
         assert name in metrics, name
     info = json.loads((run_dir / "info.json").read_text())
@@ -77,7 +79,8 @@ def test_evaluate_scores_a_checkpoint_on_a_split(sadaan_quick, tmp_path):
     best = tmp_path / "checkpoints" / "1" / "best_model.pth"
     result = run(merge(sadaan_quick, {"eval_checkpoint": str(best), "eval_split": "val"}),
                  command="evaluate").result
-    assert set(result) == {"val_loss", "val_dice", "val_iou", "val_presence_accuracy"}
+    assert set(result) == {"val_loss", "val_dice", "val_iou", "val_presence_accuracy",
+                           "val_dice_present", "val_presence_balanced_accuracy"}
     (evaluation,) = [r for r in file_runs(tmp_path / "runs") if r["command"] == "evaluate"]
     assert evaluation["status"] == "COMPLETED" and "val_metrics.json" in evaluation["artifacts"]
 
@@ -208,6 +211,7 @@ def test_command_line_accepts_a_partial_loss_weights_dict(sadaan_data, tmp_path)
     ("for_speed", {"training.num_workers": 8, "augmentation.enabled": False}),
     ("for_accuracy", {"loss_weights.dice": 3.0, "training.gradient_clip_norm": 1.0,
                       "optimizer.weight_decay": 1e-5, "augmentation.noise_std": 1.0}),
+    ("high_absence", {"synthetic.absent_probability": 0.7}),
 ])
 def test_named_configs_apply_the_seed_recipes(name, expected):
     config = run({"tracking": {"observer": "none"}}, command="print_config", named=[name]).config

@@ -3,9 +3,11 @@ import math
 
 import pytest
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
 from medseg.metrics.segmentation import (
     SegmentationScores,
+    balanced_accuracy,
     metric_key,
     per_structure_dice,
     per_structure_iou,
@@ -142,3 +144,44 @@ def test_metric_key_has_no_dots():
 def test_colliding_metric_names_are_rejected():
     with pytest.raises(ValueError, match="collide"):
         SegmentationScores(["kidney.left", "kidney_left"])
+
+
+def test_dice_over_present_structures_leaves_out_false_positives_on_absent_ones():
+    result = two_batches().summary()
+
+    # The kidney's false-positive mask in case 1 (absent there) counts 0 in `dice` only.
+    assert result["dice_present_kidney_left"] == pytest.approx(1.0)
+    assert result["dice_kidney_left"] == pytest.approx(0.5)
+    assert result["dice_present_liver"] == pytest.approx(0.75)
+    # A present structure whose mask is missed still counts 0.
+    assert result["dice_present_spleen"] == pytest.approx(0.0)
+    assert result["dice_present"] == pytest.approx((0.75 + 1.0 + 0.0) / 3)
+
+
+def test_balanced_accuracy_weighs_absent_cases_as_much_as_present_ones():
+    scores = SegmentationScores(["gallbladder", "liver"])
+    empty, full = "00", "11"
+    # The gallbladder is absent in case 3 only and always called present; the liver is always
+    # present and called so.
+    for absent in (False, False, False, True):
+        target = [empty if absent else full, full]
+        scores.update(masks_from([[full, full]]), masks_from([target]),
+                      torch.tensor([[1, 1]]), torch.tensor([[0 if absent else 1, 1]]))
+    result = scores.summary()
+
+    assert result["presence_accuracy_gallbladder"] == pytest.approx(0.75)
+    assert result["presence_balanced_accuracy_gallbladder"] == pytest.approx(0.5)
+    # Never absent: only its sensitivity is defined, as scikit-learn computes it.
+    assert result["presence_balanced_accuracy_liver"] == pytest.approx(1.0)
+    assert result["presence_balanced_accuracy"] == pytest.approx(0.75)
+    assert result["presence_accuracy"] == pytest.approx(0.875)
+
+
+def test_balanced_accuracy_matches_scikit_learn_per_structure():
+    generator = torch.Generator().manual_seed(0)
+    true = torch.rand(40, 3, generator=generator) > 0.3
+    pred = torch.rand(40, 3, generator=generator) > 0.4
+    ours = balanced_accuracy(pred, true)
+    for column in range(3):
+        expected = balanced_accuracy_score(true[:, column], pred[:, column])
+        assert float(ours[column]) == pytest.approx(expected)
