@@ -472,6 +472,7 @@ EFFECTS: dict[str, Check] = {
         [8, 8, 8], lambda t: (t.task.roi_size, t.train_loader.dataset[0]["image"].shape)),
     "augmentation.rotate_probability": on_trainer(0.0, transform_steps),
     "augmentation.flip_probability": on_trainer(0.0, transform_steps),
+    "augmentation.foreground_fraction": on_trainer(0.33, transform_steps),
     # optimizer
     "optimizer.type": on_trainer("sgd", lambda t: type(t.optimizer).__name__),
     "optimizer.weight_decay": on_trainer(1e-3,
