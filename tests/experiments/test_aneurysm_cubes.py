@@ -366,6 +366,15 @@ def check_viz(env: Env, key: str) -> None:
     assert "viz_panels" not in env.run("main", **{"training.num_epochs": 1}).result
 
 
+def check_cache_dir(env: Env, key: str) -> None:
+    folders = [env.tmp.mktemp("cache") for _ in range(2)]
+    for folder in folders:
+        trainer = env.build(**{"dataset.cache": "disk", key: str(folder)})
+        trainer.train_loader.dataset[0]
+        # The cube is saved where the run says, and nowhere else.
+        assert len(list(folder.iterdir())) == 1, folder
+
+
 def check_val_fold_range(env: Env, key: str) -> None:
     assert records(env.build(**{key: 0}).val_loader) != records(env.build(**{key: 3}).val_loader)
 
@@ -419,6 +428,8 @@ EFFECTS: dict[str, Check] = {
                                                  **{"dataset.small_dataset": True}),
     "dataset.only_positive": on_trainer(True, lambda t: records(t.train_loader)),
     "dataset.only_positive_val": on_trainer(True, lambda t: records(t.val_loader)),
+    "dataset.cache": on_trainer("memory", lambda t: type(t.train_loader.dataset).__name__),
+    "dataset.cache_dir": check_cache_dir,
     # prepare
     "prepare.centres_csv": on_outcome("prepare", other_centres, cubes_written, setup=with_volumes,
                                       **PREPARE),
