@@ -568,6 +568,11 @@ def test_presets_set_what_the_seed_documents():
     assert both["viz_samples"] == 5 and both["training"]["num_epochs"] == 1
     full = created_config("full")
     assert full["training"]["num_epochs"] == 200 and full["dataset"]["small_dataset"] is False
+    # The seed's random crop and file reading stay the default of the seed's presets.
+    for preset in (default, test, both, full, created_config("positive_only"),
+                   created_config("demo")):
+        assert preset["augmentation"]["foreground_fraction"] == 0.0
+        assert preset["dataset"]["cache"] == "none"
     positive = created_config("positive_only", val_fold=1)
     assert positive["dataset"]["only_positive"] and positive["dataset"]["only_positive_val"]
     assert positive["loss_weights"]["pos_weight"] == 10.0 and positive["val_fold"] == 1
@@ -593,6 +598,27 @@ def broken_cubes(tmp_path, cubes, breakage: str) -> Path:
         write_cube(first_positive, data["volume"], data["mask"].astype(np.float32) * 255,
                    label=1, fold=2)
     return root
+
+
+def test_cpu_quality_is_the_demo_with_foreground_crops_a_schedule_and_a_cache():
+    demo, recipe = created_config("demo"), created_config("cpu_quality")
+    def value(config, key):
+        for part in key.split("."):
+            config = config[part]
+        return config
+
+    changed = {key for key in flatten(dict(recipe))
+               if key != "seed" and value(recipe, key) != value(demo, key)}
+    assert changed == {"augmentation.foreground_fraction", "dataset.cache",
+                       "optimizer.lr_scheduler", "optimizer.min_lr", "training.num_epochs",
+                       "training.num_workers", "training.warmup_epochs", "training.monitor",
+                       "training.monitor_mode"}
+    assert recipe["augmentation"]["foreground_fraction"] == 0.5
+    assert recipe["optimizer"]["lr_scheduler"] == "cosine_annealing"
+    assert (recipe["training"]["monitor"], recipe["training"]["monitor_mode"]) == ("val_auc",
+                                                                                   "max")
+    assert (recipe["cubes_dir"], recipe["volumes_dir"]) == (demo["cubes_dir"],
+                                                            demo["volumes_dir"])
 
 
 @pytest.mark.parametrize("breakage, updates, error, message", [
