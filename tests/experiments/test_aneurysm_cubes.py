@@ -615,7 +615,7 @@ def test_cpu_quality_is_the_demo_with_foreground_crops_a_schedule_and_a_cache():
                        "training.monitor_mode"}
     assert recipe["augmentation"]["foreground_fraction"] == 0.5
     assert recipe["optimizer"]["lr_scheduler"] == "cosine_annealing"
-    assert (recipe["training"]["monitor"], recipe["training"]["monitor_mode"]) == ("val_auc",
+    assert (recipe["training"]["monitor"], recipe["training"]["monitor_mode"]) == ("val_dice",
                                                                                    "max")
     assert (recipe["cubes_dir"], recipe["volumes_dir"]) == (demo["cubes_dir"],
                                                             demo["volumes_dir"])
