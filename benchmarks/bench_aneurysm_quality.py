@@ -32,32 +32,39 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / "checkpoints" / "aneurysm_cubes" / "benchmark_quality"
 
 
-def _run(command: str):
+def _run(command: str, named: str, run_dir: Path, **updates):
     config = {"tracking": {"observer": "none"}, "logging": {"progress_bar": False},
-              "checkpoint": {"save_dir": str(RUN_DIR), "save_frequency": 0}}
-    return experiment.ex.run(command, config_updates=config, named_configs=["demo"],
+              "checkpoint": {"save_dir": str(run_dir), "save_frequency": 0}, **updates}
+    return experiment.ex.run(command, config_updates=config, named_configs=[named],
                              options={"--loglevel": "WARNING"})
 
 
-def run() -> dict:
+def demo_data(named: str, run_dir: Path) -> dict:
+    """Generate and prepare the demo's folders unless they exist; the seconds each took."""
     os.chdir(ROOT)  # the demo's folders are relative to the repository
     timings = {}
     for command, folder in (("generate_volumes", experiment.DEMO_VOLUMES),
                             ("prepare", experiment.DEMO_CUBES)):
         if not Path(folder).is_dir():
             started = time.perf_counter()
-            _run(command)
+            _run(command, named, run_dir)
             timings[f"{command}_s"] = round(time.perf_counter() - started, 1)
+    return timings
+
+
+def measure(named: str, run_dir: Path) -> dict:
+    """Train with the named config ``named`` on the demo data and score it."""
+    timings = demo_data(named, run_dir)
     started = time.perf_counter()
-    training = _run("main")
+    training = _run("main", named, run_dir)
     timings["train_s"] = round(time.perf_counter() - started, 1)
     result, config = training.result, training.config
-    per_cube = json.loads((RUN_DIR / "evaluation_fold" / "per_cube_metrics.json").read_text())
-    history = torch.load(RUN_DIR / "last_model.pth", weights_only=True)["history"]
+    per_cube = json.loads((run_dir / "evaluation_fold" / "per_cube_metrics.json").read_text())
+    history = torch.load(run_dir / "last_model.pth", weights_only=True)["history"]
     cubes = per_cube["cubes"]
     labels = [c["label"] for c in cubes]
     return {
-        "command": "python experiments/aneurysm_cubes.py with demo",
+        "command": f"python experiments/aneurysm_cubes.py with {named}",
         "cube_shape": config["dataset"]["cube_shape"],
         "crop": config["augmentation"]["crop_size"],
         "filters": config["model"]["filters"],
@@ -80,3 +87,7 @@ def run() -> dict:
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
     }
+
+
+def run() -> dict:
+    return measure("demo", RUN_DIR)

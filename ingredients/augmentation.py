@@ -47,16 +47,21 @@ CUBES_FIELDS = {
                                 "Probability of a random 90/180/270-degree axial rotation"),
     "flip_probability": Field(0.5, c.number(minimum=0, maximum=1),
                               "Probability of a flip, for each of the z and y axes"),
+    "foreground_fraction": Field(0.0, c.number(minimum=0, maximum=1),
+                                 "Share of training crops centred on an aneurysm voxel "
+                                 "(MONAI RandCropByPosNegLabeld; nnU-Net: 0.33); 0: the seed's "
+                                 "random crop"),
 }
 
 
 def make_cube_transform(train: bool, enabled: bool, crop_size, rotate_probability: float,
-                        flip_probability: float):
+                        flip_probability: float, foreground_fraction: float):
     """:func:`medseg.data.cube_transforms.cube_transforms` for training or evaluation, from
     ``augmentation.*``."""
     return cube_transforms(train=train, crop_size=crop_size, augment=enabled,
                            rotate_probability=rotate_probability,
-                           flip_probability=flip_probability)
+                           flip_probability=flip_probability,
+                           foreground_fraction=foreground_fraction)
 
 
 class CubeAugmentationIngredient(FieldIngredient):

@@ -22,12 +22,13 @@ from medseg.data.hdf5 import (
     read_metadata,
     validate_split,
 )
+from medseg.data.npz_cubes import CACHE_MODES as CUBE_CACHE_MODES
 from medseg.data.npz_cubes import (
     NUM_FOLDS,
     TEST_FOLD,
     CubeIndex,
     CubeRecord,
-    NpzCubeDataset,
+    cube_dataset,
     cube_statistics,
     scan_cubes,
     select_records,
@@ -130,6 +131,12 @@ CUBES_FIELDS = {
                                     "Share of the cubes kept by `small_dataset`"),
     "only_positive": Field(False, c.boolean(), "Train on positive cubes only"),
     "only_positive_val": Field(False, c.boolean(), "Validate on positive cubes only"),
+    "cache": Field("none", c.choice(*CUBE_CACHE_MODES),
+                   "'none': read each cube file every epoch (the seed); 'memory': MONAI "
+                   "CacheDataset, every cube read once and kept z-scored; 'disk': MONAI "
+                   "PersistentDataset in cache_dir, kept for later runs"),
+    "cache_dir": Field("cache/aneurysm_cubes", c.text(), "PersistentDataset folder (cache='disk')",
+                       resume_may_change=True),
 }
 
 
@@ -156,8 +163,11 @@ def test_cubes(index: CubeIndex, small_dataset: bool,
     return select_records(index.records([TEST_FOLD]), fraction=fraction)
 
 
-def open_cube_dataset(records, transform, label_threshold: float) -> NpzCubeDataset:
-    return NpzCubeDataset(records, label_threshold=label_threshold, transform=transform)
+def open_cube_dataset(records, transform, label_threshold: float, cache: str, cache_dir: str):
+    """The cubes of ``records`` through ``transform``, read as ``dataset.cache`` says
+    (:func:`medseg.data.npz_cubes.cube_dataset`)."""
+    return cube_dataset(records, label_threshold=label_threshold, transform=transform,
+                        cache=cache, cache_dir=cache_dir)
 
 
 def cube_folder_statistics(index: CubeIndex, label_threshold: float) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.data import CacheDataset, PersistentDataset
+from monai.transforms import Compose, Transform
 from torch.utils.data import Dataset
 
 from medseg.errors import DataError
@@ -288,8 +290,20 @@ def read_cube(path: str | Path) -> dict[str, Any]:
                 "label": int(npz["label"].reshape(())), "fold": int(npz["fold"].reshape(()))}
 
 
+def cube_sample(record: CubeRecord, index: int, label_threshold: float) -> dict[str, Any]:
+    """The training sample of one cube file (see :class:`NpzCubeDataset`), untransformed."""
+    cube = read_cube(record.path)
+    return {
+        "image": cube["volume"][None].astype(np.float32),
+        "mask": (cube["mask"][None] > label_threshold).astype(np.float32),
+        "label": np.float32(record.label),
+        "index": index,
+        "name": record.name,
+    }
+
+
 class NpzCubeDataset(Dataset):
-    """Cubes as training samples.
+    """Cubes as training samples, each file read when its sample is asked for.
 
     Each item is ``{"image": float32 [1, D, H, W] (0-255, normalised by ``transform``),
     "mask": float32 [1, D, H, W] (1 where the stored mask exceeds ``label_threshold``),
@@ -306,16 +320,73 @@ class NpzCubeDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
-        cube = read_cube(record.path)
-        sample = {
-            "image": cube["volume"][None].astype(np.float32),
-            "mask": (cube["mask"][None] > self.label_threshold).astype(np.float32),
-            "label": np.float32(record.label),
-            "index": index,
-            "name": record.name,
-        }
+        sample = cube_sample(self.records[index], index, self.label_threshold)
         return sample if self.transform is None else self.transform(sample)
+
+
+CACHE_MODES = ("none", "memory", "disk")
+
+
+class ReadCubed(Transform):
+    """The first, deterministic step of a cached cube pipeline: an item naming a cube
+    (``path``, ``index``, ``label``) becomes the sample :class:`NpzCubeDataset` reads. The
+    item also carries the file's size and modification time, the threshold and the names
+    of the transforms, so that MONAI's ``PersistentDataset``, which keys its files by a hash
+    of the item, reads a cube again when one of them changes."""
+
+    def __init__(self, records: Sequence[CubeRecord]) -> None:
+        self.records = list(records)
+
+    def __call__(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        return cube_sample(self.records[item["index"]], item["index"], item["label_threshold"])
+
+
+def _cache_items(records: Sequence[CubeRecord], label_threshold: float,
+                 steps: Sequence[Callable]) -> list[dict[str, Any]]:
+    # The step names keep the training and validation pipelines' disk caches apart.
+    names = [type(step).__name__ for step in steps]
+    items = []
+    for index, record in enumerate(records):
+        stat = record.path.stat()
+        items.append({"path": str(record.path.resolve()), "size": stat.st_size,
+                      "mtime_ns": stat.st_mtime_ns, "index": index,
+                      "label_threshold": label_threshold, "steps": names})
+    return items
+
+
+def cube_dataset(records: Sequence[CubeRecord], *, label_threshold: float = 0.1,
+                 transform: Callable | None = None, cache: str = "none",
+                 cache_dir: str | Path | None = None) -> Dataset:
+    """The cubes of ``records`` as samples, read as ``cache`` says.
+
+    ``none``: :class:`NpzCubeDataset`, each file read every time. ``memory``: MONAI's
+    ``CacheDataset``, which reads every cube once, at construction, and keeps it after the
+    transforms up to the first random one (the z-score; for validation, everything), so an
+    epoch only crops and augments. ``disk``: MONAI's ``PersistentDataset``, the same
+    deterministic part saved under ``cache_dir`` on first use and read from there later
+    (also by the next run). Every mode gives the same samples; each dataset keeps
+    ``records`` and ``transform``. ``transform`` must be a MONAI ``Compose`` (or None) for
+    the cached modes, so that its deterministic head can be cached.
+    """
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    if cache == "none":
+        return NpzCubeDataset(records, label_threshold=label_threshold, transform=transform)
+    records = list(records)
+    steps = [ReadCubed(records), *(transform.transforms if transform is not None else [])]
+    items = _cache_items(records, label_threshold, steps[1:])
+    if cache == "memory":
+        dataset = CacheDataset(items, Compose(steps), cache_rate=1.0, num_workers=1,
+                               progress=False)
+    else:
+        if cache_dir is None:
+            raise ValueError("cache='disk' needs a cache_dir")
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        # The cache holds this suite's own samples (numpy arrays, a name), not weights.
+        dataset = PersistentDataset(items, Compose(steps), cache_dir=cache_dir,
+                                    weights_only=False)
+    dataset.records = records
+    return dataset
 
 
 def cube_statistics(index: CubeIndex, *, label_threshold: float,

@@ -92,3 +92,42 @@ def test_bad_settings_are_named():
         cube_transforms(train=True, crop_size=(8, 8))
     with pytest.raises(ConfigError, match=r"^flip_probability must be a number"):
         cube_transforms(train=True, crop_size=(8, 8, 8), flip_probability=2)
+
+
+def small_blob_sample():
+    """A 8x32x32 cube with a 2x2x2 aneurysm in one corner: a random 4x8x8 crop rarely holds it."""
+    image = np.random.default_rng(0).normal(100, 10, (1, 8, 32, 32)).astype(np.float32)
+    mask = np.zeros((1, 8, 32, 32), np.float32)
+    mask[0, 1:3, 2:4, 27:29] = 1
+    return {"image": image, "mask": mask, "label": np.float32(1), "name": "pos_a_0.npz"}
+
+
+def foreground_share(foreground_fraction: float, crops: int = 60) -> float:
+    transform = cube_transforms(train=True, crop_size=(4, 8, 8), augment=False,
+                                foreground_fraction=foreground_fraction)
+    transform.set_random_state(0)
+    hits = 0
+    for _ in range(crops):
+        out = transform(small_blob_sample())
+        assert isinstance(out, dict) and out["image"].shape == (1, 4, 8, 8)
+        assert out["name"] == "pos_a_0.npz"
+        hits += bool(out["mask"].sum() > 0)
+    return hits / crops
+
+
+def test_foreground_fraction_centres_that_share_of_crops_on_the_aneurysm():
+    random_share = foreground_share(0.0)
+    assert random_share < 0.2  # the seed's random crop: the blob is a small corner
+    assert foreground_share(1.0) == 1.0
+    third = foreground_share(1 / 3)
+    assert 0.2 < third < 0.6 and third > random_share + 0.1
+
+
+def test_foreground_crops_of_a_negative_cube_are_background_crops_without_warnings(recwarn):
+    sample = small_blob_sample()
+    sample["mask"][:] = 0
+    transform = cube_transforms(train=True, crop_size=(4, 8, 8), foreground_fraction=0.5)
+    transform.set_random_state(1)
+    out = transform(sample)
+    assert out["image"].shape == (1, 4, 8, 8) and float(out["mask"].sum()) == 0
+    assert not [w for w in recwarn if "foreground" in str(w.message)]

@@ -8,7 +8,10 @@ import re
 import numpy as np
 import pytest
 
+from medseg.data import npz_cubes
+from medseg.data.cube_transforms import cube_transforms
 from medseg.data.npz_cubes import (
+    cube_dataset,
     TEST_FOLD,
     NpzCubeDataset,
     cube_statistics,
@@ -204,3 +207,44 @@ def test_statistics_count_cubes_per_fold_and_class(cubes):
     assert stats["series"] == 5 * 3 + 1
     assert stats["cube_shape"] == list(SHAPE)
     assert 0 < stats["positive_foreground_fraction"] < 0.1
+
+
+# ---------------------------------------------------------------------------- cached loading
+def same_sample(a, b) -> bool:
+    return (a.keys() == b.keys() and a["name"] == b["name"] and a["index"] == b["index"]
+            and float(a["label"]) == float(b["label"])
+            and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in ("image", "mask")))
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_cached_loading_gives_the_samples_of_the_plain_dataset(tmp_path, cache):
+    records = scan_cubes(write_cubes_dir(tmp_path / "cubes"), cube_shape=SHAPE).records(range(5))
+    for train in (False, True):
+        def make(mode):
+            return cube_dataset(records, label_threshold=0.1, cache=mode,
+                                cache_dir=tmp_path / "cache",
+                                transform=cube_transforms(train=train, crop_size=(4, 16, 16)))
+        plain = make("none")
+        for round_ in range(2):  # the disk cache is written, then read
+            cached = make(cache)
+            assert cached.records == plain.records and len(cached) == len(plain)
+            for index in range(len(plain)):
+                plain.transform.set_random_state(index)
+                cached.transform.set_random_state(index)
+                assert same_sample(plain[index], cached[index]), (train, round_, index)
+    if cache == "disk":
+        assert len(list((tmp_path / "cache").iterdir())) == 2 * len(records)  # train, validation
+
+
+def test_memory_cache_reads_each_file_once(tmp_path, monkeypatch):
+    records = scan_cubes(write_cubes_dir(tmp_path / "cubes"), cube_shape=SHAPE).records(range(5))
+    reads = []
+    original = npz_cubes.read_cube
+    monkeypatch.setattr(npz_cubes, "read_cube", lambda path: reads.append(path) or original(path))
+    dataset = npz_cubes.cube_dataset(records, cache="memory")
+    for _ in range(3):
+        for index in range(len(dataset)):
+            dataset[index]
+    assert len(reads) == len(records)
+    with pytest.raises(ValueError, match="cache must be one of none, memory, disk"):
+        npz_cubes.cube_dataset(records, cache="ram")

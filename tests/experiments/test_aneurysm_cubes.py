@@ -366,6 +366,15 @@ def check_viz(env: Env, key: str) -> None:
     assert "viz_panels" not in env.run("main", **{"training.num_epochs": 1}).result
 
 
+def check_cache_dir(env: Env, key: str) -> None:
+    folders = [env.tmp.mktemp("cache") for _ in range(2)]
+    for folder in folders:
+        trainer = env.build(**{"dataset.cache": "disk", key: str(folder)})
+        trainer.train_loader.dataset[0]
+        # The cube is saved where the run says, and nowhere else.
+        assert len(list(folder.iterdir())) == 1, folder
+
+
 def check_val_fold_range(env: Env, key: str) -> None:
     assert records(env.build(**{key: 0}).val_loader) != records(env.build(**{key: 3}).val_loader)
 
@@ -419,6 +428,8 @@ EFFECTS: dict[str, Check] = {
                                                  **{"dataset.small_dataset": True}),
     "dataset.only_positive": on_trainer(True, lambda t: records(t.train_loader)),
     "dataset.only_positive_val": on_trainer(True, lambda t: records(t.val_loader)),
+    "dataset.cache": on_trainer("memory", lambda t: type(t.train_loader.dataset).__name__),
+    "dataset.cache_dir": check_cache_dir,
     # prepare
     "prepare.centres_csv": on_outcome("prepare", other_centres, cubes_written, setup=with_volumes,
                                       **PREPARE),
@@ -472,6 +483,7 @@ EFFECTS: dict[str, Check] = {
         [8, 8, 8], lambda t: (t.task.roi_size, t.train_loader.dataset[0]["image"].shape)),
     "augmentation.rotate_probability": on_trainer(0.0, transform_steps),
     "augmentation.flip_probability": on_trainer(0.0, transform_steps),
+    "augmentation.foreground_fraction": on_trainer(0.33, transform_steps),
     # optimizer
     "optimizer.type": on_trainer("sgd", lambda t: type(t.optimizer).__name__),
     "optimizer.weight_decay": on_trainer(1e-3,
@@ -556,6 +568,11 @@ def test_presets_set_what_the_seed_documents():
     assert both["viz_samples"] == 5 and both["training"]["num_epochs"] == 1
     full = created_config("full")
     assert full["training"]["num_epochs"] == 200 and full["dataset"]["small_dataset"] is False
+    # The seed's random crop and file reading stay the default of the seed's presets.
+    for preset in (default, test, both, full, created_config("positive_only"),
+                   created_config("demo")):
+        assert preset["augmentation"]["foreground_fraction"] == 0.0
+        assert preset["dataset"]["cache"] == "none"
     positive = created_config("positive_only", val_fold=1)
     assert positive["dataset"]["only_positive"] and positive["dataset"]["only_positive_val"]
     assert positive["loss_weights"]["pos_weight"] == 10.0 and positive["val_fold"] == 1
@@ -581,6 +598,27 @@ def broken_cubes(tmp_path, cubes, breakage: str) -> Path:
         write_cube(first_positive, data["volume"], data["mask"].astype(np.float32) * 255,
                    label=1, fold=2)
     return root
+
+
+def test_cpu_quality_is_the_demo_with_foreground_crops_a_schedule_and_a_cache():
+    demo, recipe = created_config("demo"), created_config("cpu_quality")
+    def value(config, key):
+        for part in key.split("."):
+            config = config[part]
+        return config
+
+    changed = {key for key in flatten(dict(recipe))
+               if key != "seed" and value(recipe, key) != value(demo, key)}
+    assert changed == {"augmentation.foreground_fraction", "dataset.cache",
+                       "optimizer.lr_scheduler", "optimizer.min_lr", "training.num_epochs",
+                       "training.num_workers", "training.warmup_epochs", "training.monitor",
+                       "training.monitor_mode"}
+    assert recipe["augmentation"]["foreground_fraction"] == 0.5
+    assert recipe["optimizer"]["lr_scheduler"] == "cosine_annealing"
+    assert (recipe["training"]["monitor"], recipe["training"]["monitor_mode"]) == ("val_dice",
+                                                                                   "max")
+    assert (recipe["cubes_dir"], recipe["volumes_dir"]) == (demo["cubes_dir"],
+                                                            demo["volumes_dir"])
 
 
 @pytest.mark.parametrize("breakage, updates, error, message", [
