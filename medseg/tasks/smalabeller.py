@@ -218,6 +218,9 @@ class SMALabellerSettings:
     augmentations: bool = True
     dropout_rate: float = 0.45012
     channels: Sequence[int] | None = None
+    #: The foreground probability the untrained model predicts (its output bias is the logit
+    #: of it): about the ribbon's share of the crops, instead of 0.5 (zero bias) everywhere.
+    initial_foreground: float = 0.01
     crop_size: Sequence[int] = (128, 128, 64)
     crops_per_volume: int = 3
     spacing: Sequence[float] = (1.0, 1.0, 1.0)
@@ -234,6 +237,8 @@ class SMALabellerSettings:
     def __post_init__(self) -> None:
         if self.unet_dimensions not in DIMENSIONS:
             raise ValueError(f"unet_dimensions must be '2D' or '3D', got {self.unet_dimensions!r}")
+        if not 0 < self.initial_foreground < 1:
+            raise ValueError(f"initial_foreground must be in (0, 1), got {self.initial_foreground}")
 
 
 @dataclass
@@ -247,7 +252,9 @@ class FitOutcome:
 
 def build(settings: SMALabellerSettings) -> tuple[nn.Module, SMALabellerTask]:
     dims = DIMENSIONS[settings.unet_dimensions]
-    model = UNet(dims, 1, 1, channels=settings.channels, dropout=settings.dropout_rate)
+    prior = settings.initial_foreground
+    model = UNet(dims, 1, 1, channels=settings.channels, dropout=settings.dropout_rate,
+                 output_bias=math.log(prior / (1 - prior)))
     return model, SMALabellerTask(SegmentationLoss(settings.loss_function), spatial_dims=dims)
 
 
