@@ -189,8 +189,13 @@ class TuneReport(Callback):
 
 
 def _trainable(sampled: dict, *, module: str, base_updates: dict, named_configs: list,
-               tags: list) -> None:
-    """One trial: the experiment's Sacred run with the sampled values."""
+               tags: list, runs=None) -> None:
+    """One trial: the experiment's Sacred run with the sampled values. ``runs``: the sweep's
+    :func:`_trial_runs` actor, told when the run starts and when it has ended."""
+    import uuid
+
+    import ray
+
     experiment = importlib.import_module(module).ex
     updates = _merge(base_updates, sampled)
     updates["tags"] = list(updates.get("tags", [])) + tags
@@ -199,11 +204,63 @@ def _trainable(sampled: dict, *, module: str, base_updates: dict, named_configs:
     # this one waits until the run has finished and recorded its end.
     finished = threading.Event()
     atexit.register(finished.wait, FINISH_TIMEOUT_S)
+    key = uuid.uuid4().hex
+    if runs is not None:
+        ray.get(runs.started.remote(key))
     try:
         with reporting_to_tune():
             experiment.run(config_updates=updates, named_configs=named_configs)
     finally:
+        if runs is not None:  # before the worker may exit (atexit waits for `finished` only)
+            ray.get(runs.ended.remote(key), timeout=30)
         finished.set()
+
+
+def _trial_runs():
+    """A Ray actor that counts the trials' Sacred runs still going (works across nodes, where
+    a marker file would not)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class TrialRuns:
+        def __init__(self) -> None:
+            self.running: set[str] = set()
+
+        def started(self, key: str) -> None:
+            self.running.add(key)
+
+        def ended(self, key: str) -> None:
+            self.running.discard(key)
+
+        def count(self) -> int:
+            return len(self.running)
+
+    return TrialRuns.remote()
+
+
+def _wait_for_trial_runs(runs, num_samples: int):
+    """A Tune callback that, once every trial has finished, waits until their Sacred runs have
+    ended (at most :data:`FINISH_TIMEOUT_S`).
+
+    Why: Tune marks a trial TERMINATED as soon as it decides to stop it (ASHA's stop, or
+    ``max_t`` reached) and stops its worker in the background; at the end of the sweep it
+    gives a stopping worker 10 s (a constant of Ray's TuneController) before killing it. A
+    trial's run still has to finish its epoch, restore the best model and write its
+    checkpoints and record; on a loaded machine that takes longer, and the killed runs stayed
+    RUNNING without metrics (the intermittent sweep test). Waiting in ``on_step_end`` lets
+    every stop already scheduled proceed while the end-of-sweep cleanup waits."""
+    import ray
+    from ray import tune
+
+    class WaitForTrialRuns(tune.Callback):
+        def on_step_end(self, iteration, trials, **info) -> None:
+            if len(trials) < num_samples or not all(t.is_finished() for t in trials):
+                return
+            deadline = time.monotonic() + FINISH_TIMEOUT_S
+            while ray.get(runs.count.remote()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    return WaitForTrialRuns()
 
 
 def _absolute_paths(config: Mapping[str, Any], keys) -> dict:
@@ -255,9 +312,11 @@ def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
             dict.fromkeys([str(REPOSITORY), os.getcwd(), *[p for p in sys.path if p],
                            *os.environ.get("PYTHONPATH", "").split(os.pathsep)]))
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    runs = _trial_runs()
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, module=module, base_updates=base,
-                             named_configs=list(named_configs), tags=[f"sweep:{name}"]),
+                             named_configs=list(named_configs), tags=[f"sweep:{name}"],
+                             runs=runs),
         {"cpu": settings["cpus_per_trial"], "gpu": settings["gpus_per_trial"]})
     tuner = tune.Tuner(
         trainable, param_space=_ray_space(space),
@@ -267,7 +326,8 @@ def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
         run_config=tune.RunConfig(name=name,
                                   storage_path=str(Path(settings["storage_path"]).expanduser()
                                                    .resolve()),
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[_wait_for_trial_runs(runs, settings["num_samples"])]))
     started = time.perf_counter()
     results = tuner.fit()
     wall = time.perf_counter() - started

@@ -126,10 +126,19 @@ def make_dataset(data: Sequence[dict], spacing: Sequence[float], *, train: bool,
     return Dataset(data, transform)
 
 
+def flatten_and_pad(batch: list) -> dict:
+    """``pad_list_data_collate`` of the batch's crops: MONAI's pads only the top level, so
+    the lists of crops of different sizes (volumes smaller than ``crop_size``, cropped to
+    their own size) failed to stack; flattened first, every crop is padded to the largest."""
+    items = [item for sample in batch for item in (sample if isinstance(sample, list)
+                                                    else [sample])]
+    return pad_list_data_collate(items)
+
+
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int,
                 seed: int, pin_memory: bool = False) -> EpochLoader:
-    """Batches padded to the largest case (``pad_list_data_collate``), the crops of each
+    """Batches padded to the largest case (:func:`flatten_and_pad`), the crops of each
     volume flattened into the batch (``batch_size`` volumes x crops); every epoch's order and
     augmentation reproducible from ``(seed, epoch)`` (resumable)."""
     return EpochLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                       seed=seed, pin_memory=pin_memory, collate_fn=pad_list_data_collate)
+                       seed=seed, pin_memory=pin_memory, collate_fn=flatten_and_pad)

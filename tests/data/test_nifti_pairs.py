@@ -153,3 +153,13 @@ def test_the_bias_field_augmentation_keeps_intensities_in_range(brains):
     for seed in range(10):
         field.set_random_state(seed)
         assert float(field({"image": item["image"]})["image"].max()) < 4.0
+
+
+def test_crops_of_volumes_smaller_than_the_crop_size_are_padded_into_one_batch(brains):
+    # Heads of 12..20 slices cropped at 32: each crop is its volume's size, so they differ.
+    pairs = find_pairs(*folders(brains))
+    data = make_dataset([p.as_dict() for p in pairs], (1.0, 1.0, 1.0), train=True, augment=True,
+                        crop_size=(32, 32, 32), crops_per_volume=2)
+    batch = next(iter(make_loader(data, batch_size=3, shuffle=False, num_workers=0, seed=0)))
+    assert tuple(batch["image"].shape[:4]) == (6, 1, 24, 24)
+    assert batch["image"].shape[-1] == max(data[i][0]["image"].shape[-1] for i in range(3))
