@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import logging
 import os
 import sys
 import threading
@@ -31,8 +32,12 @@ from medseg import config as c
 from medseg.engine.trainer import Callback, Trainer
 from medseg.errors import ConfigError, MedsegError, describe
 
+log = logging.getLogger(__name__)
+
 #: How long a stopped trial's worker waits for its run to finish before it exits.
 FINISH_TIMEOUT_S = 120.0
+#: How long the sweep, once every trial has finished, waits for their runs to end.
+SWEEP_END_TIMEOUT_S = 30.0
 #: The folder that holds experiments/ and ingredients/ (trials import experiments.<name>).
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -240,7 +245,7 @@ def _trial_runs():
 
 def _wait_for_trial_runs(runs, num_samples: int):
     """A Tune callback that, once every trial has finished, waits until their Sacred runs have
-    ended (at most :data:`FINISH_TIMEOUT_S`).
+    ended (at most :data:`SWEEP_END_TIMEOUT_S`).
 
     Why: Tune marks a trial TERMINATED as soon as it decides to stop it (ASHA's stop, or
     ``max_t`` reached) and stops its worker in the background; at the end of the sweep it
@@ -256,7 +261,7 @@ def _wait_for_trial_runs(runs, num_samples: int):
         def on_step_end(self, iteration, trials, **info) -> None:
             if len(trials) < num_samples or not all(t.is_finished() for t in trials):
                 return
-            deadline = time.monotonic() + FINISH_TIMEOUT_S
+            deadline = time.monotonic() + SWEEP_END_TIMEOUT_S
             while ray.get(runs.count.remote()) and time.monotonic() < deadline:
                 time.sleep(0.2)
 
@@ -266,6 +271,32 @@ def _wait_for_trial_runs(runs, num_samples: int):
 def _absolute_paths(config: Mapping[str, Any], keys) -> dict:
     return {key: str(Path(config[key]).expanduser().resolve()) for key in keys
             if isinstance(config.get(key), str)}
+
+
+#: Attempts at starting the local Ray node.
+RAY_START_ATTEMPTS = 3
+
+
+def start_ray() -> None:
+    """``ray.init`` of a local node, retried when the node times out during startup.
+
+    Why: the raylet gives Ray's dashboard/metrics agent a fixed 15 s to write its port file
+    and then exits (ray-project/ray#65983; the driver then reports "The current node timed
+    out during startup"). On a machine whose cores are all busy (a full test suite on two
+    cores) the agent's Python start-up alone takes longer; a second attempt usually finds
+    the imports in the page cache."""
+    import ray
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(error) or attempt == RAY_START_ATTEMPTS:
+                raise
+            log.warning("Ray's node timed out during startup (attempt %d of %d); retrying",
+                        attempt, RAY_START_ATTEMPTS)
+            ray.shutdown()
 
 
 def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
@@ -311,7 +342,7 @@ def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
         os.environ["PYTHONPATH"] = os.pathsep.join(
             dict.fromkeys([str(REPOSITORY), os.getcwd(), *[p for p in sys.path if p],
                            *os.environ.get("PYTHONPATH", "").split(os.pathsep)]))
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_ray()
     runs = _trial_runs()
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, module=module, base_updates=base,
