@@ -293,13 +293,6 @@ TINY = ["num_workers=0", "batch_size=2", "epochs=2", "model.channels=[4,8,16]",
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect: passes run alone but not always in the full suite. Reproduced alone by a "
-    "15 s sleep after the scheduler's stop (trial runs RUNNING, the sweep's COMPLETED): a "
-    "stopped trial's run does not finish while its Ray worker shuts down (its process lives "
-    "on, the run stays unfinished until the sweep kills it); waiting for the runs "
-    "(ingredients/tune.py) saved one of four. Also seen under load: Ray's node timing out "
-    "at startup (ray#65983), now retried"))
 def test_a_four_trial_sweep_records_every_trial(data, tmp_path):
     args = [f"training_images={data / 'imagesTr_resampled'}",
             f"training_labels={data / 'labelsTr_resampled'}", f"runs_dir={tmp_path / 'runs'}",
