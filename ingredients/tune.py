@@ -453,6 +453,8 @@ def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
     return {"name": name, "best_config": best.config,
             "best_metric": (best.metrics or {}).get(settings["metric"]),
             "metric": settings["metric"], "trials": trials, "wall_time_s": wall,
+            "searcher": type(getattr(search, "searcher", search)).__name__ if search else
+            "BasicVariantGenerator",
             "trials_ended_before_max_t": stopped}
 
 

@@ -297,7 +297,7 @@ def test_a_four_trial_sweep_records_every_trial(data, tmp_path):
     args = [f"training_images={data / 'imagesTr_resampled'}",
             f"training_labels={data / 'labelsTr_resampled'}", f"runs_dir={tmp_path / 'runs'}",
             "tracking.observer=file", f"tracking.file_dir={tmp_path / 'sacred'}",
-            "tune.num_samples=4", "tune.search=random", "tune.max_t=2", "tune.name=tiny",
+            "tune.num_samples=4", "tune.search=optuna", "tune.max_t=2", "tune.name=tiny",
             f"tune.storage_path={tmp_path / 'ray'}", *TINY]
     done = subprocess.run([sys.executable, str(EXPERIMENT), "tune", "with", *args],
                           capture_output=True, text=True, cwd=tmp_path, timeout=400)
@@ -320,6 +320,7 @@ def test_a_four_trial_sweep_records_every_trial(data, tmp_path):
     infos = [json.loads(p.read_text()) for p in (tmp_path / "sacred").glob("*/info.json")]
     summary = [i["sweep"] for i in infos if "sweep" in i][0]
     assert len(summary["trials"]) == 4 and summary["best_metric"] is not None
+    assert summary["searcher"] == "OptunaSearch"  # tune.search=optuna, the original's
     stopped = [i for i in infos if "stopped_by_scheduler" in i]
     assert len(stopped) == summary["trials_ended_before_max_t"]
     for note in stopped:
