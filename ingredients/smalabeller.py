@@ -85,6 +85,9 @@ DATA_FIELDS = {
 MODEL_FIELDS = {
     "channels": Field(None, c.optional(c.sequence(c.integer(minimum=1), min_length=2)),
                       "Features per U-Net level (null: 64..1024 in 2D, 64..512 in 3D)"),
+    "initial_foreground": Field(0.01, c.number(above=0, maximum=0.5),
+                                "Foreground probability the untrained U-Net predicts everywhere "
+                                "(output bias = its logit); 0.5: zero bias, the original's"),
 }
 
 BN_FIELDS = {
@@ -159,7 +162,8 @@ def settings(config: Mapping[str, Any]) -> SMALabellerSettings:
         batch_size=config["batch_size"], num_workers=config["num_workers"], lr=cfg["lr"],
         max_lr=cfg["max_lr"], loss_function=cfg["loss_function"],
         augmentations=cfg["augmentations"], dropout_rate=cfg["dropout_rate"],
-        channels=config["model"]["channels"], crop_size=data["crop_size"],
+        channels=config["model"]["channels"],
+        initial_foreground=config["model"]["initial_foreground"], crop_size=data["crop_size"],
         crops_per_volume=data["crops_per_volume"], spacing=data["spacing"], cache=data["cache"],
         cache_dir=data["cache_dir"], bn_calibration=config["bn_calibration"]["enabled"],
         warmup_batches=config["bn_calibration"]["warmup_batches"],

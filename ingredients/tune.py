@@ -3,25 +3,29 @@
 Any medseg experiment gets a sweep with :func:`add_tune_command` and a search space: a dict
 from dotted config keys (``config.lr``) to :func:`loguniform`/:func:`uniform`/:func:`choice`
 specs (plain data, so the space can sit in the experiment file without importing Ray).
-Each trial calls ``ex.run`` in a Ray worker with the sweep's base config and the sampled
-values, tagged ``sweep:<name>``; so trials land in the same database as ordinary runs. A
-trial reports every epoch through ``ray.tune.report``: all epoch metrics plus the keys the
-SMALabeller original reported (``training_loss``, ``validation_loss``, ``epoch``). When the
-scheduler stops a trial, Ray raises ``SystemExit`` inside the report call; the trial's run is
-told to stop after that epoch, notes why and when in its info, and ends COMPLETED.
+Each trial (a class trainable, :func:`_trial_class`) runs ``ex.run`` in a thread of its Ray
+worker with the sweep's base config and the sampled values, tagged ``sweep:<name>``; so trials
+land in the same database as ordinary runs. A trial hands Ray each epoch's metrics: all epoch
+metrics plus the keys the SMALabeller original reported (``training_loss``,
+``validation_loss``, ``epoch``). When the scheduler stops a trial, its run is told to stop after
+that epoch, notes why and when in its info, and ends COMPLETED before Ray stops the worker.
+(``do2dTraining(ray_tune=True)`` inside a user's own function trainable reports through
+``ray.tune.report``, where a stop arrives as ``SystemExit``.)
 
 Ray is imported only when a sweep runs: ``medseg`` and every experiment import without it.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib
+import logging
 import os
+import queue
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,8 +35,12 @@ from medseg import config as c
 from medseg.engine.trainer import Callback, Trainer
 from medseg.errors import ConfigError, MedsegError, describe
 
+log = logging.getLogger(__name__)
+
 #: How long a stopped trial's worker waits for its run to finish before it exits.
 FINISH_TIMEOUT_S = 120.0
+#: How long the sweep, once every trial has finished, waits for their runs to end.
+SWEEP_END_TIMEOUT_S = 30.0
 #: The folder that holds experiments/ and ingredients/ (trials import experiments.<name>).
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -175,9 +183,16 @@ class TuneReport(Callback):
         report = {name: float(value) for name, value in metrics.items()}
         report.update(epoch=epoch, training_loss=float(metrics.get("train_loss_epoch", "nan")),
                       validation_loss=float(metrics.get("val_loss", "nan")))
-        try:
-            tune.report(report)
-        except SystemExit:
+        channel = _TRIAL.get("channel")
+        if channel is not None:  # a trial of run_sweep (SacredTrial)
+            stopped = not channel.report(report)
+        else:  # do2dTraining(ray_tune=True) inside a user's own function trainable
+            try:
+                tune.report(report)
+                stopped = False
+            except SystemExit:
+                stopped = True
+        if stopped:
             if epoch >= trainer.settings.num_epochs:
                 return  # the scheduler's stop at the last epoch ends nothing early
             reason = f"stopped by the sweep's scheduler after epoch {epoch}"
@@ -188,27 +203,175 @@ class TuneReport(Callback):
             reporter.set_info("stopped_by_scheduler", _TRIAL["stopped"])
 
 
-def _trainable(sampled: dict, *, module: str, base_updates: dict, named_configs: list,
-               tags: list) -> None:
-    """One trial: the experiment's Sacred run with the sampled values."""
-    experiment = importlib.import_module(module).ex
-    updates = _merge(base_updates, sampled)
-    updates["tags"] = list(updates.get("tags", [])) + tags
-    # Ray ends a stopped trial's worker right after the stop (the training thread is a daemon),
-    # which would leave the Sacred run RUNNING; the worker's exit runs atexit handlers, and
-    # this one waits until the run has finished and recorded its end.
-    finished = threading.Event()
-    atexit.register(finished.wait, FINISH_TIMEOUT_S)
-    try:
-        with reporting_to_tune():
-            experiment.run(config_updates=updates, named_configs=named_configs)
-    finally:
-        finished.set()
+class _EpochChannel:
+    """Between a trial's Sacred run (in its own thread) and Ray's calls to the trial: one
+    epoch's metrics at a time, and whether the trial is to go on."""
+
+    def __init__(self) -> None:
+        self.results: queue.Queue = queue.Queue()
+        self.proceed = threading.Semaphore(0)
+        self.stopping = threading.Event()
+
+    def report(self, metrics: dict) -> bool:
+        """Hand one epoch's metrics to Ray and wait for its decision: False to stop."""
+        self.results.put(("result", metrics))
+        self.proceed.acquire()
+        return not self.stopping.is_set()
+
+
+def _trial_class():
+    """A Ray Tune class trainable whose trial is one Sacred run of the experiment.
+
+    Why a class and not a function: Tune stops a function trial's worker right after its
+    stop decision, and the run's thread then never finished (its Sacred record stayed
+    RUNNING; an atexit wait did not help: the thread no longer ran once Ray's worker had shut
+    down). A class trainable's ``cleanup`` runs in the worker before it is stopped: it tells
+    the run to end after the current epoch and waits until it has recorded its end."""
+    from ray import tune
+
+    # Ray pickles this class by value, with copies of the globals it uses: the trial's state
+    # must be that of the module the experiment's callbacks import, so it is reached through it.
+    own = __name__
+
+    class SacredTrial(tune.Trainable):
+        def setup(self, config, module=None, base_updates=None, named_configs=(), tags=(),
+                  runs=None) -> None:
+            import ray
+
+            self.state = importlib.import_module(own)
+            self.channel = self.state._EpochChannel()
+            self.waiting = False
+            self.last: dict = {}
+            self.runs, self.key = runs, uuid.uuid4().hex
+            if runs is not None:
+                ray.get(runs.started.remote(self.key))
+            updates = self.state._merge(base_updates or {}, config)
+            updates["tags"] = list(updates.get("tags", [])) + list(tags)
+            self.thread = threading.Thread(target=self._run, daemon=True,
+                                           args=(module, updates, list(named_configs)))
+            self.thread.start()
+
+        def _run(self, module, updates, named_configs) -> None:
+            import ray
+
+            outcome = ("done", None)
+            try:
+                experiment = importlib.import_module(module).ex
+                self.state._TRIAL["channel"] = self.channel
+                with self.state.reporting_to_tune():
+                    experiment.run(config_updates=updates, named_configs=named_configs)
+            except BaseException as error:  # handed to Ray by step()
+                outcome = ("error", error)
+            finally:
+                self.state._TRIAL.pop("channel", None)
+                if self.runs is not None:
+                    ray.get(self.runs.ended.remote(self.key), timeout=30)
+                self.channel.results.put(outcome)
+
+        def step(self):
+            if self.waiting:
+                self.waiting = False
+                self.channel.proceed.release()
+            kind, value = self.channel.results.get()
+            if kind == "result":
+                self.waiting, self.last = True, value
+                return dict(value)
+            if kind == "error":
+                raise value
+            return {**self.last, "done": True}  # the run ended by itself (epochs, patience)
+
+        def save_checkpoint(self, checkpoint_dir):
+            return None  # the run writes its own checkpoints (checkpoint.resume continues one)
+
+        def load_checkpoint(self, checkpoint) -> None:
+            pass
+
+        def cleanup(self) -> None:
+            self.channel.stopping.set()
+            if self.waiting:
+                self.waiting = False
+                self.channel.proceed.release()
+            self.thread.join(self.state.FINISH_TIMEOUT_S)
+
+    return SacredTrial
+
+
+def _trial_runs():
+    """A Ray actor that counts the trials' Sacred runs still going (works across nodes, where
+    a marker file would not)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class TrialRuns:
+        def __init__(self) -> None:
+            self.running: set[str] = set()
+
+        def started(self, key: str) -> None:
+            self.running.add(key)
+
+        def ended(self, key: str) -> None:
+            self.running.discard(key)
+
+        def count(self) -> int:
+            return len(self.running)
+
+    return TrialRuns.remote()
+
+
+def _wait_for_trial_runs(runs, num_samples: int):
+    """A Tune callback that, once every trial has finished, waits until their Sacred runs have
+    ended (at most :data:`SWEEP_END_TIMEOUT_S`).
+
+    Why: Tune marks a trial TERMINATED as soon as it decides to stop it (ASHA's stop, or
+    ``max_t`` reached) and stops its worker in the background; at the end of the sweep it
+    gives a stopping worker 10 s (a constant of Ray's TuneController) before killing it. A
+    trial's run still has to finish its epoch, restore the best model and write its
+    checkpoints and record; on a loaded machine that takes longer, and the killed runs stayed
+    RUNNING without metrics (the intermittent sweep test). Waiting in ``on_step_end`` lets
+    every stop already scheduled proceed while the end-of-sweep cleanup waits."""
+    import ray
+    from ray import tune
+
+    class WaitForTrialRuns(tune.Callback):
+        def on_step_end(self, iteration, trials, **info) -> None:
+            if len(trials) < num_samples or not all(t.is_finished() for t in trials):
+                return
+            deadline = time.monotonic() + SWEEP_END_TIMEOUT_S
+            while ray.get(runs.count.remote()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    return WaitForTrialRuns()
 
 
 def _absolute_paths(config: Mapping[str, Any], keys) -> dict:
     return {key: str(Path(config[key]).expanduser().resolve()) for key in keys
             if isinstance(config.get(key), str)}
+
+
+#: Attempts at starting the local Ray node.
+RAY_START_ATTEMPTS = 3
+
+
+def start_ray() -> None:
+    """``ray.init`` of a local node, retried when the node times out during startup.
+
+    Why: the raylet gives Ray's dashboard/metrics agent a fixed 15 s to write its port file
+    and then exits (ray-project/ray#65983; the driver then reports "The current node timed
+    out during startup"). On a machine whose cores are all busy (a full test suite on two
+    cores) the agent's Python start-up alone takes longer; a second attempt usually finds
+    the imports in the page cache."""
+    import ray
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(error) or attempt == RAY_START_ATTEMPTS:
+                raise
+            log.warning("Ray's node timed out during startup (attempt %d of %d); retrying",
+                        attempt, RAY_START_ATTEMPTS)
+            ray.shutdown()
 
 
 def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
@@ -254,10 +417,12 @@ def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
         os.environ["PYTHONPATH"] = os.pathsep.join(
             dict.fromkeys([str(REPOSITORY), os.getcwd(), *[p for p in sys.path if p],
                            *os.environ.get("PYTHONPATH", "").split(os.pathsep)]))
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_ray()
+    runs = _trial_runs()
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, module=module, base_updates=base,
-                             named_configs=list(named_configs), tags=[f"sweep:{name}"]),
+        tune.with_parameters(_trial_class(), module=module, base_updates=base,
+                             named_configs=list(named_configs), tags=[f"sweep:{name}"],
+                             runs=runs),
         {"cpu": settings["cpus_per_trial"], "gpu": settings["gpus_per_trial"]})
     tuner = tune.Tuner(
         trainable, param_space=_ray_space(space),
@@ -267,7 +432,8 @@ def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
         run_config=tune.RunConfig(name=name,
                                   storage_path=str(Path(settings["storage_path"]).expanduser()
                                                    .resolve()),
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[_wait_for_trial_runs(runs, settings["num_samples"])]))
     started = time.perf_counter()
     results = tuner.fit()
     wall = time.perf_counter() - started
@@ -279,13 +445,16 @@ def run_sweep(ex, module: str, config: Mapping[str, Any], *, named_configs=(),
     for result in results:
         frame = result.metrics_dataframe
         trials.append({"config": result.config,
-                       "epochs": int(len(frame)) if frame is not None else 0,
+                       "epochs": int(frame["epoch"].max())
+                       if frame is not None and "epoch" in frame else 0,
                        settings["metric"]: (result.metrics or {}).get(settings["metric"]),
                        "error": str(result.error) if result.error else None})
     stopped = sum(1 for t in trials if t["epochs"] < settings["max_t"] and not t["error"])
     return {"name": name, "best_config": best.config,
             "best_metric": (best.metrics or {}).get(settings["metric"]),
             "metric": settings["metric"], "trials": trials, "wall_time_s": wall,
+            "searcher": type(getattr(search, "searcher", search)).__name__ if search else
+            "BasicVariantGenerator",
             "trials_ended_before_max_t": stopped}
 
 

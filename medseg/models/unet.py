@@ -53,10 +53,17 @@ class UNet(nn.Module):
         channels: features per level, the last the bottleneck (the original: 64 ... 1024 in
             2D, 64 ... 512 in 3D).
         dropout: probability of the encoder's dropout layers (0: none).
+        output_bias: initial bias of the head's logits (0: PyTorch's zero bias, a sigmoid
+            of 0.5 everywhere). For a rare foreground, the logit of its prior probability
+            (``log(p / (1 - p))``, the "prior" initialisation of Lin et al., focal loss):
+            Adam moves a bias by about its learning rate per step, so from 0 it takes
+            thousands of steps to reach a prior of 1 % while every background pixel is
+            predicted foreground.
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1,
-                 channels: Sequence[int] | None = None, dropout: float = 0.0) -> None:
+                 channels: Sequence[int] | None = None, dropout: float = 0.0,
+                 output_bias: float = 0.0) -> None:
         super().__init__()
         _, _, _, pool, up = _layers(spatial_dims)
         channels = tuple(channels or SEED_CHANNELS[spatial_dims])
@@ -80,6 +87,8 @@ class UNet(nn.Module):
             previous = width
         conv = _layers(spatial_dims)[0]
         self.head = conv(previous, out_channels, kernel_size=1)
+        if output_bias:
+            nn.init.constant_(self.head.bias, output_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]

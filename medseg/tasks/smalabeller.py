@@ -235,6 +235,9 @@ class SMALabellerSettings:
     augmentations: bool = True
     dropout_rate: float = 0.45012
     channels: Sequence[int] | None = None
+    #: The foreground probability the untrained model predicts (its output bias is the logit
+    #: of it): about the ribbon's share of the crops, instead of 0.5 (zero bias) everywhere.
+    initial_foreground: float = 0.01
     crop_size: Sequence[int] = (128, 128, 64)
     crops_per_volume: int = 3
     spacing: Sequence[float] = (1.0, 1.0, 1.0)
@@ -251,6 +254,8 @@ class SMALabellerSettings:
     def __post_init__(self) -> None:
         if self.unet_dimensions not in DIMENSIONS:
             raise ValueError(f"unet_dimensions must be '2D' or '3D', got {self.unet_dimensions!r}")
+        if not 0 < self.initial_foreground < 1:
+            raise ValueError(f"initial_foreground must be in (0, 1), got {self.initial_foreground}")
 
 
 @dataclass
@@ -264,8 +269,54 @@ class FitOutcome:
 
 def build(settings: SMALabellerSettings) -> tuple[nn.Module, SMALabellerTask]:
     dims = DIMENSIONS[settings.unet_dimensions]
-    model = UNet(dims, 1, 1, channels=settings.channels, dropout=settings.dropout_rate)
+    prior = settings.initial_foreground
+    model = UNet(dims, 1, 1, channels=settings.channels, dropout=settings.dropout_rate,
+                 output_bias=math.log(prior / (1 - prior)))
     return model, SMALabellerTask(SegmentationLoss(settings.loss_function), spatial_dims=dims)
+
+
+def make_loaders(settings: SMALabellerSettings, train_pairs: Sequence[CasePair],
+                 val_pairs: Sequence[CasePair], device: torch.device):
+    """(train, validation) loaders: cached preprocessing, crops and augmentation for training."""
+    s = settings
+    loaders = []
+    for pairs, train in ((train_pairs, True), (val_pairs, False)):
+        dataset = make_dataset([p.as_dict() for p in pairs], s.spacing, train=train,
+                               augment=s.augmentations, crop_size=s.crop_size,
+                               crops_per_volume=s.crops_per_volume, cache=s.cache,
+                               cache_dir=s.cache_dir)
+        loaders.append(make_loader(dataset, batch_size=s.batch_size, shuffle=train,
+                                   num_workers=s.num_workers, seed=s.seed,
+                                   pin_memory=device.type == "cuda"))
+    return loaders[0], loaders[1]
+
+
+def make_optimization(settings: SMALabellerSettings, model: nn.Module, *,
+                      steps_per_epoch: int) -> tuple[torch.optim.Optimizer, LRSchedule]:
+    """AdamW starting at ``lr``; OneCycleLR per step to ``max_lr`` (``div_factor = max_lr/lr``)."""
+    s = settings
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
+    schedule = LRSchedule(optimizer, "onecycle", num_epochs=s.epochs,
+                          steps_per_epoch=steps_per_epoch, max_lr=s.max_lr,
+                          div_factor=s.max_lr / s.lr)
+    return optimizer, schedule
+
+
+def bn_calibration(settings: SMALabellerSettings,
+                   task: SMALabellerTask) -> BatchNormCalibration | None:
+    s = settings
+    if not s.bn_calibration:
+        return None
+    return BatchNormCalibration(task.batch_inputs, warmup_batches=s.warmup_batches,
+                                slice_batch=s.slice_batch)
+
+
+def trainer_settings(settings: SMALabellerSettings) -> TrainerSettings:
+    s = settings
+    return TrainerSettings(num_epochs=s.epochs, early_stopping_patience=s.patience,
+                           monitor="val_loss", monitor_mode="min", gradient_clip_norm=0.0,
+                           log_grad_norm=True, log_frequency=s.log_frequency,
+                           progress_bar=s.progress_bar)
 
 
 def fit(settings: SMALabellerSettings, train_pairs: Sequence[CasePair],
@@ -277,34 +328,17 @@ def fit(settings: SMALabellerSettings, train_pairs: Sequence[CasePair],
     ``max_lr`` (``div_factor = max_lr / lr``), early stopping on the validation loss with the
     best model and optimizer restored, checkpoints, optional BatchNorm calibration."""
     s = settings
-    loaders = []
-    for pairs, train in ((train_pairs, True), (val_pairs, False)):
-        dataset = make_dataset([p.as_dict() for p in pairs], s.spacing, train=train,
-                               augment=s.augmentations, crop_size=s.crop_size,
-                               crops_per_volume=s.crops_per_volume, cache=s.cache,
-                               cache_dir=s.cache_dir)
-        loaders.append(make_loader(dataset, batch_size=s.batch_size, shuffle=train,
-                                   num_workers=s.num_workers, seed=s.seed,
-                                   pin_memory=device.type == "cuda"))
-    train_loader, val_loader = loaders
+    train_loader, val_loader = make_loaders(s, train_pairs, val_pairs, device)
     model, task = build(s)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
-    schedule = LRSchedule(optimizer, "onecycle", num_epochs=s.epochs,
-                          steps_per_epoch=len(train_loader), max_lr=s.max_lr,
-                          div_factor=s.max_lr / s.lr)
+    optimizer, schedule = make_optimization(s, model, steps_per_epoch=len(train_loader))
     extra: list[Callback] = [BatchScalars(reporter), EarlyStoppingScalars(reporter)]
-    if s.bn_calibration:
-        extra.insert(0, BatchNormCalibration(task.batch_inputs, warmup_batches=s.warmup_batches,
-                                             slice_batch=s.slice_batch))
-    trainer_settings = TrainerSettings(num_epochs=s.epochs, early_stopping_patience=s.patience,
-                                       monitor="val_loss", monitor_mode="min",
-                                       gradient_clip_norm=0.0, log_grad_norm=True,
-                                       log_frequency=s.log_frequency,
-                                       progress_bar=s.progress_bar)
+    calibration = bn_calibration(s, task)
+    if calibration is not None:
+        extra.insert(0, calibration)
     reporter.set_info("model", {"class": "UNet", "spatial_dims": task.spatial_dims,
                                 "parameters": sum(p.numel() for p in model.parameters())})
     trainer = Trainer(model, task, optimizer, schedule, train_loader, val_loader, device=device,
-                      precision=precision, settings=trainer_settings, reporter=reporter,
+                      precision=precision, settings=trainer_settings(s), reporter=reporter,
                       checkpoints=checkpoints, callbacks=[*extra, *callbacks], config=config)
     if resume:
         trainer.resume(resume)

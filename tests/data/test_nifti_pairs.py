@@ -8,7 +8,9 @@ import pytest
 import torch
 from sklearn.model_selection import train_test_split
 
-from medseg.data.mri_transforms import make_dataset, make_loader
+from monai.transforms import RandBiasFieldd
+
+from medseg.data.mri_transforms import BIAS_FIELD_COEFFICIENTS, make_dataset, make_loader
 from medseg.data.nifti_pairs import check_pairs, find_pairs, split_pairs
 from medseg.data.synthetic.smalabeller import BrainSettings, generate_brain_dataset
 from medseg.errors import DataError
@@ -139,3 +141,25 @@ def test_training_crops_are_flattened_into_the_batch(brains):
     batch = next(iter(make_loader(data, batch_size=2, shuffle=True, num_workers=0, seed=0)))
     assert tuple(batch["image"].shape) == (6, 1, 16, 16, 8)
     assert tuple(batch["label"].shape) == (6, 1, 16, 16, 8)
+
+
+def test_the_bias_field_augmentation_keeps_intensities_in_range(brains):
+    # The original's coefficient range (0, 0.7) multiplied images by up to ~1000, which
+    # collapsed the model's evaluation-mode output; the field now stays a few-fold at most.
+    pairs = find_pairs(*folders(brains))
+    item = make_dataset([pairs[0].as_dict()], (1.0, 1.0, 1.0), train=False, augment=False,
+                        crop_size=(16, 16, 8), crops_per_volume=1)[0]
+    field = RandBiasFieldd(keys="image", prob=1.0, coeff_range=BIAS_FIELD_COEFFICIENTS)
+    for seed in range(10):
+        field.set_random_state(seed)
+        assert float(field({"image": item["image"]})["image"].max()) < 4.0
+
+
+def test_crops_of_volumes_smaller_than_the_crop_size_are_padded_into_one_batch(brains):
+    # Heads of 12..20 slices cropped at 32: each crop is its volume's size, so they differ.
+    pairs = find_pairs(*folders(brains))
+    data = make_dataset([p.as_dict() for p in pairs], (1.0, 1.0, 1.0), train=True, augment=True,
+                        crop_size=(32, 32, 32), crops_per_volume=2)
+    batch = next(iter(make_loader(data, batch_size=3, shuffle=False, num_workers=0, seed=0)))
+    assert tuple(batch["image"].shape[:4]) == (6, 1, 24, 24)
+    assert batch["image"].shape[-1] == max(data[i][0]["image"].shape[-1] for i in range(3))

@@ -41,3 +41,14 @@ def test_dropout_rate_is_used_by_the_encoder():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UNet(**kwargs)
+
+
+def test_output_bias_sets_the_untrained_models_foreground_probability():
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 16, 16)
+    prior = torch.logit(torch.tensor(0.01)).item()
+    with torch.no_grad():
+        plain = torch.sigmoid(UNet(2, channels=[4, 8]).eval()(x)).mean()
+        rare = torch.sigmoid(UNet(2, channels=[4, 8], output_bias=prior).eval()(x)).mean()
+    # Zero bias: about half of every image is predicted foreground before any training.
+    assert 0.3 < plain < 0.7 and rare < 0.05

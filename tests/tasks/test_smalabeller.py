@@ -8,7 +8,8 @@ from monai.losses import DiceCELoss
 
 from medseg.engine.precision import Precision
 from medseg.models.unet import UNet
-from medseg.tasks.smalabeller import (SegmentationLoss, SMALabellerTask, from_slices,
+from medseg.tasks.smalabeller import (SegmentationLoss, SMALabellerSettings, SMALabellerTask,
+                                      build, from_slices,
                                       to_slices, volume_dice)
 
 
@@ -60,3 +61,12 @@ def test_validation_reports_loss_terms_and_dice(dims):
     assert step.batch_size == (8 if dims == 2 else 2)  # slices (2D) or volumes (3D)
     triplets = task.triplets(model.eval(), batch, torch.device("cpu"))
     assert len(triplets) == 3 and all(t.shape == (8, 8) for t in triplets[0])
+
+
+def test_initial_foreground_is_the_untrained_models_output_bias():
+    model, _ = build(SMALabellerSettings(channels=[2, 4], initial_foreground=0.02))
+    assert model.head.bias.item() == pytest.approx(torch.logit(torch.tensor(0.02)).item(), abs=1e-5)
+    plain, _ = build(SMALabellerSettings(channels=[2, 4], initial_foreground=0.5))
+    assert plain.head.bias.item() != pytest.approx(model.head.bias.item())
+    with pytest.raises(ValueError, match=r"initial_foreground must be in \(0, 1\)"):
+        SMALabellerSettings(initial_foreground=1.0)
