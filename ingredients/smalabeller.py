@@ -111,6 +111,7 @@ CHECKPOINT_FIELDS = {
 ENGINE_FIELDS = {
     "device": TRAINING_FIELDS["device"],
     "mixed_precision": TRAINING_FIELDS["mixed_precision"],
+    "distributed_backend": TRAINING_FIELDS["distributed_backend"],
     "distributed_timeout": TRAINING_FIELDS["distributed_timeout"],
     "log_frequency": Field(1, c.integer(minimum=1), "Optimizer steps between batch scalars"),
     "progress_bar": Field(True, c.boolean(), "Show tqdm progress bars"),
@@ -138,7 +139,8 @@ SYNTHETIC_FIELDS = {
 #: long to train, workers, device and logging. What shapes the training (data, model, loss,
 #: the schedule's rates, calibration) must stay the checkpoint's.
 RESUMABLE = {"epochs", "num_workers", "runs_dir", "tb_prefix", "comment", "data_dir",
-             "early_stopping.patience", "training.device", "training.distributed_timeout",
+             "early_stopping.patience", "training.device", "training.distributed_backend",
+             "training.distributed_timeout",
              "training.log_frequency",
              "training.progress_bar", "tensorboard.enabled", "checkpoint.period",
              "checkpoint.keep_periodic", "checkpoint.resume"}
@@ -194,7 +196,8 @@ def check_training_inputs(config: Mapping[str, Any]) -> None:
                         f"training_labels={config['training_labels']}, "
                         f"val_set_size={config['val_set_size']})") from None
     check_pairs([*train, *val])
-    check_launch(resolve_device(config["training"]["device"]), "auto", config["batch_size"],
+    check_launch(resolve_device(config["training"]["device"]),
+                 config["training"]["distributed_backend"], config["batch_size"],
                  batch_key="batch_size")
     root = Path(config["runs_dir"]).expanduser() / config["tb_prefix"]
     if not writable_folder(root):
@@ -259,7 +262,8 @@ def train(run, config: Mapping[str, Any]) -> dict[str, Any]:
     train_pairs, val_pairs = split(config)
     resume = config["checkpoint"]["resume"]
     # torchrun: join the job (this rank's device); the folders are rank 0's, it alone writes.
-    device = distributed.setup(resolve_device(config["training"]["device"]), "auto",
+    device = distributed.setup(resolve_device(config["training"]["device"]),
+                               config["training"]["distributed_backend"],
                                config["training"]["distributed_timeout"])
     folders = distributed.from_main(output_folders(config, resume))
     link_checkpoint_directory(run, folders["checkpoints"])

@@ -265,6 +265,14 @@ def test_search_space_entry_that_is_not_a_config_entry(data, tmp_path):
             "tune", **{"tune.space.config.learning_rate": ["uniform", 0.1, 0.2]})
 
 
+def test_nccl_on_cpu_under_torchrun(data, tmp_path, monkeypatch):
+    """training.distributed_backend reaches SMALabeller's torchrun check like every pipeline's."""
+    monkeypatch.setenv("RANK", "1")  # what torchrun tells the second process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    refused(data, tmp_path, r"training.distributed_backend='nccl' needs CUDA devices",
+            seed=1, **{"training.distributed_backend": "nccl", "training.device": "cpu"})
+
+
 def test_unwritable_tensorboard_folder(data, tmp_path):
     (tmp_path / "blocker").write_text("a file where the runs folder should be")
     with pytest.raises(MedsegError, match="cannot write TensorBoard logs and checkpoints"):

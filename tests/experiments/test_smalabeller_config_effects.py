@@ -7,7 +7,8 @@ folders), ``checkpoint.*`` and ``epochs`` (checkpoint/resume tests),
 ``tensorboard.enabled``, ``training.mixed_precision``/``device`` (the shell and throughput
 runs), ``training_images``/``training_labels`` (bad-input tests), ``data_dir`` and
 ``synthetic.*`` (generate_data tests), ``tune.*`` (the sweep tests), all in
-tests/experiments/test_smalabeller.py and tests/data/test_nifti_pairs.py.
+tests/experiments/test_smalabeller.py and tests/data/test_nifti_pairs.py, and
+``training.distributed_*`` (the torchrun tests, tests/experiments/test_ddp*.py).
 """
 
 from __future__ import annotations
@@ -153,5 +154,7 @@ def test_every_own_entry_has_a_row():
            if k.split(".")[0] not in ("tracking", "synthetic", "tune", "checkpoint",
                                       "tensorboard", "tags", "seed")}
     shown_elsewhere = {"runs_dir", "tb_prefix", "comment", "data_dir", "training_images",
-                       "training_labels", "training.device", "training.mixed_precision"}
+                       "training_labels", "training.device", "training.mixed_precision",
+                       # the torchrun tests: test_ddp*.py and test_smalabeller.py's nccl check
+                       "training.distributed_backend", "training.distributed_timeout"}
     assert own - shown_elsewhere <= {r[0] for r in ROWS}
