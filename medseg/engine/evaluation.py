@@ -56,6 +56,20 @@ class LossMeter:
         return {name: total / self._batches for name, total in self._sums.items()}
 
 
+def mean_case_score(states: Sequence[tuple[LossMeter, list[float]]], name: str = "dice"
+                    ) -> dict[str, float]:
+    """The validation metrics of tasks scored per case: ``states`` are each rank's (its
+    ``LossMeter``, its cases' scores), one state for one process. The loss sums are added
+    before the means are taken, and ``name`` is the mean over the cases where the score is
+    defined (not NaN)."""
+    losses, scores = LossMeter(), []
+    for rank_losses, rank_scores in states:
+        losses.extend(rank_losses)
+        scores += rank_scores
+    defined = [score for score in scores if not math.isnan(score)]
+    return {**losses.summary(), name: sum(defined) / len(defined) if defined else math.nan}
+
+
 def validation_pass(model: nn.Module, loader: Iterable, *, device: torch.device,
                     precision: Precision,
                     loss: Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, torch.Tensor]]],

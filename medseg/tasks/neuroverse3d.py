@@ -21,7 +21,8 @@ from medseg.data.nnunet import (
     restore_geometry,
     write_labels,
 )
-from medseg.engine.evaluation import EvaluationReport, LossMeter, validation_pass
+from medseg.engine.evaluation import (EvaluationReport, LossMeter, mean_case_score,
+                                     validation_pass)
 from medseg.engine.precision import Precision
 from medseg.engine.trainer import StepOutput
 from medseg.errors import DataError, describe
@@ -81,11 +82,7 @@ class Neuroverse3DTask:
 
     def summarise_validation(self, states: Sequence[tuple[LossMeter, list[float]]]
                              ) -> dict[str, float]:
-        losses, dices = LossMeter(), []
-        for rank_losses, rank_dices in states:
-            losses.extend(rank_losses)
-            dices += rank_dices
-        return {**losses.summary(), "dice": float(np.mean(dices)) if dices else float("nan")}
+        return mean_case_score(states)
 
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
                  precision: Precision) -> dict[str, float]:

@@ -25,7 +25,7 @@ from medseg.data.mri_transforms import make_dataset, make_loader
 from medseg.data.nifti_pairs import CasePair
 from medseg.engine.bn_calibration import BatchNormCalibration
 from medseg.engine.checkpoint import CheckpointManager, load_checkpoint
-from medseg.engine.evaluation import LossMeter, validation_pass
+from medseg.engine.evaluation import LossMeter, mean_case_score, validation_pass
 from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.schedulers import LRSchedule
@@ -155,12 +155,7 @@ class SMALabellerTask:
     def summarise_validation(self, states: Sequence[tuple[LossMeter, list[float]]]
                              ) -> dict[str, float]:
         """The loss averaged over batches, Dice over the volumes where it is defined."""
-        losses, dices = LossMeter(), []
-        for rank_losses, rank_dices in states:
-            losses.extend(rank_losses)
-            dices += rank_dices
-        defined = [d for d in dices if not math.isnan(d)]
-        return {**losses.summary(), "dice": sum(defined) / len(defined) if defined else math.nan}
+        return mean_case_score(states)
 
     def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
                  precision: Precision) -> dict[str, float]:
