@@ -37,7 +37,9 @@ def run() -> dict:
             experiment.run("generate_msd", named_configs=[NAMED_CONFIG], config_updates=quiet)
             experiment.run("convert", named_configs=[NAMED_CONFIG], config_updates=quiet)
             started = time.perf_counter()
-            updates = {"training": training, "logging": {"progress_bar": False},
+            # (an empty "training" update would read to Sacred as a new entry)
+            updates = {**({"training": training} if training else {}),
+                       "logging": {"progress_bar": False},
                        "tracking": {"observer": "file", "file_dir": "sacred_runs"}}
             result = experiment.run("main", named_configs=[NAMED_CONFIG], config_updates=updates,
                                     options={"--capture": "sys"}).result

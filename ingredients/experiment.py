@@ -356,8 +356,12 @@ class MedsegExperiment(Experiment):
         parts = []
         for entry in entries:
             origin = _config_file_setting(entry, named_configs)
-            close = _closest_entry(entry, known)
             where = f" (set in {origin})" if origin else ""
+            inside = sorted(key for key in known if key.startswith(f"{entry}."))
+            if inside:  # a group given no entries of its own ('training={}')
+                parts.append(f"{entry}{where} (a group: set its entries, e.g. {inside[0]}=...)")
+                continue
+            close = _closest_entry(entry, known)
             hint = f" (did you mean {close}?)" if close else ""
             parts.append(f"{entry}{where}{hint}")
         return (f"unknown config entr{'y' if len(parts) == 1 else 'ies'} {', '.join(parts)}; "

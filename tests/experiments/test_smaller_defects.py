@@ -41,6 +41,9 @@ def test_the_hints_name_the_entry_meant(tmp_path):
     assert refused(shell(SADAAN, "with", "trainng.batch_size=2", cwd=tmp_path)) == (
         "error: unknown config entry trainng (did you mean training?); `print_config` lists "
         "them all")
+    assert refused(shell(SADAAN, "with", "training={}", cwd=tmp_path)) == (
+        "error: unknown config entry training (a group: set its entries, e.g. "
+        "training.batch_size=...); `print_config` lists them all")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     assert refused(shell(SADAAN, "generate_data", "with", "dataset_path=taken",
