@@ -56,6 +56,16 @@ class LossMeter:
         return {name: total / self._batches for name, total in self._sums.items()}
 
 
+class ShardedValidation:
+    """``validate`` for a task that scores validation as ``validation_state`` (one rank's
+    share of the cases) joined by ``summarise_validation``: one process is one share."""
+
+    def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
+                 precision: Precision) -> dict[str, float]:
+        return self.summarise_validation([self.validation_state(model, loader, device,
+                                                                precision)])
+
+
 def mean_case_score(states: Sequence[tuple[LossMeter, list[float]]], name: str = "dice"
                     ) -> dict[str, float]:
     """The validation metrics of tasks scored per case: ``states`` are each rank's (its

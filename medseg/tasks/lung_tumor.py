@@ -35,7 +35,8 @@ from torch.utils.data import Dataset
 
 from medseg.data.png_slices import PNGSliceDataset, scan_slices
 from medseg.data.slice_transforms import slice_transforms
-from medseg.engine.evaluation import EvaluationReport, LossMeter, validation_pass
+from medseg.engine.evaluation import (EvaluationReport, LossMeter, ShardedValidation,
+                                     validation_pass)
 from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.trainer import StepOutput, image_mask_step
@@ -122,7 +123,7 @@ class TumorScores:
                 "tumor_iou": self.pooled.iou, "pixel_accuracy": self.pooled.accuracy}
 
 
-class LungTumorTask:
+class LungTumorTask(ShardedValidation):
     """Two-class (background, tumour) segmentation of slices; a pixel is tumour when its
     tumour probability exceeds ``threshold``."""
 
@@ -160,11 +161,6 @@ class LungTumorTask:
             scores.merge(rank_scores)
             losses.extend(rank_losses)
         return {**losses.summary(), **scores.summary()}
-
-    def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
-                 precision: Precision) -> dict[str, float]:
-        return self.summarise_validation([self.validation_state(model, loader, device,
-                                                                precision)])
 
     def render_prediction(self, model: nn.Module, batch, device: torch.device, path: Path) -> Path:
         """The first slice of ``batch``: image, ground truth and prediction."""

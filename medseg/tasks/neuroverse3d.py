@@ -21,8 +21,8 @@ from medseg.data.nnunet import (
     restore_geometry,
     write_labels,
 )
-from medseg.engine.evaluation import (EvaluationReport, LossMeter, mean_case_score,
-                                     validation_pass)
+from medseg.engine.evaluation import (EvaluationReport, LossMeter, ShardedValidation,
+                                     mean_case_score, validation_pass)
 from medseg.engine.precision import Precision
 from medseg.engine.trainer import StepOutput
 from medseg.errors import DataError, describe
@@ -40,7 +40,7 @@ def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 1.0 if total == 0 else 2.0 * int((pred & target).sum()) / total
 
 
-class Neuroverse3DTask:
+class Neuroverse3DTask(ShardedValidation):
     """Batches are :class:`~medseg.data.episodes.EpisodeDataset` items; the context stays on
     the CPU and the model moves it group by group. ``gs``: mini-context size for training,
     ``val_gs`` for validation."""
@@ -83,11 +83,6 @@ class Neuroverse3DTask:
     def summarise_validation(self, states: Sequence[tuple[LossMeter, list[float]]]
                              ) -> dict[str, float]:
         return mean_case_score(states)
-
-    def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
-                 precision: Precision) -> dict[str, float]:
-        return self.summarise_validation([self.validation_state(model, loader, device,
-                                                                precision)])
 
 
 # ---------------------------------------------------------------------------- weights

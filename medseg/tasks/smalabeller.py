@@ -25,7 +25,8 @@ from medseg.data.mri_transforms import make_dataset, make_loader
 from medseg.data.nifti_pairs import CasePair
 from medseg.engine.bn_calibration import BatchNormCalibration
 from medseg.engine.checkpoint import CheckpointManager, load_checkpoint
-from medseg.engine.evaluation import LossMeter, mean_case_score, validation_pass
+from medseg.engine.evaluation import (LossMeter, ShardedValidation, mean_case_score,
+                                     validation_pass)
 from medseg.engine.precision import Precision
 from medseg.engine.reporting import Reporter
 from medseg.engine.schedulers import LRSchedule
@@ -99,7 +100,7 @@ def volume_dice(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
     return [float(2 * t / d) if d > 0 else math.nan for t, d in zip(tp, denominator)]
 
 
-class SMALabellerTask:
+class SMALabellerTask(ShardedValidation):
     """How a batch of ``image``/``label`` volumes becomes a loss and how validation scores."""
 
     def __init__(self, loss: SegmentationLoss, *, spatial_dims: int = 2) -> None:
@@ -156,11 +157,6 @@ class SMALabellerTask:
                              ) -> dict[str, float]:
         """The loss averaged over batches, Dice over the volumes where it is defined."""
         return mean_case_score(states)
-
-    def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
-                 precision: Precision) -> dict[str, float]:
-        return self.summarise_validation([self.validation_state(model, loader, device,
-                                                                precision)])
 
     def as_volumes(self, output: torch.Tensor, volumes: int) -> torch.Tensor:
         if self.spatial_dims == 3:
