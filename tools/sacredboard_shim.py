@@ -10,6 +10,9 @@ nothing from medseg.
    every MongoDB-compatible server answers; its negation is ``$nor`` (sacredboard's top-level
    ``$not`` is not valid MongoDB either).
 2. It listens on 0.0.0.0 with no way to change it and has no login; here it listens on HOST.
+3. Its runs table writes a run's result as it is: our runs return a dict (best epoch, test
+   scores), which the table showed as ``[object Object]``. The list (not a run's detail view,
+   which shows the whole document) gets the dict's numbers as ``name=value`` text instead.
 """
 
 import os
@@ -17,6 +20,7 @@ import sys
 from datetime import datetime, timedelta
 
 from gevent.pywsgi import WSGIServer
+from sacredboard.app.data.pymongo.mongocursor import MongoDbCursor
 from sacredboard.app.data.pymongo.rundao import MongoRunDAO
 from sacredboard.app.webapi import wsgi_server
 from sacredboard.bootstrap import run
@@ -35,8 +39,25 @@ def status_filter_to_query(clause):
     return {"$nor": [query]} if clause["operator"] == "!=" else query
 
 
+def result_text(result):
+    """A dict result as ``name=value, ...`` of its numbers (4 significant digits); other
+    results unchanged."""
+    if not isinstance(result, dict):
+        return result
+    return ", ".join(f"{name}={value:.4g}" for name, value in result.items()
+                     if isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def listed_runs(cursor):
+    for run in cursor.mongodb_cursor:
+        if "result" in run:
+            run["result"] = result_text(run["result"])
+        yield run
+
+
 def main(host, port, database):
     MongoRunDAO._status_filter_to_query = staticmethod(status_filter_to_query)
+    MongoDbCursor.__iter__ = listed_runs
     wsgi_server.WSGIServer = lambda address, app: WSGIServer((host, address[1]), app)
     run.main(args=["-mu", os.environ["MONGO_URI"], database, "--port", port, "--no-browser"],
              prog_name="sacredboard")

@@ -297,6 +297,9 @@ def test_sacredboard_page_lists_our_runs(recorded_runs, tmp_path):
     shown = {int(cells[1]): cells for cells in table if len(cells) > 2 and cells[1].isdigit()}
     assert {recorded_runs.completed, recorded_runs.resumed} <= set(shown)
     assert "sadaan" in shown[recorded_runs.completed][2]
+    # the result column: the dict's numbers as text, not "[object Object]"
+    assert f"best_epoch={recorded_runs.database.run(recorded_runs.completed)['result']['best_epoch']}" \
+        in shown[recorded_runs.completed][-1]
     assert not re.search(r'HTTP/1\.1" 5\d\d', log_path.read_text())  # no server error
     assert (f"sacredboard 0.4.2: http://127.0.0.1:{port} (this machine only; --host 0.0.0.0 "
             "opens it to the network)") in log_path.read_text()
