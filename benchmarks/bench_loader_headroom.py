@@ -7,6 +7,12 @@ so the loader measured is the one a run trains from: its dataset, augmentation a
 size. Then, in this process:
 
 - loader rate: samples/s of one pass over (up to ``BATCHES``) batches with 0 and 2 workers;
+- one worker's rate (``one_worker``): the 0-worker pass again, run as a DataLoader worker runs
+  (PyTorch gives each worker one thread) and timed in CPU seconds of this process, so that it
+  counts what one core loads. The 0-worker column runs with this process's threads: on this
+  shared 2-core machine their small parallel regions waited for each other (measured: the
+  aneurysm loader at 20 samples/s with 2 threads, 163 with 1), which is not what a worker
+  does; and wall time on a machine busy with other runs counts their share too;
 - consumed on this CPU: samples/s of the task's training steps (forward, loss, backward,
   optimizer step) on batches already loaded;
 - consumed on one GPU (estimated): only seed 000 gives a GPU figure (an epoch of 368 cubes in
@@ -16,7 +22,8 @@ size. Then, in this process:
   the results; and no step is taken faster than 15 ms (:data:`GPU_STEP_FLOOR_S`), the floor
   of a small network's step on a GPU;
 - headroom = loader rate / consumed rate, and the workers needed for 5x on the GPU, assuming
-  the loader scales linearly with workers from the 0-worker rate (one core per worker).
+  the loader scales linearly with workers from one worker's rate (one core per worker; earlier
+  results took the 0-worker rate, which the thread contention above made 2-8x too low).
 
     python -m benchmarks loader_headroom                  # the pipelines' demo shapes
     LOADER_HEADROOM_TINY=1 python -m benchmarks loader_headroom   # tiny data: a check
@@ -134,6 +141,28 @@ def loader_rate(loader, workers: int, batches: int) -> tuple[float, float]:
     return samples / max(time.perf_counter() - first, 1e-9), first - started
 
 
+def one_worker_rate(loader, batches: int) -> float:
+    """Samples per CPU second of batches 2 to ``batches`` loaded in this process with one
+    PyTorch thread, as each DataLoader worker loads them."""
+    rebuilt = EpochLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
+                          num_workers=0, seed=0)
+    rebuilt.set_epoch(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples, first = 0, None
+        for index, batch in enumerate(rebuilt):
+            if first is None:
+                first = time.process_time()
+            else:
+                samples += _batch_size(batch)
+            if index + 1 >= batches:
+                break
+        return samples / max(time.process_time() - first, 1e-9)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _batch_size(batch) -> int:
     tensors = batch.values() if isinstance(batch, dict) else batch
     return next(int(t.shape[0]) for t in tensors if isinstance(t, torch.Tensor))
@@ -216,6 +245,7 @@ def run() -> dict:
             loader = trainer.train_loader
             measured = {f"workers_{w}": loader_rate(loader, w, batches) for w in WORKERS}
             rates = {key: rate for key, (rate, _) in measured.items()}
+            rates["one_worker"] = one_worker_rate(loader, batches)
             loaded = []
             for batch in loader:
                 loaded.append(batch)
@@ -238,11 +268,13 @@ def gpu_estimate(consumed_cpu: float, rates: dict[str, float], speedup: float,
                  batch_size: int) -> dict:
     """What one GPU would consume (``speedup`` times this CPU, but no step faster than
     :data:`GPU_STEP_FLOOR_S`), the loader's headroom over it, and the workers for
-    :data:`TARGET` times that rate if each worker adds the 0-worker rate."""
+    :data:`TARGET` times that rate if each worker adds one worker's rate (``one_worker``;
+    ``workers_0`` where that was not measured)."""
     gpu = min(consumed_cpu * speedup, batch_size / GPU_STEP_FLOOR_S)
+    per_worker = rates.get("one_worker", rates["workers_0"])
     return {"consumed_samples_per_s_gpu_estimate": round(gpu, 2),
             "headroom_gpu_estimate": {k: round(v / gpu, 3) for k, v in rates.items()},
-            "workers_for_5x_gpu": max(1, math.ceil(TARGET * gpu / rates["workers_0"]))}
+            "workers_for_5x_gpu": max(1, math.ceil(TARGET * gpu / per_worker))}
 
 
 @contextlib.contextmanager
