@@ -46,6 +46,8 @@ from medseg.engine import trainer as trainer_module
 
 QUICK = False   # generates five pipelines' data: minutes
 WORKERS = (0, 2)
+#: Batches timed for one worker's rate (over as many epochs as that takes).
+ONE_WORKER_BATCHES = 40
 TARGET = 5.0
 SEED000_GPU_CUBES_PER_S = 368 / 9.0   # an epoch of 368 cubes in 8-10 s on an RTX 3090
 #: A small network's training step on one GPU is bound by kernel launches and the optimizer
@@ -143,21 +145,28 @@ def loader_rate(loader, workers: int, batches: int) -> tuple[float, float]:
 
 def one_worker_rate(loader, batches: int) -> float:
     """Samples per CPU second of batches 2 to ``batches`` loaded in this process with one
-    PyTorch thread, as each DataLoader worker loads them."""
+    PyTorch thread, as each DataLoader worker loads them. Epochs follow each other until that
+    many batches are loaded: the demos' small training sets (9 SMALabeller volumes, 12
+    aneurysm cubes) would otherwise time a handful of samples, too few for a transform with
+    probability 0.15 (SMALabeller's elastic deformation, its costliest) to count as often as
+    it does in training."""
     rebuilt = EpochLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
                           num_workers=0, seed=0)
-    rebuilt.set_epoch(1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        samples, first = 0, None
-        for index, batch in enumerate(rebuilt):
-            if first is None:
-                first = time.process_time()
-            else:
-                samples += _batch_size(batch)
-            if index + 1 >= batches:
-                break
+        samples, first, loaded, epoch = 0, None, 0, 0
+        while loaded < batches:
+            epoch += 1
+            rebuilt.set_epoch(epoch)
+            for batch in rebuilt:
+                loaded += 1
+                if first is None:
+                    first = time.process_time()
+                else:
+                    samples += _batch_size(batch)
+                if loaded >= batches:
+                    break
         return samples / max(time.process_time() - first, 1e-9)
     finally:
         torch.set_num_threads(threads)
@@ -245,7 +254,7 @@ def run() -> dict:
             loader = trainer.train_loader
             measured = {f"workers_{w}": loader_rate(loader, w, batches) for w in WORKERS}
             rates = {key: rate for key, (rate, _) in measured.items()}
-            rates["one_worker"] = one_worker_rate(loader, batches)
+            rates["one_worker"] = one_worker_rate(loader, ONE_WORKER_BATCHES if not tiny else 4)
             loaded = []
             for batch in loader:
                 loaded.append(batch)

@@ -40,7 +40,7 @@ def test_gpu_columns_scale_the_cpu_rate_and_count_workers_for_5x():
                               batch_size=4)["workers_for_5x_gpu"] == 2
 
 
-def test_one_worker_rate_runs_with_one_thread_and_gives_the_threads_back():
+def test_one_worker_rate_runs_with_one_thread_over_enough_epochs_and_gives_the_threads_back():
     import torch
 
     seen = []
@@ -57,7 +57,8 @@ def test_one_worker_rate_runs_with_one_thread_and_gives_the_threads_back():
     torch.set_num_threads(2)   # as the benchmark's process runs (the tests pin one thread)
     try:
         loader = bench.EpochLoader(Threads(), batch_size=2, shuffle=True, num_workers=0, seed=0)
-        assert bench.one_worker_rate(loader, batches=4) > 0
+        assert bench.one_worker_rate(loader, batches=10) > 0
         assert set(seen) == {1} and torch.get_num_threads() == 2
+        assert len(seen) == 20   # 10 batches of 2: two and a half epochs of 8 items
     finally:
         torch.set_num_threads(before)
