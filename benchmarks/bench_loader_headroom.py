@@ -20,7 +20,10 @@ size. Then, in this process:
   the same model and cube size (measured here) is taken as the GPU's speed-up for every
   pipeline's model: an assumption (the same ratio for every convolutional network), stated in
   the results; and no step is taken faster than 15 ms (:data:`GPU_STEP_FLOOR_S`), the floor
-  of a small network's step on a GPU;
+  of a small network's step on a GPU. The floor is counted in the rates' samples (a batch's
+  first dimension, ``samples_per_step``): earlier results divided the loader's batch size by
+  it, which for SMALabeller (2 volumes of 2 crops each per step) put the GPU's rate in volumes
+  against loader rates in crops, half what the GPU would take;
 - headroom = loader rate / consumed rate, and the workers needed for 5x on the GPU, assuming
   the loader scales linearly with workers from one worker's rate (one core per worker; earlier
   results took the 0-worker rate, which the thread contention above made 2-8x too low).
@@ -261,13 +264,17 @@ def run() -> dict:
                 if len(loaded) >= 2:
                     break
             consumed = consumed_rate(trainer, loaded, steps)
-        entry = {"batch_size": loader.batch_size, "training_samples": len(loader.dataset),
+        # What one step trains on, in the unit the rates count (a batch's first dimension):
+        # SMALabeller's batch of 2 volumes holds 2 crops of each, 4 samples.
+        per_step = _batch_size(loaded[0])
+        entry = {"batch_size": loader.batch_size, "samples_per_step": per_step,
+                 "training_samples": len(loader.dataset),
                  "loader_samples_per_s": {k: round(v, 2) for k, v in rates.items()},
                  "loader_first_batch_s": {k: round(v, 2) for k, (_, v) in measured.items()},
                  "consumed_samples_per_s_cpu": round(consumed, 3),
                  "headroom_cpu": {k: round(v / consumed, 1) for k, v in rates.items()}}
         if speedup is not None:
-            entry.update(gpu_estimate(consumed, rates, speedup, loader.batch_size))
+            entry.update(gpu_estimate(consumed, rates, speedup, per_step))
         result["pipelines"][name] = entry
         print(name, entry, flush=True)
     return result
