@@ -12,7 +12,7 @@ sample's time going into work whose result is thrown away:
   every key through an identity grid (which returns the input unchanged) and, in 3D, smooth
   the random displacement field with a 3D convolution that is slow on a CPU.
   :class:`FastRand2DElasticd` and :class:`FastRand3DElasticd` draw exactly what MONAI's draw,
-  skip the identity resampling, and smooth with 1D convolutions along each axis.
+  skip the identity resampling, and smooth with SciPy's 1D correlation along each axis.
 - Rotating each of SADAAN's binary structure masks separately with nearest neighbours:
   :class:`PackMasksd` folds them into one channel of bit flags first (nearest-neighbour
   sampling moves all channels alike, so the bits travel together), :class:`UnpackMasksd`
@@ -27,12 +27,12 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.data import get_track_meta, set_track_meta
 from monai.networks.layers.convutils import gaussian_1d
 from monai.transforms import Compose, MapTransform, Rand2DElasticd, Rand3DElasticd
 from monai.transforms.utils import create_grid
 from monai.utils import convert_to_tensor, fall_back_tuple
+from scipy.ndimage import correlate1d
 
 _lock = threading.Lock()
 _depth = 0
@@ -131,27 +131,24 @@ class FastRand2DElasticd(Rand2DElasticd):
 
 def smooth(field: torch.Tensor, sigma: Sequence[float] | float, truncated: float) -> torch.Tensor:
     """MONAI's ``GaussianFilter(spatial_dims, sigma, truncated)`` (the ``erf`` kernel, zero
-    padding) of ``field`` [B, C, *spatial], as a 1D convolution along each spatial axis in
-    turn: the same sums (up to float rounding), several times faster on a CPU than MONAI's
-    3D convolutions with [k, 1, 1] kernels."""
+    padding) of ``field`` [B, C, *spatial], as SciPy's 1D correlation along each spatial axis
+    in turn with MONAI's kernel: the same sums (up to float rounding), measured 15-30x faster
+    on a CPU than MONAI's 3D convolutions with [k, 1, 1] kernels (and 3x faster than
+    PyTorch's ``conv1d`` over the lines)."""
     dims = field.ndim - 2
     sigmas = [float(s) for s in sigma] if isinstance(sigma, Sequence) else [float(sigma)] * dims
-    out = field
+    out = field.detach().cpu().numpy()
     for axis, s in enumerate(sigmas):
-        kernel = gaussian_1d(torch.tensor(s), truncated=truncated, approx="erf").to(field)
-        radius = (kernel.numel() - 1) // 2
-        moved = out.movedim(axis + 2, -1)
-        shape = moved.shape
-        lines = F.pad(moved.reshape(-1, 1, shape[-1]), (radius, radius))
-        out = F.conv1d(lines, kernel.reshape(1, 1, -1)).reshape(shape).movedim(-1, axis + 2)
-    return out
+        kernel = gaussian_1d(torch.tensor(s), truncated=truncated, approx="erf").numpy()
+        out = correlate1d(out, kernel, axis=axis + 2, mode="constant", cval=0.0)
+    return torch.from_numpy(out).to(field)
 
 
 class FastRand3DElasticd(Rand3DElasticd):
     """MONAI's ``Rand3DElasticd`` (same arguments, same random draws) that leaves the keys as
     they are when not applied (MONAI resamples them through an identity grid) and smooths the
     random offsets with :func:`smooth` instead of MONAI's 3D convolutions (measured: 70-160 ms
-    of a 48 x 48 x 16 crop, against about 12 ms). The displacement field equals MONAI's up to
+    of a 48 x 48 x 16 crop, against about 5 ms). The displacement field equals MONAI's up to
     float rounding (about 1e-8 of a voxel before the magnitude)."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
