@@ -4,7 +4,6 @@ another order), and MONAI's tracking switch left as it was."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
