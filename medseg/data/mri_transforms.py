@@ -88,7 +88,7 @@ def augmentation(crop_size: Sequence[int], crops_per_volume: int) -> Compose:
                     scale_range=(0.1, 0.1, 0.05), shear_range=(0.1, 0.1, 0.05),
                     mode=("bilinear", "nearest"), padding_mode="border"),
         FastRand3DElasticd(keys=KEYS, prob=0.15, sigma_range=(5, 8), magnitude_range=(30, 60),
-                       mode=("bilinear", "nearest"), padding_mode="border"),
+                           mode=("bilinear", "nearest"), padding_mode="border"),
         RandRotate90d(keys=KEYS, prob=0.2, max_k=1, spatial_axes=(0, 1)),
         RandBiasFieldd(keys="image", prob=0.25, coeff_range=BIAS_FIELD_COEFFICIENTS),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.9),

@@ -112,11 +112,13 @@ def test_sadaan_masks_moved_as_one_bit_channel_are_the_masks_moved_one_by_one(tr
     assert got[0]["mask"].shape == (13, 16, 16, 8) and set(got[0]) == set(cases[0])
 
 
-def test_packing_leaves_more_masks_than_float32_holds_unpacked():
+def test_packing_leaves_more_masks_than_float32_holds_or_soft_masks_unpacked():
     case = sadaan_cases(MAX_PACKED_MASKS + 1, count=1)[0]
     packed = PackMasksd(keys="mask")(case)
     assert packed["mask"].shape[0] == MAX_PACKED_MASKS + 1
     assert np.array_equal(UnpackMasksd(keys="mask")(packed)["mask"], case["mask"])
+    soft = dict(case, mask=case["mask"][:3] * 0.5)
+    assert PackMasksd(keys="mask")(soft)["mask"].shape[0] == 3   # not binary: not packed
     full = sadaan_cases(MAX_PACKED_MASKS, count=1)[0]
     folded = PackMasksd(keys="mask")(full)
     assert folded["mask"].shape[0] == 1
