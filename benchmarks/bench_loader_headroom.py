@@ -30,6 +30,10 @@ size. Then, in this process:
 
     python -m benchmarks loader_headroom                  # the pipelines' demo shapes
     LOADER_HEADROOM_TINY=1 python -m benchmarks loader_headroom   # tiny data: a check
+    # one pipeline (25-45 s), with the speed-up measured before instead of timing seed 000's
+    # network again (minutes): how benchmarks/results/loader_headroom.json was made
+    LOADER_HEADROOM_PIPELINES=sadaan LOADER_HEADROOM_SPEEDUP=1876.6 \
+        python -m benchmarks loader_headroom
 """
 
 from __future__ import annotations
