@@ -7,6 +7,12 @@ so the loader measured is the one a run trains from: its dataset, augmentation a
 size. Then, in this process:
 
 - loader rate: samples/s of one pass over (up to ``BATCHES``) batches with 0 and 2 workers;
+- one worker's rate (``one_worker``): the 0-worker pass again, run as a DataLoader worker runs
+  (PyTorch gives each worker one thread) and timed in CPU seconds of this process, so that it
+  counts what one core loads. The 0-worker column runs with this process's threads: on this
+  shared 2-core machine their small parallel regions waited for each other (measured: the
+  aneurysm loader at 20 samples/s with 2 threads, 163 with 1), which is not what a worker
+  does; and wall time on a machine busy with other runs counts their share too;
 - consumed on this CPU: samples/s of the task's training steps (forward, loss, backward,
   optimizer step) on batches already loaded;
 - consumed on one GPU (estimated): only seed 000 gives a GPU figure (an epoch of 368 cubes in
@@ -14,12 +20,20 @@ size. Then, in this process:
   the same model and cube size (measured here) is taken as the GPU's speed-up for every
   pipeline's model: an assumption (the same ratio for every convolutional network), stated in
   the results; and no step is taken faster than 15 ms (:data:`GPU_STEP_FLOOR_S`), the floor
-  of a small network's step on a GPU;
+  of a small network's step on a GPU. The floor is counted in the rates' samples (a batch's
+  first dimension, ``samples_per_step``): earlier results divided the loader's batch size by
+  it, which for SMALabeller (2 volumes of 2 crops each per step) put the GPU's rate in volumes
+  against loader rates in crops, half what the GPU would take;
 - headroom = loader rate / consumed rate, and the workers needed for 5x on the GPU, assuming
-  the loader scales linearly with workers from the 0-worker rate (one core per worker).
+  the loader scales linearly with workers from one worker's rate (one core per worker; earlier
+  results took the 0-worker rate, which the thread contention above made 2-8x too low).
 
     python -m benchmarks loader_headroom                  # the pipelines' demo shapes
     LOADER_HEADROOM_TINY=1 python -m benchmarks loader_headroom   # tiny data: a check
+    # one pipeline (25-45 s), with the speed-up measured before instead of timing seed 000's
+    # network again (minutes): how benchmarks/results/loader_headroom.json was made
+    LOADER_HEADROOM_PIPELINES=sadaan LOADER_HEADROOM_SPEEDUP=1876.6 \
+        python -m benchmarks loader_headroom
 """
 
 from __future__ import annotations
@@ -39,6 +53,8 @@ from medseg.engine import trainer as trainer_module
 
 QUICK = False   # generates five pipelines' data: minutes
 WORKERS = (0, 2)
+#: Batches timed for one worker's rate (over as many epochs as that takes).
+ONE_WORKER_BATCHES = 40
 TARGET = 5.0
 SEED000_GPU_CUBES_PER_S = 368 / 9.0   # an epoch of 368 cubes in 8-10 s on an RTX 3090
 #: A small network's training step on one GPU is bound by kernel launches and the optimizer
@@ -134,6 +150,35 @@ def loader_rate(loader, workers: int, batches: int) -> tuple[float, float]:
     return samples / max(time.perf_counter() - first, 1e-9), first - started
 
 
+def one_worker_rate(loader, batches: int) -> float:
+    """Samples per CPU second of batches 2 to ``batches`` loaded in this process with one
+    PyTorch thread, as each DataLoader worker loads them. Epochs follow each other until that
+    many batches are loaded: the demos' small training sets (9 SMALabeller volumes, 12
+    aneurysm cubes) would otherwise time a handful of samples, too few for a transform with
+    probability 0.15 (SMALabeller's elastic deformation, its costliest) to count as often as
+    it does in training."""
+    rebuilt = EpochLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
+                          num_workers=0, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples, first, loaded, epoch = 0, None, 0, 0
+        while loaded < batches:
+            epoch += 1
+            rebuilt.set_epoch(epoch)
+            for batch in rebuilt:
+                loaded += 1
+                if first is None:
+                    first = time.process_time()
+                else:
+                    samples += _batch_size(batch)
+                if loaded >= batches:
+                    break
+        return samples / max(time.process_time() - first, 1e-9)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _batch_size(batch) -> int:
     tensors = batch.values() if isinstance(batch, dict) else batch
     return next(int(t.shape[0]) for t in tensors if isinstance(t, torch.Tensor))
@@ -216,19 +261,24 @@ def run() -> dict:
             loader = trainer.train_loader
             measured = {f"workers_{w}": loader_rate(loader, w, batches) for w in WORKERS}
             rates = {key: rate for key, (rate, _) in measured.items()}
+            rates["one_worker"] = one_worker_rate(loader, ONE_WORKER_BATCHES if not tiny else 4)
             loaded = []
             for batch in loader:
                 loaded.append(batch)
                 if len(loaded) >= 2:
                     break
             consumed = consumed_rate(trainer, loaded, steps)
-        entry = {"batch_size": loader.batch_size, "training_samples": len(loader.dataset),
+        # What one step trains on, in the unit the rates count (a batch's first dimension):
+        # SMALabeller's batch of 2 volumes holds 2 crops of each, 4 samples.
+        per_step = _batch_size(loaded[0])
+        entry = {"batch_size": loader.batch_size, "samples_per_step": per_step,
+                 "training_samples": len(loader.dataset),
                  "loader_samples_per_s": {k: round(v, 2) for k, v in rates.items()},
                  "loader_first_batch_s": {k: round(v, 2) for k, (_, v) in measured.items()},
                  "consumed_samples_per_s_cpu": round(consumed, 3),
                  "headroom_cpu": {k: round(v / consumed, 1) for k, v in rates.items()}}
         if speedup is not None:
-            entry.update(gpu_estimate(consumed, rates, speedup, loader.batch_size))
+            entry.update(gpu_estimate(consumed, rates, speedup, per_step))
         result["pipelines"][name] = entry
         print(name, entry, flush=True)
     return result
@@ -238,11 +288,13 @@ def gpu_estimate(consumed_cpu: float, rates: dict[str, float], speedup: float,
                  batch_size: int) -> dict:
     """What one GPU would consume (``speedup`` times this CPU, but no step faster than
     :data:`GPU_STEP_FLOOR_S`), the loader's headroom over it, and the workers for
-    :data:`TARGET` times that rate if each worker adds the 0-worker rate."""
+    :data:`TARGET` times that rate if each worker adds one worker's rate (``one_worker``;
+    ``workers_0`` where that was not measured)."""
     gpu = min(consumed_cpu * speedup, batch_size / GPU_STEP_FLOOR_S)
+    per_worker = rates.get("one_worker", rates["workers_0"])
     return {"consumed_samples_per_s_gpu_estimate": round(gpu, 2),
             "headroom_gpu_estimate": {k: round(v / gpu, 3) for k, v in rates.items()},
-            "workers_for_5x_gpu": max(1, math.ceil(TARGET * gpu / rates["workers_0"]))}
+            "workers_for_5x_gpu": max(1, math.ceil(TARGET * gpu / per_worker))}
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import torch
 from monai.transforms import (
-    Compose,
     EnsureTyped,
     NormalizeIntensityd,
     RandCropByPosNegLabeld,
@@ -23,6 +22,7 @@ from monai.transforms import (
 )
 
 from medseg.config import integer, number, sequence
+from medseg.data.fast_transforms import UntrackedCompose
 
 SPATIAL_KEYS = ("image", "mask")
 AXIAL_PLANE = (1, 2)
@@ -47,7 +47,7 @@ class ForegroundCropd(RandCropByPosNegLabeld):
 
 def cube_transforms(*, train: bool, crop_size: Sequence[int], augment: bool = True,
                     rotate_probability: float = 0.5, flip_probability: float = 0.5,
-                    foreground_fraction: float = 0.0) -> Compose:
+                    foreground_fraction: float = 0.0) -> UntrackedCompose:
     """Z-score each cube; for training, cut a random ``crop_size`` patch and augment it.
 
     The seed first divides by 255 and then z-scores; the division is left out because a
@@ -83,4 +83,5 @@ def cube_transforms(*, train: bool, crop_size: Sequence[int], augment: bool = Tr
             steps += [RandFlipd(keys=SPATIAL_KEYS, prob=flip_probability, spatial_axis=axis)
                       for axis in FLIP_AXES]
     steps.append(EnsureTyped(keys=SPATIAL_KEYS, dtype=torch.float32, track_meta=False))
-    return Compose(steps)
+    # No step reads MONAI's metadata and the last one drops it: run them without it.
+    return UntrackedCompose(steps)

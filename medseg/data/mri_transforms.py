@@ -22,7 +22,6 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     Orientationd,
-    Rand3DElasticd,
     RandAdjustContrastd,
     RandAffined,
     RandBiasFieldd,
@@ -38,6 +37,7 @@ from monai.transforms import (
 )
 from monai.transforms.utility.dictionary import Lambdad
 
+from medseg.data.fast_transforms import FastRand3DElasticd, UntrackedCompose
 from medseg.data.loaders import EpochLoader
 
 KEYS = ("image", "label")
@@ -87,8 +87,8 @@ def augmentation(crop_size: Sequence[int], crops_per_volume: int) -> Compose:
         RandAffined(keys=KEYS, prob=0.7, rotate_range=(math.pi / 18, math.pi / 18, math.pi / 36),
                     scale_range=(0.1, 0.1, 0.05), shear_range=(0.1, 0.1, 0.05),
                     mode=("bilinear", "nearest"), padding_mode="border"),
-        Rand3DElasticd(keys=KEYS, prob=0.15, sigma_range=(5, 8), magnitude_range=(30, 60),
-                       mode=("bilinear", "nearest"), padding_mode="border"),
+        FastRand3DElasticd(keys=KEYS, prob=0.15, sigma_range=(5, 8), magnitude_range=(30, 60),
+                           mode=("bilinear", "nearest"), padding_mode="border"),
         RandRotate90d(keys=KEYS, prob=0.2, max_k=1, spatial_axes=(0, 1)),
         RandBiasFieldd(keys="image", prob=0.25, coeff_range=BIAS_FIELD_COEFFICIENTS),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.9),
@@ -110,11 +110,14 @@ def make_dataset(data: Sequence[dict], spacing: Sequence[float], *, train: bool,
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     steps = list(preprocessing(spacing).transforms)
+    head = len(steps)
     if train and augment:
         steps += list(augmentation(crop_size, crops_per_volume).transforms)
     else:
         steps.append(EnsureTyped(keys=KEYS, track_meta=False))
-    transform = Compose(steps)
+    # Loading, orientation and resampling read the affine; the random part after them does not
+    # and its last step drops the metadata, so it runs without MONAI's tracking.
+    transform = UntrackedCompose(steps, tracked_head=head)
     data = list(data)
     if cache == "memory":
         return CacheDataset(data, transform, cache_rate=1.0, num_workers=cache_workers or None,

@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 from monai.data import CacheDataset, PersistentDataset
-from monai.transforms import Compose, Transform
+from monai.transforms import Transform
 from torch.utils.data import Dataset
 
+from medseg.data.fast_transforms import prepend
 from medseg.errors import DataError
 
 NUM_FOLDS = 5
@@ -373,17 +374,17 @@ def cube_dataset(records: Sequence[CubeRecord], *, label_threshold: float = 0.1,
     if cache == "none":
         return NpzCubeDataset(records, label_threshold=label_threshold, transform=transform)
     records = list(records)
-    steps = [ReadCubed(records), *(transform.transforms if transform is not None else [])]
-    items = _cache_items(records, label_threshold, steps[1:])
+    pipeline = prepend(transform, [ReadCubed(records)])
+    items = _cache_items(records, label_threshold, pipeline.transforms[1:])
     if cache == "memory":
-        dataset = CacheDataset(items, Compose(steps), cache_rate=1.0, num_workers=1,
+        dataset = CacheDataset(items, pipeline, cache_rate=1.0, num_workers=1,
                                progress=False)
     else:
         if cache_dir is None:
             raise ValueError("cache='disk' needs a cache_dir")
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         # The cache holds this suite's own samples (numpy arrays, a name), not weights.
-        dataset = PersistentDataset(items, Compose(steps), cache_dir=cache_dir,
+        dataset = PersistentDataset(items, pipeline, cache_dir=cache_dir,
                                     weights_only=False)
     dataset.records = records
     return dataset

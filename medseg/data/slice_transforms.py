@@ -10,6 +10,7 @@ seed (Albumentations)  here (MONAI), each with its own probability
 HorizontalFlip        ``RandFlipd`` on the width axis
 Affine                ``RandAffined``: rotation, isotropic scale, translation
 ElasticTransform      ``Rand2DElasticd``: a random control grid, smoothly interpolated
+                      (:class:`~medseg.data.fast_transforms.FastRand2DElasticd`)
 GridDistortion        ``RandGridDistortiond``: independent stretches of grid cells
 RandomBrightness-     ``RandShiftIntensityd`` (brightness) then
 Contrast              ``RandScaleIntensityFixedMeand`` (contrast about the mean)
@@ -36,9 +37,7 @@ from dataclasses import dataclass
 import torch
 from monai.transforms import (
     AsDiscreted,
-    Compose,
     EnsureTyped,
-    Rand2DElasticd,
     RandAffined,
     RandCoarseDropoutd,
     RandFlipd,
@@ -49,6 +48,8 @@ from monai.transforms import (
     Resized,
     ThresholdIntensityd,
 )
+
+from medseg.data.fast_transforms import FastRand2DElasticd, UntrackedCompose
 
 KEYS = ("image", "mask")
 
@@ -83,11 +84,11 @@ class SliceAugmentation:
 
 
 def slice_transforms(image_size: Sequence[int], *, train: bool,
-                     augmentation: SliceAugmentation | None = None) -> Compose:
+                     augmentation: SliceAugmentation | None = None) -> UntrackedCompose:
     """Resize to ``image_size`` (H, W), then, for training with ``augmentation``, augment.
 
-    Outputs are float32 tensors without MONAI's metadata bookkeeping (nothing here reads it,
-    and collating plain tensors is cheaper).
+    Outputs are float32 tensors without MONAI's metadata bookkeeping: nothing here reads it,
+    so the steps run without it (:class:`~medseg.data.fast_transforms.UntrackedCompose`).
     """
     size = tuple(int(s) for s in image_size)
     steps = [EnsureTyped(keys=KEYS, dtype=torch.float32, track_meta=False),
@@ -96,12 +97,12 @@ def slice_transforms(image_size: Sequence[int], *, train: bool,
     if train and augmentation is not None:
         steps += _spatial(augmentation, size) + _intensity(augmentation, size)
     steps.append(EnsureTyped(keys=KEYS, dtype=torch.float32, track_meta=False))
-    return Compose(steps)
+    return UntrackedCompose(steps)
 
 
-def image_transform(image_size: Sequence[int]) -> Compose:
+def image_transform(image_size: Sequence[int]) -> UntrackedCompose:
     """What prediction applies to a single image [1, H, W] (no mask)."""
-    return Compose([EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+    return UntrackedCompose([EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
                     Resized(keys="image", spatial_size=tuple(image_size), mode="bilinear",
                             anti_aliasing=True),
                     EnsureTyped(keys="image", dtype=torch.float32, track_meta=False)])
@@ -121,7 +122,7 @@ def _spatial(aug: SliceAugmentation, size: tuple[int, int]) -> list:
     if aug.elastic_probability > 0:
         spacing = max(2.0, aug.elastic_spacing * min(size))
         magnitude = tuple(m * min(size) for m in aug.elastic_magnitude)
-        steps.append(Rand2DElasticd(keys=KEYS, prob=aug.elastic_probability, spacing=spacing,
+        steps.append(FastRand2DElasticd(keys=KEYS, prob=aug.elastic_probability, spacing=spacing,
                                     magnitude_range=magnitude, mode=nearest,
                                     padding_mode="zeros"))
     if aug.grid_distortion_probability > 0:

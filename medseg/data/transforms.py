@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 from monai.transforms import (
-    Compose,
     EnsureTyped,
     NormalizeIntensityd,
     RandFlipd,
@@ -23,6 +22,7 @@ from monai.transforms import (
 )
 
 from medseg.config import integer, number, number_range, sequence
+from medseg.data.fast_transforms import PackMasksd, UnpackMasksd, UntrackedCompose
 
 SPATIAL_KEYS = ("image", "mask")
 
@@ -36,7 +36,7 @@ def sadaan_transforms(
     intensity_scale_range: Sequence[float] = (0.95, 1.05),
     rotation_degrees: float = 5.0,
     flip_probability: float = 0.3,
-) -> Compose:
+) -> UntrackedCompose:
     """Resample to ``image_size``, augment (training with ``augment`` only), z-score the image.
 
     Augmentation, in this order: a rotation of up to ``rotation_degrees`` about each axis,
@@ -55,16 +55,20 @@ def sadaan_transforms(
     number(minimum=0, maximum=1)("flip_probability", flip_probability)
 
     augmenting = train and augment
-    steps = [Resized(keys=SPATIAL_KEYS, spatial_size=tuple(image_size),
+    # The spatial steps move the masks with nearest neighbours only, so they move them folded
+    # into one channel of bit flags: the same masks at the cost of one (see PackMasksd).
+    steps = [PackMasksd(keys="mask"),
+             Resized(keys=SPATIAL_KEYS, spatial_size=tuple(image_size),
                      mode=("trilinear", "nearest"), anti_aliasing=(True, False))]
     if augmenting:
         steps += _spatial_and_noise(noise_std, rotation_degrees, flip_probability)
-    steps.append(NormalizeIntensityd(keys="image", channel_wise=True))
+    steps += [UnpackMasksd(keys="mask"), NormalizeIntensityd(keys="image", channel_wise=True)]
     if augmenting:
         steps += _intensity_scaling(tuple(intensity_scale_range))
     steps.append(EnsureTyped(keys=(*SPATIAL_KEYS, "presence"), dtype=torch.float32,
                              track_meta=False))
-    return Compose(steps)
+    # No step reads MONAI's metadata and the last one drops it: run them without it.
+    return UntrackedCompose(steps)
 
 
 def _spatial_and_noise(noise_std: float, rotation_degrees: float,
