@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from medseg.data.png_slices import PNGSliceDataset, scan_slices
+from medseg.data.png_slices import PNGSliceDataset, scan_slices, slice_images
 from medseg.data.slice_transforms import slice_transforms
 from medseg.engine.evaluation import (EvaluationReport, LossMeter, ShardedValidation,
                                      validation_pass)
@@ -48,6 +48,12 @@ METRICS = ("loss", "tumor_dice", "tumor_dice_pooled", "tumor_dice_per_volume",
            "tumor_dice_per_slice", "tumor_iou", "pixel_accuracy")
 #: ``tumor_dice`` is ``tumor_dice_pooled`` under the name runs have always had (and monitor).
 CURVE_METRICS = tuple(name for name in METRICS if name not in ("loss", "tumor_dice"))
+
+
+def centre_channel(image: torch.Tensor) -> torch.Tensor:
+    """The slice itself of an input [..., C, H, W] that may hold its neighbours too (the
+    middle channel of ``2 * context_slices + 1``)."""
+    return image[..., image.shape[-3] // 2, :, :]
 
 
 def tumor_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -166,7 +172,7 @@ class LungTumorTask(ShardedValidation):
         """The first slice of ``batch``: image, ground truth and prediction."""
         image = batch["image"][:1].to(device)
         pred = self.predict(model(image))[0].cpu().numpy()
-        return plot_segmentation_panel(image[0, 0].float().cpu().numpy(),
+        return plot_segmentation_panel(centre_channel(image[0]).float().cpu().numpy(),
                                        batch["mask"][0].numpy(), pred, path,
                                        structure_names=["tumour"],
                                        title=f"{batch['volume'][0]} slice {int(batch['slice'][0])}")
@@ -228,7 +234,7 @@ def render_validation_predictions(model: nn.Module, task: LungTumorTask, dataset
             counts = Counts()
             counts.add(pred, target)
             dice = "n/a" if math.isnan(counts.dice) else f"{counts.dice:.2f}"
-            panels.append((sample["image"][0].numpy(), target.numpy(), pred.numpy(),
+            panels.append((centre_channel(sample["image"]).numpy(), target.numpy(), pred.numpy(),
                            f"{sample['volume']} slice {sample['slice']}  Dice {dice}"))
     return plot_prediction_grid(panels, path)
 
@@ -297,12 +303,15 @@ def _batch_dice(model, task, image, mask, precision) -> float:
 
 def overfit_slices(model: nn.Module, task: LungTumorTask, dataset_path: str | Path, *,
                    image_size: Sequence[int], samples: int, steps: int, learning_rate: float,
-                   target_dice: float, device: torch.device,
-                   precision: Precision) -> tuple[OverfitResult, list[str]]:
+                   target_dice: float, device: torch.device, precision: Precision,
+                   context_slices: int = 0) -> tuple[OverfitResult, list[str]]:
     """:func:`overfit_check` on up to ``samples`` tumour slices of the PNG slice folder
-    ``dataset_path`` (spread over the volumes, resized to ``image_size``, not augmented);
-    returns the result and the slices' names (``<volume>_slice_<index>``)."""
-    slices = PNGSliceDataset(scan_slices(dataset_path), slice_transforms(image_size, train=False))
+    ``dataset_path`` (spread over the volumes, resized to ``image_size``, not augmented, each
+    with ``context_slices`` neighbours on each side); returns the result and the slices'
+    names (``<volume>_slice_<index>``)."""
+    slices = PNGSliceDataset(scan_slices(dataset_path), slice_transforms(image_size, train=False),
+                             context_slices=context_slices,
+                             neighbours=slice_images(dataset_path) if context_slices else None)
     chosen = choose_examples(slices, samples, include_empty=False)
     if not chosen:
         raise DataError(f"{dataset_path} has no slice with tumour to overfit on")

@@ -207,11 +207,23 @@ def test_predict_windows_nifti_as_the_training_slices_were_converted(tmp_path, c
 
 
 @pytest.mark.slow
-def test_predict_builds_the_network_the_checkpoint_was_trained_with(slices, tmp_path):
-    run("main", slices, tmp_path, **{"model.channels": [4, 8, 16, 32], "training.num_epochs": 1})
+def test_predict_builds_the_network_and_input_the_checkpoint_was_trained_with(slices, msd_root,
+                                                                             tmp_path):
+    run("main", slices, tmp_path, **{"model.channels": [4, 8, 16, 32], "training.num_epochs": 1,
+                                     "dataset.context_slices": 1})
     weights = next((tmp_path / "checkpoints").iterdir()) / "weights" / "best.pt"
-    run("predict", slices, tmp_path, weights=str(weights), source=str(first_slice(slices)))
-    assert (tmp_path / "predictions" / f"{first_slice(slices).stem}_mask.png").is_file()
+    assert load_checkpoint(weights)["config"]["dataset"]["context_slices"] == 1
+    # Given without dataset.context_slices: the checkpoint's network takes three slices,
+    # and predict and evaluate stack each slice's neighbours as it was trained.
+    volume = msd_root / "Task006_Lung" / "imagesTr" / "lung_001.nii.gz"
+    for source in (first_slice(slices), slices / "images", volume):
+        out = tmp_path / "predicted" / source.name
+        run("predict", slices, tmp_path, weights=str(weights), source=str(source),
+            predict_dir=str(out))
+        assert json.loads((out / "predictions.json").read_text())["context_slices"] == 1
+    assert (tmp_path / "predicted" / "images" / f"{first_slice(slices).stem}_mask.png").is_file()
+    scored = run("evaluate", slices, tmp_path, weights=str(weights)).result
+    assert 0 <= scored["val_tumor_dice_pooled"] <= 1
 
 
 @pytest.mark.slow
@@ -384,8 +396,9 @@ def test_bad_evaluate_inputs_are_named(slices, tmp_path, dotted, message):
 def probe_loader(config):
     train, val = lung.dataset.split(dataset_path=config["dataset_path"])
     transform = lung.augmentation.make_transform(config["training"]["image_size"], train=False)
-    train_loader, val_loader = make_loaders(lung.PNGSliceDataset(train, transform),
-                                            lung.PNGSliceDataset(val, transform),
+    path = config["dataset_path"]
+    train_loader, val_loader = make_loaders(lung.dataset.open(train, transform, dataset_path=path),
+                                            lung.dataset.open(val, transform, dataset_path=path),
                                             loader_settings(config, config["seed"]),
                                             torch.device("cpu"))
     train_loader.set_epoch(1)
@@ -396,6 +409,17 @@ def probe_loader(config):
 def probe_split(config):
     _, val = lung.dataset.split(dataset_path=config["dataset_path"])
     return sorted({r.volume for r in val})
+
+
+def probe_input(config):
+    """What the network is fed: a training item's image shape, and the channels the model
+    built for the run takes."""
+    train, _ = lung.dataset.split(dataset_path=config["dataset_path"])
+    transform = lung.augmentation.make_transform(config["training"]["image_size"], train=False)
+    item = lung.dataset.open(train, transform, dataset_path=config["dataset_path"])[0]
+    net = lung.model.make_model(in_channels=lung._in_channels(config["dataset"]["context_slices"]))
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    return tuple(item["image"].shape), first.in_channels
 
 
 def probe_schedule(config):
@@ -488,7 +512,7 @@ def probe_config(config):
 
 
 BUILD_PROBES = {
-    "loader": probe_loader, "split": probe_split, "schedule": probe_schedule,
+    "loader": probe_loader, "split": probe_split, "input": probe_input, "schedule": probe_schedule,
     "model": probe_model, "transform": probe_transform, "loss": probe_loss, "ema": probe_ema,
     "precision": probe_precision, "generate": probe_generate,
     "convert": probe_convert, "config": probe_config,
@@ -596,6 +620,7 @@ EFFECTS = {
     "dataset.empty_slice_fraction": ("convert", CONVERT, {"dataset.empty_slice_fraction": 1.0}),
     "dataset.val_fraction": ("split", {}, {"dataset.val_fraction": 0.5}),
     "dataset.split_seed": ("split", {}, {"dataset.split_seed": 7}),
+    "dataset.context_slices": ("input", {}, {"dataset.context_slices": 2}),
     "model.architecture": ("model", {}, {"model.architecture": "unet"}),
     "model.channels": ("model", {}, {"model.channels": [4, 8, 16, 32]}),
     "model.dropout": ("model", {}, {"model.dropout": 0.2}),

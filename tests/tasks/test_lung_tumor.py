@@ -291,6 +291,41 @@ def test_predict_a_nifti_volume_slice_by_slice(tmp_path):
     assert np.array_equal(slice_to_image(mask[:, :, 2]) > 0, from_png)
 
 
+class SliceAbove(nn.Module):
+    """A 2.5D 'model' on 3 channels (slice below, the slice, slice above) that marks as
+    tumour what is bright in the slice above."""
+
+    def forward(self, x):
+        assert x.shape[1] == 3
+        return torch.cat([torch.zeros_like(x[:, :1]), (x[:, 2:3] - 0.5) * 20], dim=1)
+
+
+def test_predict_stacks_the_neighbouring_slices_of_a_volume_and_of_a_folder(tmp_path):
+    hu = np.full((24, 20, 5), -800, dtype=np.int16)
+    hu[5:10, 4:8, 2] = 300   # bright in slice 2 only
+    hu[12:16, 10:14, 4] = 300   # and in the last slice, its own neighbour above
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "case.nii.gz")
+    (tmp_path / "png").mkdir()
+    for k in range(5):
+        Image.fromarray(slice_to_image(window(hu[:, :, k].astype(np.float32), -300, 1400))).save(
+            tmp_path / "png" / f"case_slice_{k:04d}.png")
+    model = SliceAbove()
+    predictor = SlicePredictor(model, (32, 32), CPU, FP32, context_slices=1)
+    run_prediction(predictor, find_sources(tmp_path / "case.nii.gz"), tmp_path / "out",
+                   save_overlay=False, window_center=-300, window_width=1400)
+    mask = np.asarray(nib.load(tmp_path / "out" / "case_mask.nii.gz").dataobj)
+    assert mask[5:10, 4:8, 1].mean() > 0.8 and mask[5:10, 4:8, 2].sum() == 0
+    assert mask[12:16, 10:14, 3].mean() > 0.8 and mask[12:16, 10:14, 4].mean() > 0.8
+    assert mask[:, :, 0].sum() == 0
+    run_prediction(predictor, find_sources(tmp_path / "png"), tmp_path / "out_png",
+                   save_overlay=False, window_center=-300, window_width=1400)
+    for k in range(5):
+        from_png = np.asarray(Image.open(tmp_path / "out_png" / f"case_slice_{k:04d}_mask.png"))
+        assert np.array_equal(from_png > 0, slice_to_image(mask[:, :, k]) > 0), k
+    summary = json.loads((tmp_path / "out_png" / "predictions.json").read_text())
+    assert summary["context_slices"] == 1
+
+
 def test_sources_that_cannot_be_predicted(tmp_path):
     with pytest.raises(ConfigError, match="source .*missing.png does not exist"):
         find_sources(tmp_path / "missing.png")
