@@ -102,6 +102,10 @@ ex.add_fields({
     "threshold": Field(0.5, c.number(above=0, maximum=0.999),
                        "predict: tumour probability above which a pixel is tumour",
                        resume_may_change=True),
+    "min_tumor_voxels": Field(0, c.integer(minimum=0),
+                              "Validation, evaluate and predict: predicted tumour components "
+                              "(3D, connected over each volume's slices) smaller than this many "
+                              "voxels are removed before scoring or writing; 0 keeps them all"),
     "save_overlay": Field(False, c.boolean(), "predict: also write overlay images",
                           resume_may_change=True),
     "predict_dir": Field("runs/predict", c.text(),
@@ -179,7 +183,8 @@ def _in_channels(context_slices: int) -> int:
 
 
 def _task(config) -> LungTumorTask:
-    return LungTumorTask(loss.make_loss(deep_supervision=config["model"]["deep_supervision"]))
+    return LungTumorTask(loss.make_loss(deep_supervision=config["model"]["deep_supervision"]),
+                         min_component_voxels=config["min_tumor_voxels"])
 
 
 @ex.command
@@ -217,7 +222,8 @@ def predict(_config, weights, source, threshold, save_overlay, predict_dir):
             in_channels=_in_channels(context)),
         image_size=_config["training"]["image_size"], threshold=threshold,
         save_overlay=save_overlay, window_center=center, window_width=width, device=device,
-        precision=precision, context_slices=context)
+        precision=precision, context_slices=context,
+        min_component_voxels=_config["min_tumor_voxels"])
     print(f"wrote predictions of {source} to {predict_dir} (summary: {summary})")
     return str(summary)
 

@@ -14,6 +14,12 @@ unit), each ``2 TP / (2 TP + FP + FN)``:
 - ``tumor_dice_per_slice``: each slice's Dice averaged over the slices whose label holds
   tumour (false positives on slices without tumour do not count).
 
+With ``min_component_voxels`` (:func:`remove_small_components`) each validation volume's
+predicted tumour is cleaned before any of them is counted: its slices are stacked in slice order
+and the 3D connected components smaller than that many voxels are removed, the specks a
+slice-wise model leaves on vessel cross-sections and noise. A tumour-free volume with one such
+speck scores a per-volume Dice of 0; cleaned, it counts for nothing.
+
 Under torchrun each rank scores its share of the validation batches; the ranks' pixel counts
 (pooled and per volume: a volume's slices may lie on several ranks) are added before any
 Dice is computed, so the figures are one process's.
@@ -30,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -94,33 +101,80 @@ class Counts:
         return (self.tp + self.tn) / total if total else math.nan
 
 
+def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """``mask`` (bool, 2D or 3D) without its connected components (faces, edges and corners
+    touching) of fewer than ``min_voxels`` voxels. scipy's labelling rather than MONAI's
+    ``RemoveSmallObjects``, which needs scikit-image, not otherwise a dependency."""
+    if min_voxels < 0:
+        raise ValueError(f"min_voxels must be >= 0, got {min_voxels}")
+    if min_voxels <= 1 or not mask.any():
+        return mask
+    labels, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
 @dataclass
 class TumorScores:
-    """Pixel counts pooled over all slices, per volume, and each tumour slice's Dice."""
+    """Pixel counts pooled over all slices, per volume, and each tumour slice's Dice.
+
+    With ``min_component_voxels`` the slices are held (bit-packed) per volume until
+    :meth:`resolve`, which removes each volume's small 3D components and then counts."""
 
     pooled: Counts = field(default_factory=Counts)
     volumes: dict[str, Counts] = field(default_factory=lambda: defaultdict(Counts))
     tumor_slice_dice: list[float] = field(default_factory=list)
+    min_component_voxels: int = 0
+    held: dict[str, dict[int, tuple]] = field(default_factory=lambda: defaultdict(dict))
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor, volumes: Sequence[str]) -> None:
-        """``pred`` and ``target`` bool [B, 1, H, W]; ``volumes`` the volume of each slice."""
-        self.pooled.add(pred, target)
+    def update(self, pred: torch.Tensor, target: torch.Tensor, volumes: Sequence[str],
+               slices: Sequence[int] | None = None) -> None:
+        """``pred`` and ``target`` bool [B, 1, H, W]; ``volumes`` the volume of each slice
+        and ``slices`` its index in the volume (needed with ``min_component_voxels``)."""
+        if self.min_component_voxels:
+            if slices is None:
+                raise ValueError("min_component_voxels needs the slice index of each slice")
+            for index, (volume, k) in enumerate(zip(volumes, slices)):
+                p, t = pred[index, 0].cpu().numpy(), target[index, 0].cpu().numpy()
+                self.held[volume][int(k)] = (np.packbits(p), np.packbits(t), p.shape)
+            return
         for index, volume in enumerate(volumes):
-            counts = Counts()
-            counts.add(pred[index], target[index])
-            self.volumes[volume].merge(counts)
-            if counts.tp + counts.fn:  # the label holds tumour
-                self.tumor_slice_dice.append(counts.dice)
+            self._count(volume, pred[index], target[index])
+
+    def _count(self, volume: str, pred, target) -> None:
+        counts = Counts()
+        counts.add(torch.as_tensor(pred), torch.as_tensor(target))
+        self.pooled.merge(counts)
+        self.volumes[volume].merge(counts)
+        if counts.tp + counts.fn:  # the label holds tumour
+            self.tumor_slice_dice.append(counts.dice)
+
+    def resolve(self) -> None:
+        """Count the held volumes: each one's slices stacked in slice order, its predicted
+        components smaller than ``min_component_voxels`` removed."""
+        for volume, held in sorted(self.held.items()):
+            order = sorted(held)
+            unpack = [[np.unpackbits(held[k][i], count=math.prod(held[k][2])).reshape(
+                held[k][2]).astype(bool) for k in order] for i in (0, 1)]
+            pred = remove_small_components(np.stack(unpack[0]), self.min_component_voxels)
+            for p, t in zip(pred, unpack[1]):
+                self._count(volume, p, t)
+        self.held.clear()
 
     def merge(self, other: TumorScores) -> None:
         """Add what ``other`` scored (another rank's share of the validation slices; a
-        volume split between ranks adds up to the same counts)."""
+        volume split between ranks adds up to the same counts, or the same held slices)."""
         self.pooled.merge(other.pooled)
         for volume, counts in other.volumes.items():
             self.volumes[volume].merge(counts)
         self.tumor_slice_dice += other.tumor_slice_dice
+        for volume, held in other.held.items():
+            self.held[volume].update(held)
 
     def summary(self) -> dict[str, float]:
+        self.resolve()
         per_volume = [c.dice for c in self.volumes.values() if not math.isnan(c.dice)]
         return {"tumor_dice": self.pooled.dice, "tumor_dice_pooled": self.pooled.dice,
                 "tumor_dice_per_volume": float(np.mean(per_volume)) if per_volume else math.nan,
@@ -133,9 +187,13 @@ class LungTumorTask(ShardedValidation):
     """Two-class (background, tumour) segmentation of slices; a pixel is tumour when its
     tumour probability exceeds ``threshold``."""
 
-    def __init__(self, loss: nn.Module, *, threshold: float = 0.5) -> None:
+    def __init__(self, loss: nn.Module, *, threshold: float = 0.5,
+                 min_component_voxels: int = 0) -> None:
+        if min_component_voxels < 0:
+            raise ValueError(f"min_component_voxels must be >= 0, got {min_component_voxels}")
         self.loss = loss
         self.threshold = threshold
+        self.min_component_voxels = min_component_voxels
 
     def metric_names(self) -> list[str]:
         return list(METRICS)
@@ -150,10 +208,11 @@ class LungTumorTask(ShardedValidation):
                          precision: Precision) -> tuple[TumorScores, LossMeter]:
         """Pixel counts and loss sums over ``loader`` (one rank's share under torchrun;
         :meth:`summarise_validation` joins the ranks')."""
-        scores = TumorScores()
+        scores = TumorScores(min_component_voxels=self.min_component_voxels)
 
         def score(batch, logits, *_) -> None:
-            scores.update(self.predict(logits), batch["mask"] > 0.5, batch["volume"])
+            scores.update(self.predict(logits), batch["mask"] > 0.5, batch["volume"],
+                          [int(k) for k in batch["slice"]])
 
         losses = validation_pass(model, loader, device=device, precision=precision,
                                  loss=lambda logits, batch: self.loss(logits, batch["mask"]),
@@ -162,7 +221,8 @@ class LungTumorTask(ShardedValidation):
 
     def summarise_validation(self, states: Sequence[tuple[TumorScores, LossMeter]]
                              ) -> dict[str, float]:
-        scores, losses = TumorScores(), LossMeter()
+        scores = TumorScores(min_component_voxels=self.min_component_voxels)
+        losses = LossMeter()
         for rank_scores, rank_losses in states:
             scores.merge(rank_scores)
             losses.extend(rank_losses)
@@ -186,6 +246,7 @@ def evaluate_lung(model: nn.Module, loader: Iterable, *, task: LungTumorTask,
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     scores, meter = task.validation_state(model, loader, device, precision)
+    scores.resolve()
     losses = meter.summary()
     volumes = {name: {"dice": None if math.isnan(c.dice) else round(c.dice, 6),
                       "tumour_pixels": c.tp + c.fn, "predicted_pixels": c.tp + c.fp,

@@ -15,6 +15,10 @@ A model trained with ``context_slices=k`` (2.5D input) gets each slice with its 
 neighbours on each side, stacked as in training: in a volume the neighbouring slices along its
 last axis, in a folder the images named ``<volume>_slice_<j>.png`` of the same volume; edge
 slices are repeated, and an image whose name gives no volume and index is its own neighbour.
+
+With ``min_component_voxels`` the predicted tumour components smaller than that many voxels
+are removed, as validation does: over a NIfTI volume, over the images of one volume in a folder
+(stacked in slice order), or within an image whose name gives no volume.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +55,7 @@ from medseg.engine.checkpoint import rebuilt_model
 from medseg.engine.precision import Precision
 from medseg.errors import ConfigError, DataError, DiskFullError
 from medseg.files import reporting_full_disk
-from medseg.tasks.lung_tumor import tumor_probability
+from medseg.tasks.lung_tumor import remove_small_components, tumor_probability
 from medseg.viz.overlays import mask_overlay_rgb
 
 log = logging.getLogger("medseg")
@@ -103,6 +108,7 @@ class SlicePredictor:
     threshold: float = 0.5
     batch_size: int = 8
     context_slices: int = 0   # neighbours on each side stacked as channels (2.5D input)
+    min_component_voxels: int = 0   # smaller predicted components are removed
 
     def __post_init__(self) -> None:
         self.transform = image_transform(self.image_size)
@@ -174,22 +180,49 @@ def image_neighbours(images: list[Path], context_slices: int) -> dict[Path, list
     return stacks
 
 
-def predict_image(predictor: SlicePredictor, path: Path, output_dir: Path,
-                  save_overlay: bool, neighbours: list[Path] | None = None) -> dict[str, Any]:
+def image_mask(predictor: SlicePredictor, path: Path,
+               neighbours: list[Path] | None = None) -> np.ndarray:
+    """The predicted tumour mask [H, W] of the image ``path`` (with ``neighbours`` as its
+    channels when the model takes neighbouring slices)."""
     grey = read_grey(path)
     stack = [read_grey(p) if p != path else grey for p in (neighbours or [path])]
     if any(image.shape != grey.shape for image in stack):
         odd = next(p for p, image in zip(neighbours, stack) if image.shape != grey.shape)
         raise DataError(f"{odd} is not the size of its neighbour {path}; the slices stacked "
                         "for a model trained with context_slices must have one size")
-    mask = predictor.masks([np.stack(stack).astype(np.float32) / 255.0])[0]
+    return predictor.masks([np.stack(stack).astype(np.float32) / 255.0])[0]
+
+
+def clean_image_masks(masks: dict[Path, np.ndarray], min_voxels: int) -> dict[Path, np.ndarray]:
+    """``masks`` of images without their small tumour components
+    (:func:`~medseg.tasks.lung_tumor.remove_small_components`): the images named
+    ``<volume>_slice_<k>.png`` of one volume stacked in slice order (3D components), any
+    other image on its own (2D)."""
+    if not min_voxels:
+        return masks
+    cleaned, volumes = {}, defaultdict(list)
+    for path, mask in masks.items():
+        match = SLICE_NAME.match(path.name)
+        if match is None:
+            cleaned[path] = remove_small_components(mask, min_voxels)
+        else:
+            volumes[(match["volume"], mask.shape)].append((int(match["index"]), path))
+    for members in volumes.values():
+        paths = [path for _, path in sorted(members)]
+        stack = remove_small_components(np.stack([masks[p] for p in paths]), min_voxels)
+        cleaned.update(zip(paths, stack))
+    return cleaned
+
+
+def write_image_prediction(path: Path, mask: np.ndarray, output_dir: Path,
+                           save_overlay: bool) -> dict[str, Any]:
     name = nifti_stem(path)
     mask_path = output_dir / f"{name}_mask.png"
     Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
     record = {"source": str(path), "mask": str(mask_path), "tumour_pixels": int(mask.sum())}
     if save_overlay:
         overlay_path = output_dir / f"{name}_overlay.png"
-        Image.fromarray(mask_overlay_rgb(grey, mask)).save(overlay_path)
+        Image.fromarray(mask_overlay_rgb(read_grey(path), mask)).save(overlay_path)
         record["overlay"] = str(overlay_path)
     return record
 
@@ -201,6 +234,7 @@ def predict_volume(predictor: SlicePredictor, path: Path, output_dir: Path, save
     grey = window(to_display(hu, source.affine), window_center, window_width)
     slices = [slice_to_image(grey[:, :, k]) for k in range(grey.shape[2])]
     masks = predictor.masks(predictor.stacks([s.astype(np.float32) / 255.0 for s in slices]))
+    masks = list(remove_small_components(np.stack(masks), predictor.min_component_voxels))
     volume = from_display(np.stack([slice_to_image(m) for m in masks], axis=-1),
                           source.affine).astype(np.uint8)
     name = nifti_stem(path)
@@ -236,20 +270,24 @@ def run_prediction(predictor: SlicePredictor, sources: list[Path], output_dir: s
     try:
         with reporting_full_disk(output_dir, consequence):
             records = []
-            neighbours = image_neighbours([p for p in sources if not is_nifti(p)],
-                                          predictor.context_slices)
+            images = [p for p in sources if not is_nifti(p)]
+            neighbours = image_neighbours(images, predictor.context_slices)
+            # Every image's mask first: a volume's slices are cleaned together.
+            masks = clean_image_masks({p: image_mask(predictor, p, neighbours[p]) for p in images},
+                                      predictor.min_component_voxels)
             for path in sources:
                 if is_nifti(path):
                     records.append(predict_volume(predictor, path, output_dir, save_overlay,
                                                   window_center=window_center,
                                                   window_width=window_width))
                 else:
-                    records.append(predict_image(predictor, path, output_dir, save_overlay,
-                                                 neighbours[path]))
+                    records.append(write_image_prediction(path, masks[path], output_dir,
+                                                          save_overlay))
             summary = output_dir / "predictions.json"
             summary.write_text(json.dumps({**(provenance or {}), "threshold": predictor.threshold,
                                            "image_size": list(predictor.image_size),
                                            "context_slices": predictor.context_slices,
+                                           "min_tumor_voxels": predictor.min_component_voxels,
                                            "predictions": records}, indent=1))
     except DiskFullError:  # half the outputs and no predictions.json: none of them, then
         for path in sorted(set(output_dir.rglob("*")) - existing, reverse=True):
@@ -265,15 +303,18 @@ def predict_with_checkpoint(weights: str | Path, sources: list[Path], output_dir
                             build: Callable[[dict[str, Any] | None], nn.Module],
                             image_size: Sequence[int], threshold: float, save_overlay: bool,
                             window_center: float, window_width: float, device: torch.device,
-                            precision: Precision, context_slices: int = 0) -> Path:
+                            precision: Precision, context_slices: int = 0,
+                            min_component_voxels: int = 0) -> Path:
     """:func:`run_prediction` with the network of the checkpoint ``weights``: ``build`` gets
     the model config stored in it (``None`` when it has none) and the slices are resized to
     the size it was trained at (its ``training.image_size``, else ``image_size``), each with
-    ``context_slices`` neighbours on each side (what the checkpoint was trained with)."""
+    ``context_slices`` neighbours on each side (what the checkpoint was trained with), and
+    predicted components smaller than ``min_component_voxels`` removed."""
     model, state = rebuilt_model(weights, build)
     trained_size = ((state.get("config") or {}).get("training") or {}).get("image_size")
     predictor = SlicePredictor(model, tuple(trained_size or image_size), device, precision,
-                               threshold=threshold, context_slices=context_slices)
+                               threshold=threshold, context_slices=context_slices,
+                               min_component_voxels=min_component_voxels)
     return run_prediction(predictor, sources, output_dir, save_overlay=save_overlay,
                           window_center=window_center, window_width=window_width,
                           provenance={"weights": str(weights), "epoch": state.get("epoch"),

@@ -422,6 +422,25 @@ def probe_input(config):
     return tuple(item["image"].shape), first.in_channels
 
 
+def probe_cleanup(config):
+    """Validation of a 'model' that finds an 8 x 8 tumour and leaves a 2-voxel speck across
+    two slices (volume 'v')."""
+    class Speck(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 2, *x.shape[2:])
+            logits[:, 1, 0, 0] = 10.0
+            logits[0, 1, 8:16, 8:16] = 10.0
+            return logits
+
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, 0, 8:16, 8:16] = 1
+    batch = {"image": torch.zeros(2, 1, 32, 32), "mask": mask, "volume": ["v", "v"],
+             "slice": torch.tensor([0, 1])}
+    scores = lung._task(config).validate(Speck(), [batch], torch.device("cpu"),
+                                         lung.training.device_and_precision()[1])
+    return round(scores["tumor_dice_pooled"], 4)
+
+
 def probe_schedule(config):
     return schedule_observation(config)
 
@@ -512,7 +531,7 @@ def probe_config(config):
 
 
 BUILD_PROBES = {
-    "loader": probe_loader, "split": probe_split, "input": probe_input, "schedule": probe_schedule,
+    "loader": probe_loader, "split": probe_split, "input": probe_input, "cleanup": probe_cleanup, "schedule": probe_schedule,
     "model": probe_model, "transform": probe_transform, "loss": probe_loss, "ema": probe_ema,
     "precision": probe_precision, "generate": probe_generate,
     "convert": probe_convert, "config": probe_config,
@@ -599,6 +618,7 @@ EFFECTS = {
     "weights": ("predict", PREDICT, {"weights": "CHECKPOINT_2"}),
     "source": ("predict", PREDICT, {"source": "ANOTHER_SLICE"}),
     "threshold": ("predict", PREDICT, {"threshold": 0.001}),
+    "min_tumor_voxels": ("cleanup", {}, {"min_tumor_voxels": 3}),
     "save_overlay": ("predict", PREDICT, {"save_overlay": True}),
     "predict_dir": ("predict", PREDICT, {"predict_dir": "TMP/elsewhere"}),
     "synthetic.num_volumes": ("generate", GENERATE, {"synthetic.num_volumes": 3}),
