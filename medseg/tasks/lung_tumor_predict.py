@@ -155,13 +155,17 @@ def read_grey(path: Path) -> np.ndarray:
 
 def image_neighbours(images: list[Path], context_slices: int) -> dict[Path, list[Path]]:
     """For each image, the images stacked as its channels: those of its volume
-    ``<volume>_slice_<j>.png`` among ``images`` from ``j - context_slices`` to
-    ``j + context_slices`` (edge slices repeated); itself alone without ``context_slices``,
-    and in place of every neighbour when its name gives no volume and index."""
+    ``<volume>_slice_<j>.png`` in its folder from ``j - context_slices`` to
+    ``j + context_slices`` (edge slices repeated; an image given alone finds its neighbours
+    too); itself alone without ``context_slices``, and in place of every neighbour when its
+    name gives no volume and index."""
     named = {}
-    for path in images:
+    folders = {path.parent for path in images} if context_slices else set()
+    pool = [p for folder in sorted(folders) for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    for path in pool:
         if match := SLICE_NAME.match(path.name):
-            named[(match["volume"], int(match["index"]))] = path
+            named[(path.parent, match["volume"], int(match["index"]))] = path
     stacks, unnamed = {}, []
     for path in images:
         match = SLICE_NAME.match(path.name)
@@ -170,9 +174,9 @@ def image_neighbours(images: list[Path], context_slices: int) -> dict[Path, list
             if context_slices:
                 unnamed.append(path.name)
             continue
-        volume, index = match["volume"], int(match["index"])
-        stacks[path] = [named[(volume, j)] for j in context_indices(
-            index, lambda j: (volume, j) in named, context_slices)]
+        volume, index = (path.parent, match["volume"]), int(match["index"])
+        stacks[path] = [named[(*volume, j)] for j in context_indices(
+            index, lambda j: (*volume, j) in named, context_slices)]
     if unnamed:
         log.warning("predict: the checkpoint takes %d neighbouring slices on each side, but "
                     "%s do not follow <volume>_slice_<k>.png, so each is its own neighbour",

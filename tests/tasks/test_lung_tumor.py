@@ -374,6 +374,11 @@ def test_predict_stacks_the_neighbouring_slices_of_a_volume_and_of_a_folder(tmp_
         assert np.array_equal(from_png > 0, slice_to_image(mask[:, :, k]) > 0), k
     summary = json.loads((tmp_path / "out_png" / "predictions.json").read_text())
     assert summary["context_slices"] == 1
+    # One slice given alone finds its neighbours in its folder.
+    run_prediction(predictor, [tmp_path / "png" / "case_slice_0001.png"], tmp_path / "one",
+                   save_overlay=False, window_center=-300, window_width=1400)
+    alone = np.asarray(Image.open(tmp_path / "one" / "case_slice_0001_mask.png")) > 0
+    assert alone.sum() > 10 and np.array_equal(alone, slice_to_image(mask[:, :, 1]) > 0)
     # Components of the volume below 21 voxels removed: the 4 x 4 x 2 one stays (32 voxels
     # from slices 3 and 4), the 5 x 4 one of slice 1 goes.
     predictor = SlicePredictor(model, (32, 32), CPU, FP32, context_slices=1,
