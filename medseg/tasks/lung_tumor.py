@@ -211,8 +211,9 @@ class LungTumorTask(ShardedValidation):
         scores = TumorScores(min_component_voxels=self.min_component_voxels)
 
         def score(batch, logits, *_) -> None:
+            slices = batch.get("slice")
             scores.update(self.predict(logits), batch["mask"] > 0.5, batch["volume"],
-                          [int(k) for k in batch["slice"]])
+                          None if slices is None else [int(k) for k in slices])
 
         losses = validation_pass(model, loader, device=device, precision=precision,
                                  loss=lambda logits, batch: self.loss(logits, batch["mask"]),
