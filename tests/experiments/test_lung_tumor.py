@@ -206,6 +206,21 @@ def test_predict_windows_nifti_as_the_training_slices_were_converted(tmp_path, c
     assert len(caplog.records) == 1 and "no conversion.json" in caplog.records[0].getMessage()
 
 
+def test_predict_and_evaluate_take_the_neighbouring_slices_of_the_checkpoint(tmp_path, caplog):
+    weights, old = tmp_path / "best.pt", tmp_path / "old.pt"
+    atomic_save({"model": {}, "config": {"dataset": {"context_slices": 2}}}, weights)
+    atomic_save({"model": {}, "config": {"dataset": {"window_center": -300.0}}}, old)
+    given = lambda k: {"dataset": {"context_slices": k}}   # noqa: E731
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert lung_ingredients.trained_context_slices(given(0), str(weights)) == 2
+        assert lung_ingredients.trained_context_slices(given(0), str(old)) == 0
+    assert not caplog.records   # the default given: nothing to say
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert lung_ingredients.trained_context_slices(given(1), str(weights)) == 2
+    assert len(caplog.records) == 1
+    assert "dataset.context_slices=1 is replaced by the checkpoint's 2" in caplog.records[0].getMessage()
+
+
 @pytest.mark.slow
 def test_predict_builds_the_network_and_input_the_checkpoint_was_trained_with(slices, msd_root,
                                                                              tmp_path):
