@@ -45,7 +45,13 @@ from medseg.data.synthetic.aneurysm import generate_aneurysm_volumes
 
 
 from medseg.data.msd import ConversionSettings, convert_task
-from medseg.data.png_slices import scan_left_out, scan_slices, split_whole_volumes
+from medseg.data.png_slices import (
+    PNGSliceDataset,
+    scan_left_out,
+    scan_slices,
+    slice_images,
+    split_whole_volumes,
+)
 from medseg.errors import ConfigError
 
 SADAAN_SYNTHETIC_FIELDS = {
@@ -314,6 +320,11 @@ LUNG_FIELDS = {
     "val_fraction": Field(0.2, c.number(above=0, maximum=0.9),
                           "Share of the volumes held out for validation (split by volume)"),
     "split_seed": Field(42, c.integer(minimum=0), "Random seed of the volume-based split"),
+    "context_slices": Field(0, c.integer(minimum=0, maximum=8),
+                            "2.5D input: the k neighbouring slices on each side (by name, edge "
+                            "slices repeated) as extra input channels; the network takes 2k + 1 "
+                            "channels, and predict / evaluate stack neighbours as the checkpoint "
+                            "was trained"),
 }
 
 
@@ -331,10 +342,19 @@ def split_slices(dataset_path: str, val_fraction: float, split_seed: int):
                                val_fraction, split_seed)
 
 
+def open_slices(records, transform, dataset_path: str, context_slices: int) -> PNGSliceDataset:
+    """The slice dataset of ``records``, with ``context_slices`` neighbours on each side looked
+    up among every slice of ``dataset_path`` (kept and ``left_out/``)."""
+    return PNGSliceDataset(records, transform, context_slices=context_slices,
+                           neighbours=slice_images(dataset_path) if context_slices else None)
+
+
 class LungDatasetIngredient(FieldIngredient):
-    """The lung PNG slices: ``convert`` from an MSD task, and the volume-based split."""
+    """The lung PNG slices: ``convert`` from an MSD task, the volume-based split, and the
+    slices as a dataset (``open(records, transform, dataset_path=...)``)."""
 
     def __init__(self, **defaults: Any) -> None:
         super().__init__("dataset", LUNG_FIELDS, defaults)
         self.convert = self.captured(convert_msd_task)
         self.split = self.captured(split_slices)
+        self.open = self.captured(open_slices)

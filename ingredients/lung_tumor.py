@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ingredients.checks import check_monitor
+from ingredients.dataset import LUNG_FIELDS
 from ingredients.fields import FieldIngredient
 from ingredients.model import trained_model_config
 from medseg.data.png_slices import SliceRecord
@@ -61,6 +62,23 @@ def check_predict_inputs(config: Mapping[str, Any], model: FieldIngredient) -> N
     if trained.get("model") and set(trained["model"]) != set(model.fields):
         trained_model_config(model, config["model"], trained["model"], config["weights"],
                              "weights")  # another pipeline's checkpoint: refused up front
+
+
+def trained_context_slices(config: Mapping[str, Any], weights: str) -> int:
+    """The ``dataset.context_slices`` the checkpoint ``weights`` was trained with (0 for one
+    written before the entry existed; the run's own without a stored config): its network
+    takes that many neighbours, so ``predict`` and ``evaluate`` stack them so. One line says so
+    when ``dataset.context_slices`` was set to another value."""
+    trained = load_checkpoint(weights).get("config")
+    given = config["dataset"]["context_slices"]
+    if not trained:
+        return given
+    context = int((trained.get("dataset") or {}).get("context_slices", 0))
+    if given != context and given != LUNG_FIELDS["context_slices"].default:
+        log.warning("dataset.context_slices=%d is replaced by the checkpoint's %d: %s was "
+                    "trained on %d neighbouring slices on each side", given, context, weights,
+                    context)
+    return context
 
 
 def predict_window(config: Mapping[str, Any], sources: list[Path]) -> tuple[float, float]:

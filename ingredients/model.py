@@ -144,17 +144,20 @@ ATTENTION_UNET_FIELDS = {
 
 
 def build_lung_network(architecture: str, channels: list[int], dropout: float,
-                       deep_supervision: bool) -> nn.Module:
-    """A 2D (background, tumour) network on one grey channel."""
+                       deep_supervision: bool, in_channels: int = 1) -> nn.Module:
+    """A 2D (background, tumour) network on ``in_channels`` grey channels (the slice, or
+    the slice and its neighbours: ``dataset.context_slices``)."""
     if architecture == "unet":
-        return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels,
+        return UNet(spatial_dims=2, in_channels=in_channels, out_channels=2, channels=channels,
                     strides=[2] * (len(channels) - 1), num_res_units=0, dropout=dropout)
-    return AttentionUNet(spatial_dims=2, in_channels=1, num_classes=2, channels=channels,
+    return AttentionUNet(spatial_dims=2, in_channels=in_channels, num_classes=2,
+                         channels=channels,
                          dropout=dropout, deep_supervision=deep_supervision)
 
 
 class AttentionUNetModelIngredient(FieldIngredient):
-    """2D (background, tumour) segmentation networks on one grey channel."""
+    """2D (background, tumour) segmentation networks on grey slices (``make_model(in_channels=
+    2 * dataset.context_slices + 1)``)."""
 
     def __init__(self, **defaults: Any) -> None:
         super().__init__("model", ATTENTION_UNET_FIELDS, defaults)

@@ -12,6 +12,12 @@ on patients it has not seen.
 ``left_out/images/`` and ``left_out/labels/`` (optional, same layout) hold the slices without
 tumour that ``convert`` did not keep for training; :func:`split_whole_volumes` adds those of
 the validation volumes to validation, so it scores every slice of each validation volume.
+
+With ``context_slices=k`` an item's image holds ``2k + 1`` channels: the slices ``k`` below to
+``k`` above it in its volume, found by name in ``images/`` or ``left_out/images/``
+(:func:`slice_images`), the slice itself in the middle channel. A neighbour beyond the volume's
+first or last slice (or missing) is replaced by the nearest slice towards the centre, so edge
+slices are repeated (:func:`context_indices`).
 """
 
 from __future__ import annotations
@@ -166,20 +172,83 @@ def split_whole_volumes(records: Sequence[SliceRecord], left_out: Sequence[Slice
             sorted(val, key=lambda r: (r.volume, r.index)))
 
 
-class PNGSliceDataset(Dataset):
-    """Slices as ``{"image": float32 [1, H, W] in [0, 1], "mask": float32 [1, H, W] in {0, 1},
-    "volume": str, "slice": int}``; ``transform`` maps the image and mask."""
+def slice_images(dataset_dir: str | Path) -> dict[tuple[str, int], Path]:
+    """The images of ``dataset_dir/images`` and ``dataset_dir/left_out/images`` by (volume,
+    slice index), from their names alone (neighbours for ``context_slices``)."""
+    found = {}
+    for folder in (Path(dataset_dir) / "images", Path(dataset_dir) / LEFT_OUT / "images"):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if match := SLICE_NAME.match(path.name):
+                    found[(match["volume"], int(match["index"]))] = path
+    return found
 
-    def __init__(self, records: Sequence[SliceRecord], transform: Callable | None = None) -> None:
+
+def context_indices(index: int, available: Callable[[int], bool], context: int) -> list[int]:
+    """The slice indices ``index - context`` ... ``index + context``, each one that is not
+    ``available`` replaced by the nearest available one towards ``index`` (so the first and
+    last slices of a volume are repeated beyond its ends)."""
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    indices = []
+    for offset in range(-context, context + 1):
+        target = index + offset
+        while target != index and not available(target):
+            target -= 1 if offset > 0 else -1
+        indices.append(target)
+    return indices
+
+
+def stack_slices(paths: Sequence[Path], centre: Path) -> np.ndarray:
+    """The images ``paths`` (the slice ``centre`` and its neighbours) as float32
+    [len(paths), H, W]; raises :class:`DataError` naming a neighbour whose size differs."""
+    images = [read_image(path) for path in paths]
+    height, width = images[list(paths).index(centre)].shape
+    for path, image in zip(paths, images):
+        if image.shape != (height, width):
+            raise DataError(f"{path} is {image.shape[1]}x{image.shape[0]} (width x height) but "
+                            f"the slice {centre} it neighbours is {width}x{height}; the slices "
+                            "of a volume stacked by context_slices must have one size")
+    return np.stack(images)
+
+
+class PNGSliceDataset(Dataset):
+    """Slices as ``{"image": float32 [C, H, W] in [0, 1], "mask": float32 [1, H, W] in {0, 1},
+    "volume": str, "slice": int}``; ``transform`` maps the image and mask.
+
+    ``C = 2 * context_slices + 1``: the slice and its ``context_slices`` neighbours on each
+    side, looked up in ``neighbours`` (:func:`slice_images`; by default the ``records``
+    themselves), middle channel the slice itself.
+    """
+
+    def __init__(self, records: Sequence[SliceRecord], transform: Callable | None = None, *,
+                 context_slices: int = 0,
+                 neighbours: dict[tuple[str, int], Path] | None = None) -> None:
+        if context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, got {context_slices}")
         self.records = list(records)
         self.transform = transform
+        self.context_slices = context_slices
+        self.neighbours = (neighbours if neighbours is not None
+                           else {(r.volume, r.index): r.image for r in self.records})
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def image_paths(self, record: SliceRecord) -> list[Path]:
+        """The images stacked as ``record``'s channels."""
+        if not self.context_slices:
+            return [record.image]
+        indices = context_indices(record.index,
+                                  lambda k: (record.volume, k) in self.neighbours,
+                                  self.context_slices)
+        return [record.image if k == record.index else self.neighbours[(record.volume, k)]
+                for k in indices]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        arrays = {"image": read_image(record.image)[None],
+        arrays = {"image": (stack_slices(self.image_paths(record), record.image) if self.context_slices
+                            else read_image(record.image)[None]),
                   "mask": read_label(record.label)[None].astype(np.float32)}
         # The transform sees the arrays only: some MONAI transforms turn every value of the
         # dict into a tensor, which would break collating the volume names and indices.

@@ -14,6 +14,12 @@ unit), each ``2 TP / (2 TP + FP + FN)``:
 - ``tumor_dice_per_slice``: each slice's Dice averaged over the slices whose label holds
   tumour (false positives on slices without tumour do not count).
 
+With ``min_component_voxels`` (:func:`remove_small_components`) each validation volume's
+predicted tumour is cleaned before any of them is counted: its slices are stacked in slice order
+and the 3D connected components smaller than that many voxels are removed, the specks a
+slice-wise model leaves on vessel cross-sections and noise. A tumour-free volume with one such
+speck scores a per-volume Dice of 0; cleaned, it counts for nothing.
+
 Under torchrun each rank scores its share of the validation batches; the ranks' pixel counts
 (pooled and per volume: a volume's slices may lie on several ranks) are added before any
 Dice is computed, so the figures are one process's.
@@ -30,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 from torch.utils.data import Dataset
 
-from medseg.data.png_slices import PNGSliceDataset, scan_slices
+from medseg.data.png_slices import PNGSliceDataset, scan_slices, slice_images
 from medseg.data.slice_transforms import slice_transforms
 from medseg.engine.evaluation import (EvaluationReport, LossMeter, ShardedValidation,
                                      validation_pass)
@@ -48,6 +55,12 @@ METRICS = ("loss", "tumor_dice", "tumor_dice_pooled", "tumor_dice_per_volume",
            "tumor_dice_per_slice", "tumor_iou", "pixel_accuracy")
 #: ``tumor_dice`` is ``tumor_dice_pooled`` under the name runs have always had (and monitor).
 CURVE_METRICS = tuple(name for name in METRICS if name not in ("loss", "tumor_dice"))
+
+
+def centre_channel(image: torch.Tensor) -> torch.Tensor:
+    """The slice itself of an input [..., C, H, W] that may hold its neighbours too (the
+    middle channel of ``2 * context_slices + 1``)."""
+    return image[..., image.shape[-3] // 2, :, :]
 
 
 def tumor_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -88,33 +101,80 @@ class Counts:
         return (self.tp + self.tn) / total if total else math.nan
 
 
+def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """``mask`` (bool, 2D or 3D) without its connected components (faces, edges and corners
+    touching) of fewer than ``min_voxels`` voxels. scipy's labelling rather than MONAI's
+    ``RemoveSmallObjects``, which needs scikit-image, not otherwise a dependency."""
+    if min_voxels < 0:
+        raise ValueError(f"min_voxels must be >= 0, got {min_voxels}")
+    if min_voxels <= 1 or not mask.any():
+        return mask
+    labels, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
 @dataclass
 class TumorScores:
-    """Pixel counts pooled over all slices, per volume, and each tumour slice's Dice."""
+    """Pixel counts pooled over all slices, per volume, and each tumour slice's Dice.
+
+    With ``min_component_voxels`` the slices are held (bit-packed) per volume until
+    :meth:`resolve`, which removes each volume's small 3D components and then counts."""
 
     pooled: Counts = field(default_factory=Counts)
     volumes: dict[str, Counts] = field(default_factory=lambda: defaultdict(Counts))
     tumor_slice_dice: list[float] = field(default_factory=list)
+    min_component_voxels: int = 0
+    held: dict[str, dict[int, tuple]] = field(default_factory=lambda: defaultdict(dict))
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor, volumes: Sequence[str]) -> None:
-        """``pred`` and ``target`` bool [B, 1, H, W]; ``volumes`` the volume of each slice."""
-        self.pooled.add(pred, target)
+    def update(self, pred: torch.Tensor, target: torch.Tensor, volumes: Sequence[str],
+               slices: Sequence[int] | None = None) -> None:
+        """``pred`` and ``target`` bool [B, 1, H, W]; ``volumes`` the volume of each slice
+        and ``slices`` its index in the volume (needed with ``min_component_voxels``)."""
+        if self.min_component_voxels:
+            if slices is None:
+                raise ValueError("min_component_voxels needs the slice index of each slice")
+            for index, (volume, k) in enumerate(zip(volumes, slices)):
+                p, t = pred[index, 0].cpu().numpy(), target[index, 0].cpu().numpy()
+                self.held[volume][int(k)] = (np.packbits(p), np.packbits(t), p.shape)
+            return
         for index, volume in enumerate(volumes):
-            counts = Counts()
-            counts.add(pred[index], target[index])
-            self.volumes[volume].merge(counts)
-            if counts.tp + counts.fn:  # the label holds tumour
-                self.tumor_slice_dice.append(counts.dice)
+            self._count(volume, pred[index], target[index])
+
+    def _count(self, volume: str, pred, target) -> None:
+        counts = Counts()
+        counts.add(torch.as_tensor(pred), torch.as_tensor(target))
+        self.pooled.merge(counts)
+        self.volumes[volume].merge(counts)
+        if counts.tp + counts.fn:  # the label holds tumour
+            self.tumor_slice_dice.append(counts.dice)
+
+    def resolve(self) -> None:
+        """Count the held volumes: each one's slices stacked in slice order, its predicted
+        components smaller than ``min_component_voxels`` removed."""
+        for volume, held in sorted(self.held.items()):
+            order = sorted(held)
+            unpack = [[np.unpackbits(held[k][i], count=math.prod(held[k][2])).reshape(
+                held[k][2]).astype(bool) for k in order] for i in (0, 1)]
+            pred = remove_small_components(np.stack(unpack[0]), self.min_component_voxels)
+            for p, t in zip(pred, unpack[1]):
+                self._count(volume, p, t)
+        self.held.clear()
 
     def merge(self, other: TumorScores) -> None:
         """Add what ``other`` scored (another rank's share of the validation slices; a
-        volume split between ranks adds up to the same counts)."""
+        volume split between ranks adds up to the same counts, or the same held slices)."""
         self.pooled.merge(other.pooled)
         for volume, counts in other.volumes.items():
             self.volumes[volume].merge(counts)
         self.tumor_slice_dice += other.tumor_slice_dice
+        for volume, held in other.held.items():
+            self.held[volume].update(held)
 
     def summary(self) -> dict[str, float]:
+        self.resolve()
         per_volume = [c.dice for c in self.volumes.values() if not math.isnan(c.dice)]
         return {"tumor_dice": self.pooled.dice, "tumor_dice_pooled": self.pooled.dice,
                 "tumor_dice_per_volume": float(np.mean(per_volume)) if per_volume else math.nan,
@@ -127,9 +187,13 @@ class LungTumorTask(ShardedValidation):
     """Two-class (background, tumour) segmentation of slices; a pixel is tumour when its
     tumour probability exceeds ``threshold``."""
 
-    def __init__(self, loss: nn.Module, *, threshold: float = 0.5) -> None:
+    def __init__(self, loss: nn.Module, *, threshold: float = 0.5,
+                 min_component_voxels: int = 0) -> None:
+        if min_component_voxels < 0:
+            raise ValueError(f"min_component_voxels must be >= 0, got {min_component_voxels}")
         self.loss = loss
         self.threshold = threshold
+        self.min_component_voxels = min_component_voxels
 
     def metric_names(self) -> list[str]:
         return list(METRICS)
@@ -144,10 +208,12 @@ class LungTumorTask(ShardedValidation):
                          precision: Precision) -> tuple[TumorScores, LossMeter]:
         """Pixel counts and loss sums over ``loader`` (one rank's share under torchrun;
         :meth:`summarise_validation` joins the ranks')."""
-        scores = TumorScores()
+        scores = TumorScores(min_component_voxels=self.min_component_voxels)
 
         def score(batch, logits, *_) -> None:
-            scores.update(self.predict(logits), batch["mask"] > 0.5, batch["volume"])
+            slices = batch.get("slice")
+            scores.update(self.predict(logits), batch["mask"] > 0.5, batch["volume"],
+                          None if slices is None else [int(k) for k in slices])
 
         losses = validation_pass(model, loader, device=device, precision=precision,
                                  loss=lambda logits, batch: self.loss(logits, batch["mask"]),
@@ -156,7 +222,8 @@ class LungTumorTask(ShardedValidation):
 
     def summarise_validation(self, states: Sequence[tuple[TumorScores, LossMeter]]
                              ) -> dict[str, float]:
-        scores, losses = TumorScores(), LossMeter()
+        scores = TumorScores(min_component_voxels=self.min_component_voxels)
+        losses = LossMeter()
         for rank_scores, rank_losses in states:
             scores.merge(rank_scores)
             losses.extend(rank_losses)
@@ -166,7 +233,7 @@ class LungTumorTask(ShardedValidation):
         """The first slice of ``batch``: image, ground truth and prediction."""
         image = batch["image"][:1].to(device)
         pred = self.predict(model(image))[0].cpu().numpy()
-        return plot_segmentation_panel(image[0, 0].float().cpu().numpy(),
+        return plot_segmentation_panel(centre_channel(image[0]).float().cpu().numpy(),
                                        batch["mask"][0].numpy(), pred, path,
                                        structure_names=["tumour"],
                                        title=f"{batch['volume'][0]} slice {int(batch['slice'][0])}")
@@ -180,6 +247,7 @@ def evaluate_lung(model: nn.Module, loader: Iterable, *, task: LungTumorTask,
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     scores, meter = task.validation_state(model, loader, device, precision)
+    scores.resolve()
     losses = meter.summary()
     volumes = {name: {"dice": None if math.isnan(c.dice) else round(c.dice, 6),
                       "tumour_pixels": c.tp + c.fn, "predicted_pixels": c.tp + c.fp,
@@ -228,7 +296,7 @@ def render_validation_predictions(model: nn.Module, task: LungTumorTask, dataset
             counts = Counts()
             counts.add(pred, target)
             dice = "n/a" if math.isnan(counts.dice) else f"{counts.dice:.2f}"
-            panels.append((sample["image"][0].numpy(), target.numpy(), pred.numpy(),
+            panels.append((centre_channel(sample["image"]).numpy(), target.numpy(), pred.numpy(),
                            f"{sample['volume']} slice {sample['slice']}  Dice {dice}"))
     return plot_prediction_grid(panels, path)
 
@@ -297,12 +365,15 @@ def _batch_dice(model, task, image, mask, precision) -> float:
 
 def overfit_slices(model: nn.Module, task: LungTumorTask, dataset_path: str | Path, *,
                    image_size: Sequence[int], samples: int, steps: int, learning_rate: float,
-                   target_dice: float, device: torch.device,
-                   precision: Precision) -> tuple[OverfitResult, list[str]]:
+                   target_dice: float, device: torch.device, precision: Precision,
+                   context_slices: int = 0) -> tuple[OverfitResult, list[str]]:
     """:func:`overfit_check` on up to ``samples`` tumour slices of the PNG slice folder
-    ``dataset_path`` (spread over the volumes, resized to ``image_size``, not augmented);
-    returns the result and the slices' names (``<volume>_slice_<index>``)."""
-    slices = PNGSliceDataset(scan_slices(dataset_path), slice_transforms(image_size, train=False))
+    ``dataset_path`` (spread over the volumes, resized to ``image_size``, not augmented, each
+    with ``context_slices`` neighbours on each side); returns the result and the slices'
+    names (``<volume>_slice_<index>``)."""
+    slices = PNGSliceDataset(scan_slices(dataset_path), slice_transforms(image_size, train=False),
+                             context_slices=context_slices,
+                             neighbours=slice_images(dataset_path) if context_slices else None)
     chosen = choose_examples(slices, samples, include_empty=False)
     if not chosen:
         raise DataError(f"{dataset_path} has no slice with tumour to overfit on")

@@ -10,12 +10,23 @@
   for each slice with predicted tumour.
 
 Every source gives a line in ``predictions.json`` (tumour pixels, slices, volume in ml).
+
+A model trained with ``context_slices=k`` (2.5D input) gets each slice with its ``k``
+neighbours on each side, stacked as in training: in a volume the neighbouring slices along its
+last axis, in a folder the images named ``<volume>_slice_<j>.png`` of the same volume; edge
+slices are repeated, and an image whose name gives no volume and index is its own neighbour.
+
+With ``min_component_voxels`` the predicted tumour components smaller than that many voxels
+are removed, as validation does: over a NIfTI volume, over the images of one volume in a folder
+(stacked in slice order), or within an image whose name gives no volume.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +49,16 @@ from medseg.data.msd import (
     window,
 )
 from medseg.data.nifti import is_nifti, nifti_stem
+from medseg.data.png_slices import SLICE_NAME, context_indices
 from medseg.data.slice_transforms import image_transform
 from medseg.engine.checkpoint import rebuilt_model
 from medseg.engine.precision import Precision
 from medseg.errors import ConfigError, DataError, DiskFullError
 from medseg.files import reporting_full_disk
-from medseg.tasks.lung_tumor import tumor_probability
+from medseg.tasks.lung_tumor import remove_small_components, tumor_probability
 from medseg.viz.overlays import mask_overlay_rgb
+
+log = logging.getLogger("medseg")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PREDICTABLE_MODES = ("L", "RGB", "RGBA")
@@ -93,22 +107,32 @@ class SlicePredictor:
     precision: Precision
     threshold: float = 0.5
     batch_size: int = 8
+    context_slices: int = 0   # neighbours on each side stacked as channels (2.5D input)
+    min_component_voxels: int = 0   # smaller predicted components are removed
 
     def __post_init__(self) -> None:
         self.transform = image_transform(self.image_size)
         self.model.to(self.device).eval()
 
+    def stacks(self, slices: list[np.ndarray]) -> list[np.ndarray]:
+        """The consecutive slices of one volume [H, W] -> each with its neighbours
+        [2 * context_slices + 1, H, W] (edge slices repeated)."""
+        return [np.stack([slices[j] for j in context_indices(
+                    k, lambda j: 0 <= j < len(slices), self.context_slices)])
+                for k in range(len(slices))]
+
     def probabilities(self, slices: list[np.ndarray]) -> list[np.ndarray]:
-        """float32 [H, W] slices in [0, 1] -> tumour probabilities of the same sizes."""
+        """float32 slices in [0, 1], [H, W] or with neighbours [C, H, W] -> tumour
+        probabilities [H, W] of the same sizes."""
         results = []
         for start in range(0, len(slices), self.batch_size):
-            chunk = slices[start:start + self.batch_size]
-            batch = torch.stack([self.transform({"image": s[None]})["image"] for s in chunk])
+            chunk = [s if s.ndim == 3 else s[None] for s in slices[start:start + self.batch_size]]
+            batch = torch.stack([self.transform({"image": s})["image"] for s in chunk])
             with torch.no_grad(), self.precision.autocast():
                 logits = self.model(batch.to(self.device))
             probability = tumor_probability(logits).float()
             for item, original in zip(probability, chunk):
-                resized = F.interpolate(item[None], size=original.shape, mode="bilinear",
+                resized = F.interpolate(item[None], size=original.shape[1:], mode="bilinear",
                                         align_corners=False)
                 results.append(resized[0, 0].cpu().numpy())
         return results
@@ -129,17 +153,80 @@ def read_grey(path: Path) -> np.ndarray:
         raise DataError(f"{path} could not be read as an image ({error})") from None
 
 
-def predict_image(predictor: SlicePredictor, path: Path, output_dir: Path,
-                  save_overlay: bool) -> dict[str, Any]:
+def image_neighbours(images: list[Path], context_slices: int) -> dict[Path, list[Path]]:
+    """For each image, the images stacked as its channels: those of its volume
+    ``<volume>_slice_<j>.png`` in its folder from ``j - context_slices`` to
+    ``j + context_slices`` (edge slices repeated; an image given alone finds its neighbours
+    too); itself alone without ``context_slices``, and in place of every neighbour when its
+    name gives no volume and index."""
+    named = {}
+    folders = {path.parent for path in images} if context_slices else set()
+    pool = [p for folder in sorted(folders) for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    for path in pool:
+        if match := SLICE_NAME.match(path.name):
+            named[(path.parent, match["volume"], int(match["index"]))] = path
+    stacks, unnamed = {}, []
+    for path in images:
+        match = SLICE_NAME.match(path.name)
+        if not context_slices or match is None:
+            stacks[path] = [path] * (2 * context_slices + 1)
+            if context_slices:
+                unnamed.append(path.name)
+            continue
+        volume, index = (path.parent, match["volume"]), int(match["index"])
+        stacks[path] = [named[(*volume, j)] for j in context_indices(
+            index, lambda j: (*volume, j) in named, context_slices)]
+    if unnamed:
+        log.warning("predict: the checkpoint takes %d neighbouring slices on each side, but "
+                    "%s do not follow <volume>_slice_<k>.png, so each is its own neighbour",
+                    context_slices, ", ".join(unnamed[:3]) + (", ..." if len(unnamed) > 3 else ""))
+    return stacks
+
+
+def image_mask(predictor: SlicePredictor, path: Path,
+               neighbours: list[Path] | None = None) -> np.ndarray:
+    """The predicted tumour mask [H, W] of the image ``path`` (with ``neighbours`` as its
+    channels when the model takes neighbouring slices)."""
     grey = read_grey(path)
-    mask = predictor.masks([grey.astype(np.float32) / 255.0])[0]
+    stack = [read_grey(p) if p != path else grey for p in (neighbours or [path])]
+    if any(image.shape != grey.shape for image in stack):
+        odd = next(p for p, image in zip(neighbours, stack) if image.shape != grey.shape)
+        raise DataError(f"{odd} is not the size of its neighbour {path}; the slices stacked "
+                        "for a model trained with context_slices must have one size")
+    return predictor.masks([np.stack(stack).astype(np.float32) / 255.0])[0]
+
+
+def clean_image_masks(masks: dict[Path, np.ndarray], min_voxels: int) -> dict[Path, np.ndarray]:
+    """``masks`` of images without their small tumour components
+    (:func:`~medseg.tasks.lung_tumor.remove_small_components`): the images named
+    ``<volume>_slice_<k>.png`` of one volume stacked in slice order (3D components), any
+    other image on its own (2D)."""
+    if not min_voxels:
+        return masks
+    cleaned, volumes = {}, defaultdict(list)
+    for path, mask in masks.items():
+        match = SLICE_NAME.match(path.name)
+        if match is None:
+            cleaned[path] = remove_small_components(mask, min_voxels)
+        else:
+            volumes[(match["volume"], mask.shape)].append((int(match["index"]), path))
+    for members in volumes.values():
+        paths = [path for _, path in sorted(members)]
+        stack = remove_small_components(np.stack([masks[p] for p in paths]), min_voxels)
+        cleaned.update(zip(paths, stack))
+    return cleaned
+
+
+def write_image_prediction(path: Path, mask: np.ndarray, output_dir: Path,
+                           save_overlay: bool) -> dict[str, Any]:
     name = nifti_stem(path)
     mask_path = output_dir / f"{name}_mask.png"
     Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
     record = {"source": str(path), "mask": str(mask_path), "tumour_pixels": int(mask.sum())}
     if save_overlay:
         overlay_path = output_dir / f"{name}_overlay.png"
-        Image.fromarray(mask_overlay_rgb(grey, mask)).save(overlay_path)
+        Image.fromarray(mask_overlay_rgb(read_grey(path), mask)).save(overlay_path)
         record["overlay"] = str(overlay_path)
     return record
 
@@ -150,7 +237,8 @@ def predict_volume(predictor: SlicePredictor, path: Path, output_dir: Path, save
     # Slices as `convert` shows them (display orientation), the mask back in stored order.
     grey = window(to_display(hu, source.affine), window_center, window_width)
     slices = [slice_to_image(grey[:, :, k]) for k in range(grey.shape[2])]
-    masks = predictor.masks([s.astype(np.float32) / 255.0 for s in slices])
+    masks = predictor.masks(predictor.stacks([s.astype(np.float32) / 255.0 for s in slices]))
+    masks = list(remove_small_components(np.stack(masks), predictor.min_component_voxels))
     volume = from_display(np.stack([slice_to_image(m) for m in masks], axis=-1),
                           source.affine).astype(np.uint8)
     name = nifti_stem(path)
@@ -186,16 +274,24 @@ def run_prediction(predictor: SlicePredictor, sources: list[Path], output_dir: s
     try:
         with reporting_full_disk(output_dir, consequence):
             records = []
+            images = [p for p in sources if not is_nifti(p)]
+            neighbours = image_neighbours(images, predictor.context_slices)
+            # Every image's mask first: a volume's slices are cleaned together.
+            masks = clean_image_masks({p: image_mask(predictor, p, neighbours[p]) for p in images},
+                                      predictor.min_component_voxels)
             for path in sources:
                 if is_nifti(path):
                     records.append(predict_volume(predictor, path, output_dir, save_overlay,
                                                   window_center=window_center,
                                                   window_width=window_width))
                 else:
-                    records.append(predict_image(predictor, path, output_dir, save_overlay))
+                    records.append(write_image_prediction(path, masks[path], output_dir,
+                                                          save_overlay))
             summary = output_dir / "predictions.json"
             summary.write_text(json.dumps({**(provenance or {}), "threshold": predictor.threshold,
                                            "image_size": list(predictor.image_size),
+                                           "context_slices": predictor.context_slices,
+                                           "min_tumor_voxels": predictor.min_component_voxels,
                                            "predictions": records}, indent=1))
     except DiskFullError:  # half the outputs and no predictions.json: none of them, then
         for path in sorted(set(output_dir.rglob("*")) - existing, reverse=True):
@@ -211,14 +307,18 @@ def predict_with_checkpoint(weights: str | Path, sources: list[Path], output_dir
                             build: Callable[[dict[str, Any] | None], nn.Module],
                             image_size: Sequence[int], threshold: float, save_overlay: bool,
                             window_center: float, window_width: float, device: torch.device,
-                            precision: Precision) -> Path:
+                            precision: Precision, context_slices: int = 0,
+                            min_component_voxels: int = 0) -> Path:
     """:func:`run_prediction` with the network of the checkpoint ``weights``: ``build`` gets
     the model config stored in it (``None`` when it has none) and the slices are resized to
-    the size it was trained at (its ``training.image_size``, else ``image_size``)."""
+    the size it was trained at (its ``training.image_size``, else ``image_size``), each with
+    ``context_slices`` neighbours on each side (what the checkpoint was trained with), and
+    predicted components smaller than ``min_component_voxels`` removed."""
     model, state = rebuilt_model(weights, build)
     trained_size = ((state.get("config") or {}).get("training") or {}).get("image_size")
     predictor = SlicePredictor(model, tuple(trained_size or image_size), device, precision,
-                               threshold=threshold)
+                               threshold=threshold, context_slices=context_slices,
+                               min_component_voxels=min_component_voxels)
     return run_prediction(predictor, sources, output_dir, save_overlay=save_overlay,
                           window_center=window_center, window_width=window_width,
                           provenance={"weights": str(weights), "epoch": state.get("epoch"),

@@ -12,6 +12,8 @@ from PIL import Image
 
 from medseg.data.png_slices import (
     PNGSliceDataset,
+    context_indices,
+    slice_images,
     scan_slices,
     scan_left_out,
     slice_statistics,
@@ -99,6 +101,33 @@ def test_items_are_scaled_images_and_binary_masks_that_collate(dataset_dir):
     batch = next(iter(DataLoader(dataset, batch_size=4)))
     assert batch["volume"] == ["lung_001"] * 3 + ["lung_002"]
     assert torch.equal(batch["slice"], torch.tensor([3, 4, 9, 3]))
+
+
+def test_context_slices_stack_the_neighbours_by_name_edge_slices_repeated(tmp_path):
+    root = tmp_path / "dataset"
+    for k in range(4):   # slice 1 was left out by convert; each slice is grey 10 * (k + 1)
+        folder = root / "left_out" if k == 1 else root
+        write_slice(folder, f"vol_slice_{k:04d}.png")
+        Image.fromarray(np.full((16, 12), 10 * (k + 1), dtype=np.uint8)).save(
+            folder / "images" / f"vol_slice_{k:04d}.png")
+    records = scan_slices(root)
+    assert [r.index for r in records] == [0, 2, 3]
+
+    def channels(dataset):
+        return [[round(float(c.mean()) * 255) for c in item["image"]] for item in dataset]
+
+    assert channels(PNGSliceDataset(records)) == [[10], [30], [40]]
+    whole = PNGSliceDataset(records, context_slices=1, neighbours=slice_images(root))
+    assert channels(whole) == [[10, 10, 20], [20, 30, 40], [30, 40, 40]]
+    assert whole[0]["mask"].shape == (1, 16, 12)
+    # Without left_out/, the missing neighbour is replaced by the nearest slice towards the centre.
+    assert channels(PNGSliceDataset(records, context_slices=2)) == [
+        [10, 10, 10, 10, 30], [10, 30, 30, 40, 40], [30, 30, 40, 40, 40]]
+    assert context_indices(5, lambda k: 0 <= k < 7, 2) == [3, 4, 5, 6, 6]
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(
+        root / "left_out" / "images" / "vol_slice_0001.png")
+    with pytest.raises(DataError, match="vol_slice_0001.png is 8x8 .* context_slices"):
+        whole[1]
 
 
 def test_statistics_describe_both_splits(dataset_dir):

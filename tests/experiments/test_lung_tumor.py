@@ -206,12 +206,39 @@ def test_predict_windows_nifti_as_the_training_slices_were_converted(tmp_path, c
     assert len(caplog.records) == 1 and "no conversion.json" in caplog.records[0].getMessage()
 
 
+def test_predict_and_evaluate_take_the_neighbouring_slices_of_the_checkpoint(tmp_path, caplog):
+    weights, old = tmp_path / "best.pt", tmp_path / "old.pt"
+    atomic_save({"model": {}, "config": {"dataset": {"context_slices": 2}}}, weights)
+    atomic_save({"model": {}, "config": {"dataset": {"window_center": -300.0}}}, old)
+    given = lambda k: {"dataset": {"context_slices": k}}   # noqa: E731
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert lung_ingredients.trained_context_slices(given(0), str(weights)) == 2
+        assert lung_ingredients.trained_context_slices(given(0), str(old)) == 0
+    assert not caplog.records   # the default given: nothing to say
+    with caplog.at_level("WARNING", logger="medseg"):
+        assert lung_ingredients.trained_context_slices(given(1), str(weights)) == 2
+    assert len(caplog.records) == 1
+    assert "dataset.context_slices=1 is replaced by the checkpoint's 2" in caplog.records[0].getMessage()
+
+
 @pytest.mark.slow
-def test_predict_builds_the_network_the_checkpoint_was_trained_with(slices, tmp_path):
-    run("main", slices, tmp_path, **{"model.channels": [4, 8, 16, 32], "training.num_epochs": 1})
+def test_predict_builds_the_network_and_input_the_checkpoint_was_trained_with(slices, msd_root,
+                                                                             tmp_path):
+    run("main", slices, tmp_path, **{"model.channels": [4, 8, 16, 32], "training.num_epochs": 1,
+                                     "dataset.context_slices": 1})
     weights = next((tmp_path / "checkpoints").iterdir()) / "weights" / "best.pt"
-    run("predict", slices, tmp_path, weights=str(weights), source=str(first_slice(slices)))
-    assert (tmp_path / "predictions" / f"{first_slice(slices).stem}_mask.png").is_file()
+    assert load_checkpoint(weights)["config"]["dataset"]["context_slices"] == 1
+    # Given without dataset.context_slices: the checkpoint's network takes three slices,
+    # and predict and evaluate stack each slice's neighbours as it was trained.
+    volume = msd_root / "Task006_Lung" / "imagesTr" / "lung_001.nii.gz"
+    for source in (first_slice(slices), slices / "images", volume):
+        out = tmp_path / "predicted" / source.name
+        run("predict", slices, tmp_path, weights=str(weights), source=str(source),
+            predict_dir=str(out))
+        assert json.loads((out / "predictions.json").read_text())["context_slices"] == 1
+    assert (tmp_path / "predicted" / "images" / f"{first_slice(slices).stem}_mask.png").is_file()
+    scored = run("evaluate", slices, tmp_path, weights=str(weights)).result
+    assert 0 <= scored["val_tumor_dice_pooled"] <= 1
 
 
 @pytest.mark.slow
@@ -384,8 +411,9 @@ def test_bad_evaluate_inputs_are_named(slices, tmp_path, dotted, message):
 def probe_loader(config):
     train, val = lung.dataset.split(dataset_path=config["dataset_path"])
     transform = lung.augmentation.make_transform(config["training"]["image_size"], train=False)
-    train_loader, val_loader = make_loaders(lung.PNGSliceDataset(train, transform),
-                                            lung.PNGSliceDataset(val, transform),
+    path = config["dataset_path"]
+    train_loader, val_loader = make_loaders(lung.dataset.open(train, transform, dataset_path=path),
+                                            lung.dataset.open(val, transform, dataset_path=path),
                                             loader_settings(config, config["seed"]),
                                             torch.device("cpu"))
     train_loader.set_epoch(1)
@@ -396,6 +424,36 @@ def probe_loader(config):
 def probe_split(config):
     _, val = lung.dataset.split(dataset_path=config["dataset_path"])
     return sorted({r.volume for r in val})
+
+
+def probe_input(config):
+    """What the network is fed: a training item's image shape, and the channels the model
+    built for the run takes."""
+    train, _ = lung.dataset.split(dataset_path=config["dataset_path"])
+    transform = lung.augmentation.make_transform(config["training"]["image_size"], train=False)
+    item = lung.dataset.open(train, transform, dataset_path=config["dataset_path"])[0]
+    net = lung.model.make_model(in_channels=lung._in_channels(config["dataset"]["context_slices"]))
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    return tuple(item["image"].shape), first.in_channels
+
+
+def probe_cleanup(config):
+    """Validation of a 'model' that finds an 8 x 8 tumour and leaves a 2-voxel speck across
+    two slices (volume 'v')."""
+    class Speck(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 2, *x.shape[2:])
+            logits[:, 1, 0, 0] = 10.0
+            logits[0, 1, 8:16, 8:16] = 10.0
+            return logits
+
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, 0, 8:16, 8:16] = 1
+    batch = {"image": torch.zeros(2, 1, 32, 32), "mask": mask, "volume": ["v", "v"],
+             "slice": torch.tensor([0, 1])}
+    scores = lung._task(config).validate(Speck(), [batch], torch.device("cpu"),
+                                         lung.training.device_and_precision()[1])
+    return round(scores["tumor_dice_pooled"], 4)
 
 
 def probe_schedule(config):
@@ -488,7 +546,7 @@ def probe_config(config):
 
 
 BUILD_PROBES = {
-    "loader": probe_loader, "split": probe_split, "schedule": probe_schedule,
+    "loader": probe_loader, "split": probe_split, "input": probe_input, "cleanup": probe_cleanup, "schedule": probe_schedule,
     "model": probe_model, "transform": probe_transform, "loss": probe_loss, "ema": probe_ema,
     "precision": probe_precision, "generate": probe_generate,
     "convert": probe_convert, "config": probe_config,
@@ -575,6 +633,7 @@ EFFECTS = {
     "weights": ("predict", PREDICT, {"weights": "CHECKPOINT_2"}),
     "source": ("predict", PREDICT, {"source": "ANOTHER_SLICE"}),
     "threshold": ("predict", PREDICT, {"threshold": 0.001}),
+    "min_tumor_voxels": ("cleanup", {}, {"min_tumor_voxels": 3}),
     "save_overlay": ("predict", PREDICT, {"save_overlay": True}),
     "predict_dir": ("predict", PREDICT, {"predict_dir": "TMP/elsewhere"}),
     "synthetic.num_volumes": ("generate", GENERATE, {"synthetic.num_volumes": 3}),
@@ -596,6 +655,7 @@ EFFECTS = {
     "dataset.empty_slice_fraction": ("convert", CONVERT, {"dataset.empty_slice_fraction": 1.0}),
     "dataset.val_fraction": ("split", {}, {"dataset.val_fraction": 0.5}),
     "dataset.split_seed": ("split", {}, {"dataset.split_seed": 7}),
+    "dataset.context_slices": ("input", {}, {"dataset.context_slices": 2}),
     "model.architecture": ("model", {}, {"model.architecture": "unet"}),
     "model.channels": ("model", {}, {"model.channels": [4, 8, 16, 32]}),
     "model.dropout": ("model", {}, {"model.dropout": 0.2}),

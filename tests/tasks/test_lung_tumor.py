@@ -29,6 +29,7 @@ from medseg.tasks.lung_tumor import (
     choose_examples,
     overfit_check,
     overfit_slices,
+    remove_small_components,
     render_validation_predictions,
 )
 from medseg.tasks.lung_tumor_predict import (
@@ -105,6 +106,55 @@ def test_three_dice_ways_differ_as_defined_on_a_hand_made_case():
     second.update(pred[2:], truth[2:], ["a", "b"])
     first.merge(second)
     assert first.summary() == pytest.approx(summary)
+
+
+def test_small_3d_components_are_removed_per_volume_before_scoring():
+    """Volume a: a tumour over slices 0 and 1, found, and a 2-voxel speck on slice 2; volume
+    b holds no tumour and one false-positive pixel."""
+    pred = masks([1, 1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1],
+                 [0, 0, 0, 1, 0, 0, 0, 0])
+    truth = masks([1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [0] * 8, [0] * 8)
+    volumes, slices = ["a", "a", "a", "b"], [0, 1, 2, 7]
+    plain = TumorScores()
+    plain.update(pred, truth, volumes, slices)
+    assert plain.summary()["tumor_dice_per_volume"] == pytest.approx((10 / 13 + 0) / 2)
+    # The 5-voxel tumour stays (its slices connect), the specks go: a has TP 5, FN 1; b
+    # predicts nothing, so it counts for nothing.
+    cleaned = TumorScores(min_component_voxels=3)
+    cleaned.update(pred[2:], truth[2:], volumes[2:], slices[2:])   # batches in any order
+    cleaned.update(pred[:2], truth[:2], volumes[:2], slices[:2])
+    summary = cleaned.summary()
+    assert summary["tumor_dice_per_volume"] == pytest.approx(10 / 11)
+    assert summary["tumor_dice_pooled"] == pytest.approx(10 / 11)
+    assert summary["tumor_dice_per_slice"] == pytest.approx((1 + 2 / 3) / 2)
+    # Two ranks, volume a split between them, give the same figures.
+    first, second = (TumorScores(min_component_voxels=3) for _ in range(2))
+    first.update(pred[:1], truth[:1], volumes[:1], slices[:1])
+    second.update(pred[1:], truth[1:], volumes[1:], slices[1:])
+    first.merge(second)
+    assert first.summary() == pytest.approx(summary)
+    # Alone, a 2D image keeps its components of at least the size.
+    image = np.zeros((6, 6), dtype=bool)
+    image[0, 0] = image[3:5, 3:5] = True
+    assert remove_small_components(image, 2).sum() == 4
+    assert remove_small_components(image, 0).sum() == 5
+
+
+def test_predict_removes_small_components_over_a_folder_volume(tmp_path):
+    """Slices 0 and 1 of one volume each hold a 3-pixel blob (one component of 6 in 3D);
+    a lone image holds the same blob: with min 5 the volume's survives, the lone one goes."""
+    (tmp_path / "in").mkdir()
+    for name in ("v_slice_0000.png", "v_slice_0001.png", "lone.png"):
+        image = np.full((16, 16), 60, dtype=np.uint8)
+        image[4, 4:7] = 230
+        Image.fromarray(image).save(tmp_path / "in" / name)
+    cleaning = SlicePredictor(Thresholding(), (16, 16), CPU, FP32, min_component_voxels=5)
+    run_prediction(cleaning, find_sources(tmp_path / "in"), tmp_path / "out", save_overlay=False,
+                   window_center=-300, window_width=1400)
+    count = {name: int((np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png")) > 0).sum())
+             for name in ("v_slice_0000", "v_slice_0001", "lone")}
+    assert count == {"v_slice_0000": 3, "v_slice_0001": 3, "lone": 0}
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["min_tumor_voxels"] == 5
 
 
 def slice_dataset(tmp_path, count=6, size=32):
@@ -289,6 +339,54 @@ def test_predict_a_nifti_volume_slice_by_slice(tmp_path):
                    window_center=-300, window_width=1400)
     from_png = np.asarray(Image.open(tmp_path / "png" / "slice_mask.png")) > 0
     assert np.array_equal(slice_to_image(mask[:, :, 2]) > 0, from_png)
+
+
+class SliceAbove(nn.Module):
+    """A 2.5D 'model' on 3 channels (slice below, the slice, slice above) that marks as
+    tumour what is bright in the slice above."""
+
+    def forward(self, x):
+        assert x.shape[1] == 3
+        return torch.cat([torch.zeros_like(x[:, :1]), (x[:, 2:3] - 0.5) * 20], dim=1)
+
+
+def test_predict_stacks_the_neighbouring_slices_of_a_volume_and_of_a_folder(tmp_path):
+    hu = np.full((24, 20, 5), -800, dtype=np.int16)
+    hu[5:10, 4:8, 2] = 300   # bright in slice 2 only
+    hu[12:16, 10:14, 4] = 300   # and in the last slice, its own neighbour above
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "case.nii.gz")
+    (tmp_path / "png").mkdir()
+    for k in range(5):
+        Image.fromarray(slice_to_image(window(hu[:, :, k].astype(np.float32), -300, 1400))).save(
+            tmp_path / "png" / f"case_slice_{k:04d}.png")
+    model = SliceAbove()
+    predictor = SlicePredictor(model, (32, 32), CPU, FP32, context_slices=1)
+    run_prediction(predictor, find_sources(tmp_path / "case.nii.gz"), tmp_path / "out",
+                   save_overlay=False, window_center=-300, window_width=1400)
+    mask = np.asarray(nib.load(tmp_path / "out" / "case_mask.nii.gz").dataobj)
+    assert mask[5:10, 4:8, 1].mean() > 0.8 and mask[5:10, 4:8, 2].sum() == 0
+    assert mask[12:16, 10:14, 3].mean() > 0.8 and mask[12:16, 10:14, 4].mean() > 0.8
+    assert mask[:, :, 0].sum() == 0
+    run_prediction(predictor, find_sources(tmp_path / "png"), tmp_path / "out_png",
+                   save_overlay=False, window_center=-300, window_width=1400)
+    for k in range(5):
+        from_png = np.asarray(Image.open(tmp_path / "out_png" / f"case_slice_{k:04d}_mask.png"))
+        assert np.array_equal(from_png > 0, slice_to_image(mask[:, :, k]) > 0), k
+    summary = json.loads((tmp_path / "out_png" / "predictions.json").read_text())
+    assert summary["context_slices"] == 1
+    # One slice given alone finds its neighbours in its folder.
+    run_prediction(predictor, [tmp_path / "png" / "case_slice_0001.png"], tmp_path / "one",
+                   save_overlay=False, window_center=-300, window_width=1400)
+    alone = np.asarray(Image.open(tmp_path / "one" / "case_slice_0001_mask.png")) > 0
+    assert alone.sum() > 10 and np.array_equal(alone, slice_to_image(mask[:, :, 1]) > 0)
+    # Components of the volume below 21 voxels removed: the 4 x 4 x 2 one stays (32 voxels
+    # from slices 3 and 4), the 5 x 4 one of slice 1 goes.
+    predictor = SlicePredictor(model, (32, 32), CPU, FP32, context_slices=1,
+                               min_component_voxels=21)
+    run_prediction(predictor, find_sources(tmp_path / "case.nii.gz"), tmp_path / "clean",
+                   save_overlay=False, window_center=-300, window_width=1400)
+    cleaned = np.asarray(nib.load(tmp_path / "clean" / "case_mask.nii.gz").dataobj)
+    assert cleaned[:, :, :3].sum() == 0 and np.array_equal(cleaned[:, :, 3:], mask[:, :, 3:])
 
 
 def test_sources_that_cannot_be_predicted(tmp_path):
