@@ -34,8 +34,9 @@ from monai.transforms.utils import create_grid
 from monai.utils import convert_to_tensor, fall_back_tuple
 from scipy.ndimage import correlate1d
 
-_lock = threading.Lock()
-_depth = 0
+_state = threading.Condition()
+_depth = 0     # untracked blocks running (tracking is off while > 0)
+_tracked = 0   # tracked heads running (they need tracking on)
 _saved = True
 
 
@@ -43,11 +44,13 @@ _saved = True
 def untracked() -> Iterator[None]:
     """MONAI's metadata tracking off for the block, restored after it.
 
-    The switch is process-wide; a depth count restores it once the last of several nested
-    (or concurrent, e.g. ``CacheDataset``'s caching threads) blocks ends.
+    The switch is process-wide: a depth count restores it once the last of several nested
+    (or concurrent, e.g. ``CacheDataset``'s caching threads) blocks ends, and a block waits
+    while another thread runs a :func:`tracked` head (which reads the metadata).
     """
     global _depth, _saved
-    with _lock:
+    with _state:
+        _state.wait_for(lambda: _tracked == 0)
         if _depth == 0:
             _saved = get_track_meta()
             set_track_meta(False)
@@ -55,10 +58,30 @@ def untracked() -> Iterator[None]:
     try:
         yield
     finally:
-        with _lock:
+        with _state:
             _depth -= 1
             if _depth == 0:
                 set_track_meta(_saved)
+                _state.notify_all()
+
+
+@contextlib.contextmanager
+def tracked() -> Iterator[None]:
+    """Wait until no :func:`untracked` block runs, and keep new ones out during the block:
+    transforms that read the metadata (``LoadImaged``, ``EnsureChannelFirstd``) must not run
+    while another thread has tracking off (found: a ``CacheDataset`` thread's
+    ``EnsureChannelFirstd`` failed for want of metadata)."""
+    global _tracked
+    with _state:
+        _state.wait_for(lambda: _depth == 0)
+        _tracked += 1
+    try:
+        yield
+    finally:
+        with _state:
+            _tracked -= 1
+            if _tracked == 0:
+                _state.notify_all()
 
 
 class UntrackedCompose(Compose):
@@ -82,8 +105,9 @@ class UntrackedCompose(Compose):
         end = len(self.transforms) if end is None else end
         split = min(max(self.tracked_head, start), end)
         if split > start:
-            input_ = super().__call__(input_, start=start, end=split, threading=threading,
-                                      lazy=lazy)
+            with tracked():
+                input_ = super().__call__(input_, start=start, end=split, threading=threading,
+                                          lazy=lazy)
         if end > split:
             with untracked():
                 input_ = super().__call__(input_, start=split, end=end, threading=threading,
