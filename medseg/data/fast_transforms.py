@@ -21,6 +21,7 @@ sample's time going into work whose result is thrown away:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -35,52 +36,76 @@ from monai.utils import convert_to_tensor, fall_back_tuple
 from scipy.ndimage import correlate1d
 
 _state = threading.Condition()
-_depth = 0     # untracked blocks running (tracking is off while > 0)
-_tracked = 0   # tracked heads running (they need tracking on)
+# Per thread: how many untracked blocks (tracking is off while any runs) and tracked heads (they
+# need it on) it is inside. A thread waits only for the others: its own nesting is its own.
+_untracked_by: collections.Counter[int] = collections.Counter()
+_tracked_by: collections.Counter[int] = collections.Counter()
 _saved = True
+
+
+def _others(counts: collections.Counter[int]) -> int:
+    me = threading.get_ident()
+    return sum(n for thread, n in counts.items() if thread != me)
+
+
+def _leave(counts: collections.Counter[int], me: int) -> None:
+    counts[me] -= 1
+    if not counts[me]:
+        del counts[me]
 
 
 @contextlib.contextmanager
 def untracked() -> Iterator[None]:
     """MONAI's metadata tracking off for the block, restored after it.
 
-    The switch is process-wide: a depth count restores it once the last of several nested
-    (or concurrent, e.g. ``CacheDataset``'s caching threads) blocks ends, and a block waits
-    while another thread runs a :func:`tracked` head (which reads the metadata).
+    The switch is process-wide: a count restores it once the last of several nested (or
+    concurrent, e.g. ``CacheDataset``'s caching threads) blocks ends, and a block waits while
+    another thread runs a :func:`tracked` head (which reads the metadata). Inside this
+    thread's own tracked head (an ``UntrackedCompose`` nested in another's head) it does not
+    wait: no other thread's block can be running then.
     """
-    global _depth, _saved
+    global _saved
+    me = threading.get_ident()
     with _state:
-        _state.wait_for(lambda: _tracked == 0)
-        if _depth == 0:
+        _state.wait_for(lambda: _others(_tracked_by) == 0)
+        if not _untracked_by:
             _saved = get_track_meta()
             set_track_meta(False)
-        _depth += 1
+        _untracked_by[me] += 1
     try:
         yield
     finally:
         with _state:
-            _depth -= 1
-            if _depth == 0:
+            _leave(_untracked_by, me)
+            if not _untracked_by:
                 set_track_meta(_saved)
                 _state.notify_all()
 
 
 @contextlib.contextmanager
 def tracked() -> Iterator[None]:
-    """Wait until no :func:`untracked` block runs, and keep new ones out during the block:
-    transforms that read the metadata (``LoadImaged``, ``EnsureChannelFirstd``) must not run
-    while another thread has tracking off (found: a ``CacheDataset`` thread's
-    ``EnsureChannelFirstd`` failed for want of metadata)."""
-    global _tracked
+    """Wait until no other thread runs an :func:`untracked` block, and keep new ones out during
+    the block: transforms that read the metadata (``LoadImaged``, ``EnsureChannelFirstd``) must
+    not run while another thread has tracking off (found: a ``CacheDataset`` thread's
+    ``EnsureChannelFirstd`` failed for want of metadata).
+
+    A head inside this thread's own untracked block would need tracking back on while other
+    threads may rely on it being off, and two such threads would wait for each other for
+    ever: that is refused with an error instead.
+    """
+    me = threading.get_ident()
     with _state:
-        _state.wait_for(lambda: _depth == 0)
-        _tracked += 1
+        if _untracked_by[me]:
+            raise RuntimeError("a tracked transform head cannot run inside an untracked block "
+                               "of the same thread: put the metadata-reading transforms first")
+        _state.wait_for(lambda: _others(_untracked_by) == 0)
+        _tracked_by[me] += 1
     try:
         yield
     finally:
         with _state:
-            _tracked -= 1
-            if _tracked == 0:
+            _leave(_tracked_by, me)
+            if not _tracked_by:
                 _state.notify_all()
 
 

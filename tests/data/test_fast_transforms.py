@@ -4,6 +4,9 @@ another order), and MONAI's tracking switch left as it was."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -79,6 +82,68 @@ def test_untracked_tail_restores_the_switch_after_an_error():
 
     with pytest.raises(RuntimeError):
         UntrackedCompose([Lambdad(keys="image", func=fail)])({"image": torch.zeros(1, 2)})
+    assert get_track_meta()
+
+
+def _run_in_threads(*loops, timeout: float = 60.0) -> list[BaseException]:
+    """Run each callable in its own thread at once; the errors they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(loop):
+        try:
+            loop()
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(loop,), daemon=True) for loop in loops]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "the threads waited for ever"
+    return errors
+
+
+def test_a_tracked_head_never_runs_while_another_thread_has_tracking_off():
+    # A Ray trial's loader thread ran SMALabeller's metadata-reading head while a CacheDataset
+    # caching thread ran an untracked tail: EnsureChannelFirstd found no metadata. Each
+    # transform sleeps a little so the two threads interleave on every call.
+    seen_by_head = []
+
+    def head_step(x):
+        for _ in range(3):
+            seen_by_head.append(get_track_meta())
+            time.sleep(0.001)
+        return x
+
+    def tail_step(x):
+        time.sleep(0.002)
+        return x
+
+    head = UntrackedCompose([Lambdad(keys="image", func=head_step)], tracked_head=1)
+    tail = UntrackedCompose([Lambdad(keys="image", func=tail_step)] * 2)
+    sample = {"image": torch.zeros(1, 4)}
+    errors = _run_in_threads(lambda: [head(dict(sample)) for _ in range(40)],
+                             lambda: [tail(dict(sample)) for _ in range(40)],
+                             lambda: [tail(dict(sample)) for _ in range(40)])
+    assert not errors
+    assert len(seen_by_head) == 120 and all(seen_by_head)
+    assert get_track_meta()
+
+
+def test_an_untracked_compose_nested_in_a_tracked_head_does_not_wait_for_itself():
+    seen = []
+    record = Lambdad(keys="image", func=lambda x: seen.append(get_track_meta()) or x)
+    inner = UntrackedCompose([record, record], tracked_head=1)
+    outer = UntrackedCompose([inner, record], tracked_head=1)
+    errors = _run_in_threads(lambda: outer({"image": torch.zeros(1, 2)}), timeout=20)
+    assert not errors and seen == [True, False, False] and get_track_meta()
+    # The other way round would need tracking back on under other threads' untracked
+    # blocks: refused with an error, not a wait for ever.
+    backwards = UntrackedCompose([UntrackedCompose([record], tracked_head=1)])
+    with pytest.raises(RuntimeError) as raised:  # MONAI's Compose names the step that failed
+        backwards({"image": torch.zeros(1, 2)})
+    assert "cannot run inside an untracked block" in str(raised.value.__cause__)
     assert get_track_meta()
 
 
