@@ -67,7 +67,8 @@ class CubeLossWeightsIngredient(FieldIngredient):
 # ----------------------------------------------------------------------------- lung tumour
 LOSS_FIELDS = {
     "type": Field("dice_bce", c.choice(*LOSS_TYPES),
-                  "'dice_bce' (balanced CE + Dice), 'dice' (foreground Dice), 'ce', 'balanced_ce'"),
+                  "'dice_bce' (balanced CE + Dice), 'dice' (foreground Dice), 'ce', 'balanced_ce', "
+                  "'tversky' (foreground Tversky: missed tumour 0.7, false alarm 0.3)"),
 }
 
 

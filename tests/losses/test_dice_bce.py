@@ -53,7 +53,8 @@ def test_balanced_ce_without_tumour_is_plain_ce():
 
 @pytest.mark.parametrize("loss_type, terms", [("dice_bce", ["balanced_ce", "dice"]),
                                               ("dice", ["dice"]), ("ce", ["ce"]),
-                                              ("balanced_ce", ["balanced_ce"])])
+                                              ("balanced_ce", ["balanced_ce"]),
+                                              ("tversky", ["tversky"])])
 def test_each_type_returns_its_terms_and_their_sum(loss_type, terms):
     torch.manual_seed(1)
     logits = torch.randn(2, 2, 16, 16, requires_grad=True)
@@ -68,9 +69,29 @@ def test_losses_are_low_for_the_right_answer_and_high_for_the_wrong_one():
     target = small_tumour_batch()
     right = torch.cat([1 - target, target], dim=1) * 20 - 10
     wrong = -right
-    for loss_type in ("dice_bce", "dice", "ce", "balanced_ce"):
+    for loss_type in ("dice_bce", "dice", "ce", "balanced_ce", "tversky"):
         loss = SegmentationLoss(loss_type)
         assert float(loss(right, target)[0]) < 0.05 < 0.5 < float(loss(wrong, target)[0]), loss_type
+
+
+def test_tversky_costs_a_missed_tumour_pixel_more_than_a_false_alarm():
+    # Tversky's beta 0.7 > alpha 0.3 makes missed pixels dearer than Dice does: a network
+    # trained on it leans towards finding all of a small tumour.
+    target = small_tumour_batch()
+    tumour = target.bool()
+    missed, false_alarm = tumour.clone(), tumour.clone()
+    missed.view(-1)[tumour.view(-1).nonzero()[:4]] = False  # four tumour pixels not found
+    background = (~tumour).view(-1).nonzero()[:4]
+    false_alarm.view(-1)[background] = True                  # four background pixels called tumour
+
+    def logits(mask):
+        return torch.cat([~mask, mask], dim=1).float() * 20 - 10
+
+    def ratio(loss_type):  # the cost of the misses over the cost of the false alarms
+        loss = SegmentationLoss(loss_type)
+        return float(loss(logits(missed), target)[0]) / float(loss(logits(false_alarm), target)[0])
+
+    assert ratio("tversky") > 1.5 * ratio("dice")
 
 
 def test_dice_ignores_the_background_class():
@@ -83,7 +104,7 @@ def test_dice_ignores_the_background_class():
 
 def test_unknown_type_names_the_argument():
     with pytest.raises(ValueError, match="loss_type must be one of 'dice_bce', 'dice', 'ce', "
-                                          "'balanced_ce', got 'focal'"):
+                                          "'balanced_ce', 'tversky', got 'focal'"):
         SegmentationLoss("focal")
 
 
