@@ -33,8 +33,10 @@ def settings() -> tuple[list[str], list[str]]:
     return generate, training
 
 
-def run() -> dict:
+def run(extra: tuple[str, ...] = ()) -> dict:
+    """The benchmark, with ``extra`` training updates (the balanced variant's)."""
     generate, training = settings()
+    training = [*training, *extra]
     measured = train_and_score(generate, training)
     test = measured["test"]
     names = ("dice", "dice_present", "presence_accuracy", "presence_balanced_accuracy")

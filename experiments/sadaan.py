@@ -6,6 +6,8 @@
     python experiments/sadaan.py print_config                          # every entry
 """
 
+from pathlib import Path
+
 from ingredients.augmentation import SADAANAugmentationIngredient
 from ingredients.checkpoint import CheckpointIngredient
 from ingredients.dataset import HDF5DatasetIngredient, SADAANSyntheticIngredient
@@ -93,6 +95,11 @@ def dataset_exists(config, command_name):
         splits = ("train", "val") if command_name == "main" else (config["eval_split"],)
         dataset.check_splits(config["dataset_path"], splits, config["model"]["in_channels"],
                              check_cases=config["dataset"]["check_cases"])
+        if (config["loss_weights"]["absence_balance"]
+                and not dataset.has_split(config["dataset_path"], "train")):
+            raise ConfigError("loss_weights.absence_balance=True weighs the absence term by the "
+                              "training split's presence rates, but "
+                              f"{Path(config['dataset_path']) / 'train.h5'} does not exist")
     elif command_name == "generate_data":
         refuse_to_overwrite(config["dataset_path"], config["synthetic"]["overwrite"],
                             "SADAAN dataset", "synthetic.overwrite")
@@ -105,8 +112,8 @@ def generate_data(dataset_path, synthetic):
     print(f"wrote {path}")
 
 
-def _task(config, structure_names):
-    return SADAANTask(loss_weights.make_loss(), structure_names,
+def _task(config, structure_names, presence_rate=None):
+    return SADAANTask(loss_weights.make_loss(presence_rate=presence_rate), structure_names,
                       presence_threshold=config["model"]["presence_threshold"])
 
 
@@ -114,7 +121,10 @@ def _pipeline(_run, config):
     metadata = dataset.check_splits(config["dataset_path"], ())
     pipeline = PipelineRun(_run, training, optimizer, checkpoint)
     net = model.make_model(num_structures=metadata["num_structures"])
-    return pipeline, metadata, net, _task(config, metadata["structure_names"])
+    rate = None
+    if config["loss_weights"]["absence_balance"]:
+        rate = dataset.presence_rate(config["dataset_path"], metadata)
+    return pipeline, metadata, net, _task(config, metadata["structure_names"], rate)
 
 
 def _split(config, split, train):

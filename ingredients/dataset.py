@@ -19,6 +19,7 @@ from medseg.data.hdf5 import (
     HDF5SegmentationDataset,
     check_contents,
     dataset_statistics,
+    presence_rate,
     read_metadata,
     validate_split,
 )
@@ -115,6 +116,13 @@ class HDF5DatasetIngredient(FieldIngredient):
     @staticmethod
     def has_split(dataset_path: str, split: str) -> bool:
         return (Path(dataset_path) / f"{split}.h5").is_file()
+
+    @classmethod
+    def presence_rate(cls, dataset_path: str, metadata: dict[str, Any]):
+        """[S] presence rates of the training split, or ``None`` without one."""
+        if not cls.has_split(dataset_path, "train"):
+            return None
+        return presence_rate(dataset_path, "train", metadata)
 
     @staticmethod
     def open_split(dataset_path: str, split: str, transform=None) -> HDF5SegmentationDataset:

@@ -22,12 +22,24 @@ SADAAN_FIELDS = {
     "attention_supervision": Field(0.5, WEIGHT, "Attention map supervision"),
     "false_positive_suppression": Field(0.5, WEIGHT, "FP reduction on absent structures"),
     "confidence": Field(0.1, WEIGHT, "Confidence regularization"),
+    "absence_balance": Field(False, c.boolean(),
+                             "Weigh each structure's absent and present training cases alike "
+                             "in the absence term (from the training split's presence rates); "
+                             "false: plain BCE, the seed's"),
 }
 
 
-def make_sadaan_loss(_config) -> SADAANLoss:
-    """Every ``loss_weights.*`` entry is the :class:`SADAANLoss` weight of the same name."""
-    return SADAANLoss(**_config)
+def make_sadaan_loss(_config, presence_rate=None) -> SADAANLoss:
+    """Every ``loss_weights.*`` weight is the :class:`SADAANLoss` weight of the same name;
+    ``presence_rate`` (the training split's, per structure) counts only with
+    ``absence_balance``."""
+    weights = {name: value for name, value in _config.items() if name != "absence_balance"}
+    if not _config["absence_balance"]:
+        presence_rate = None
+    elif presence_rate is None:
+        raise ConfigError("loss_weights.absence_balance=True needs the training split's "
+                          "presence rates, and this command has no training split")
+    return SADAANLoss(**weights, presence_rate=presence_rate)
 
 
 class SADAANLossWeightsIngredient(FieldIngredient):

@@ -327,6 +327,12 @@ def _intensity_summary(values: np.ndarray) -> dict[str, float]:
     return {key: _rounded(value) for key, value in summary.items()}
 
 
+def presence_rate(dataset_dir: str | Path, split: str, metadata: Mapping[str, Any]) -> np.ndarray:
+    """[S]: the share of ``split``'s cases in which each structure is present."""
+    info = validate_split(dataset_dir, split, metadata)
+    return _presence_summary([info], metadata["num_structures"])[0]
+
+
 def _presence_summary(infos, num_structures: int) -> tuple[np.ndarray, float, Counter]:
     present = np.zeros(num_structures)
     with_absent, cases = 0, 0

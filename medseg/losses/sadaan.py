@@ -26,7 +26,8 @@ class SADAANLoss(nn.Module):
     - ``dice``: soft Dice (sigmoid) of the structures present in each case; Dice of an empty
       target says nothing.
     - ``focal_seg``: sigmoid focal loss (gamma 2) of the mask logits: the hard voxels.
-    - ``absence``: BCE of the presence logits against the presence labels.
+    - ``absence``: BCE of the presence logits against the presence labels; with
+      ``presence_rate`` each structure's absent and present cases weigh alike (see below).
     - ``attention_supervision``: soft Dice of the attention against the mask dilated by
       ``attention_margin`` voxels, present structures only: the attention must cover the
       structure (with a margin), while where to look for an absent one is left to the prior.
@@ -41,6 +42,11 @@ class SADAANLoss(nn.Module):
         false_positive_suppression, confidence: non-negative weights; a zero weight skips the
             term entirely (not computed, not reported).
         attention_margin: how many voxels the attention target extends beyond the structure.
+        presence_rate: the share of training cases in which each structure is present [S], or
+            ``None`` (plain BCE, the seed's). Given, a present case of structure ``s`` weighs
+            ``1 / (2 rate_s)`` and an absent one ``1 / (2 (1 - rate_s))`` in the ``absence``
+            term, so a structure missing from 5 % of the cases is not learnt as "always
+            present"; a structure always (or never) present keeps weight 1.
 
     ``forward(output, masks, presence)`` takes a :class:`SADAANOutput`, masks [B, S, H, W, D] and
     presence labels [B, S] (float, 0 or 1) and returns ``(total, terms)``: the scalar loss and
@@ -58,6 +64,7 @@ class SADAANLoss(nn.Module):
         confidence: float = 0.1,
         *,
         attention_margin: int = 2,
+        presence_rate: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         weights = dict(zip(TERMS, (segmentation, dice, focal_seg, absence, attention_supervision,
@@ -71,6 +78,7 @@ class SADAANLoss(nn.Module):
             raise ValueError(f"attention_margin must be >= 0, got {attention_margin}")
         self.weights = {name: float(weight) for name, weight in weights.items() if weight > 0}
         self.attention_margin = attention_margin
+        self.presence_weights = None if presence_rate is None else _balancing_weights(presence_rate)
         self.dice = DiceLoss(sigmoid=True, reduction="none")
         self.attention_dice = DiceLoss(reduction="none")
         self.focal = FocalLoss(gamma=2.0, use_softmax=False)
@@ -94,7 +102,7 @@ class SADAANLoss(nn.Module):
         if "focal_seg" in wanted:
             terms["focal_seg"] = self.focal(logits, masks)
         if "absence" in wanted:
-            terms["absence"] = F.binary_cross_entropy_with_logits(output.presence.float(), presence)
+            terms["absence"] = self._absence(output.presence.float(), presence)
         if "attention_supervision" in wanted:
             terms["attention_supervision"] = self._attention_supervision(
                 output.attention.float(), masks, present)
@@ -116,11 +124,33 @@ class SADAANLoss(nn.Module):
             terms["confidence"] = F.mse_loss(output.confidence.float(), achieved)
         return {name: terms[name] for name in TERMS if name in terms}
 
+    def _absence(self, logits: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+        if self.presence_weights is None:
+            return F.binary_cross_entropy_with_logits(logits, presence)
+        if self.presence_weights.shape[1] != presence.shape[1]:
+            raise ValueError(f"presence_rate has {self.presence_weights.shape[1]} structures, "
+                             f"the presence labels {presence.shape[1]}")
+        weights = self.presence_weights.to(presence.device)
+        weight = torch.where(presence > 0.5, weights[1], weights[0])
+        return F.binary_cross_entropy_with_logits(logits, presence, weight=weight)
+
     def _attention_supervision(self, attention: torch.Tensor, masks: torch.Tensor,
                                present: torch.Tensor) -> torch.Tensor:
         target = _dilate(masks[present], self.attention_margin)
         losses = self.attention_dice(attention[present].unsqueeze(1), target.unsqueeze(1)).flatten()
         return _mean_or_zero(losses)
+
+
+def _balancing_weights(presence_rate) -> torch.Tensor:
+    """[S] presence rates -> [2, S] weights of the absent (row 0) and present (row 1) cases."""
+    rate = torch.as_tensor(presence_rate, dtype=torch.float32).flatten()
+    if rate.numel() == 0 or not bool(((rate >= 0) & (rate <= 1)).all()):
+        raise ValueError(f"presence_rate must be shares in [0, 1], got {rate.tolist()}")
+    both = (rate > 0) & (rate < 1)
+    safe = rate.clamp(1e-6, 1 - 1e-6)
+    absent = torch.where(both, 0.5 / (1 - safe), torch.ones_like(rate))
+    present = torch.where(both, 0.5 / safe, torch.ones_like(rate))
+    return torch.stack([absent, present])
 
 
 def _top_probability_mass(logits: torch.Tensor) -> torch.Tensor:

@@ -34,3 +34,19 @@ def test_per_structure_figures_keep_the_metrics_apart():
     assert bench_sadaan_quality.per_structure(test, "dice", ("dice_present",)) == {"liver": 0.7}
     assert bench_sadaan_quality.per_structure(test, "dice_present") == {"liver": 0.95}
     assert bench_sadaan_quality.per_structure(test, "presence_accuracy") == {"liver": 1.0}
+
+
+def test_the_balanced_variant_adds_only_the_absence_balance(monkeypatch):
+    from benchmarks import bench_sadaan_quality_absence_balanced as balanced
+
+    seen = {}
+    monkeypatch.setattr(bench_sadaan_quality_absence, "train_and_score",
+                        lambda generate, training: seen.update(generate=generate,
+                                                               training=training) or {})
+    try:
+        balanced.run()
+    except KeyError:
+        pass  # the fake result has no test metrics; only the commands matter here
+    plain_generate, plain_training = bench_sadaan_quality_absence.settings()
+    assert seen["generate"] == plain_generate
+    assert seen["training"] == [*plain_training, "loss_weights.absence_balance=True"]

@@ -127,6 +127,8 @@ RUN_PROBES = {
     "epochs": lambda run, tmp: run.result["epochs_run"],
     "grad_norm_logged": lambda run, tmp: "train_grad_norm" in probe_run_summary(run, tmp)[1],
     "optimizer_steps": lambda run, tmp: probe_run_summary(run, tmp)[1]["train_loss"]["steps"],
+    "train_loss": lambda run, tmp: [round(v, 6) for v in
+                                    probe_run_summary(run, tmp)[1]["train_loss"]["values"]],
     "best": lambda run, tmp: (run.result["best_epoch"], run.result["monitor"]),
     "artifacts": lambda run, tmp: sorted(probe_run_summary(run, tmp)[0][-1]["artifacts"]),
     "captured_bar": lambda run, tmp: shows_progress_bar(run.captured_out),
@@ -180,6 +182,8 @@ EFFECTS = {
     **{f"loss_weights.{term}": ("loss", {}, {f"loss_weights.{term}": 0.0})
        for term in ("segmentation", "dice", "focal_seg", "absence", "attention_supervision",
                     "false_positive_suppression", "confidence")},
+    # The whole path: the training split's presence rates reach the absence term.
+    "loss_weights.absence_balance": ("run:train_loss", {}, {"loss_weights.absence_balance": True}),
     "augmentation.enabled": ("transform", {}, {"augmentation.enabled": False}),
     "augmentation.noise_std": ("transform", {}, {"augmentation.noise_std": 20.0}),
     "augmentation.intensity_scale_range": ("transform", {},
@@ -317,3 +321,34 @@ def test_entry_changes_what_the_user_observes(key, sadaan_data, tmp_path, checkp
     changed = observe(probe, {**base, **alternative}, tmp_path / "changed", sadaan_data,
                       substitutions, monkeypatch)
     assert default != changed, f"{key}: {default!r}"
+
+
+def test_absence_balance_weighs_by_the_training_split_presence_rates(sadaan_data, tmp_path,
+                                                                     monkeypatch):
+    import h5py
+
+    from medseg.losses import sadaan as sadaan_loss
+
+    seen = []
+    original = sadaan_loss._balancing_weights
+    monkeypatch.setattr(sadaan_loss, "_balancing_weights",
+                        lambda rate: seen.append(list(rate)) or original(rate))
+    updates = quick_updates(sadaan_data, tmp_path, {"loss_weights.absence_balance": True})
+    ex.run("main", config_updates=updates, options={"--capture": "sys"})
+    with h5py.File(sadaan_data / "train.h5") as file:
+        expected = (file["presence_labels"][:] > 0).mean(axis=0)
+    assert 0 < expected.min() < 1  # the fixture has absent structures
+    assert seen and np.allclose(seen[0], expected)
+
+
+def test_absence_balance_without_a_training_split_is_refused_up_front(sadaan_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "test_only"
+    shutil.copytree(sadaan_data, data)
+    (data / "train.h5").unlink()
+    updates = quick_updates(data, tmp_path, {"loss_weights.absence_balance": True,
+                                             "eval_split": "test"})
+    with pytest.raises(MedsegError, match="absence_balance=True .*/train.h5 does not exist"):
+        ex.run("evaluate", config_updates=updates, options={"--capture": "sys"})
+    assert not (tmp_path / "runs").exists()

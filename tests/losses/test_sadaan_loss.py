@@ -188,3 +188,44 @@ def test_mismatched_masks_are_a_clear_error():
     masks, presence = labels()
     with pytest.raises(ValueError, match=r"masks of shape \(2, 3, 4, 8, 8\)"):
         SADAANLoss()(random_output(masks), masks[:, :, :4], presence)
+
+
+# ----------------------------------------------------------------------------- absence balance
+def test_balanced_absence_weighs_a_rare_absence_as_much_as_the_common_presence():
+    # Structure 0 is present in 90 % of the training cases: "always present" is right 9 times
+    # in 10, so plain BCE barely pays for it; balanced, the absent cases carry half the term.
+    rate = torch.tensor([0.9])
+    balanced = SADAANLoss(segmentation=0, dice=0, focal_seg=0, absence=1,
+                          attention_supervision=0, false_positive_suppression=0, confidence=0,
+                          presence_rate=rate)
+    plain = SADAANLoss(segmentation=0, dice=0, focal_seg=0, absence=1,
+                       attention_supervision=0, false_positive_suppression=0, confidence=0)
+    presence = torch.tensor([[1.0]] * 9 + [[0.0]])
+    masks = presence[:, :, None, None, None].expand(10, 1, 4, 4, 4).clone()
+    always_present = SADAANOutput(segmentation=torch.zeros(masks.shape),
+                                  attention=torch.full(masks.shape, 0.5),
+                                  presence=torch.full((10, 1), 3.0), confidence=torch.ones(10, 1))
+    plain_loss = float(plain(always_present, masks, presence)[0])
+    balanced_loss = float(balanced(always_present, masks, presence)[0])
+    p = torch.sigmoid(torch.tensor(3.0))
+    expected = (9 * (0.5 / 0.9) * -math.log(p) + (0.5 / 0.1) * -math.log(1 - p)) / 10
+    assert balanced_loss == pytest.approx(expected, rel=1e-5)
+    assert balanced_loss > 3 * plain_loss
+
+
+def test_a_structure_always_present_in_training_keeps_plain_weights():
+    masks, presence = labels()
+    output = random_output(masks)
+    plain = SADAANLoss(**DEFAULT_WEIGHTS)(output, masks, presence)[1]["absence"]
+    same = SADAANLoss(**DEFAULT_WEIGHTS, presence_rate=torch.tensor([1.0, 0.0, 1.0]))(
+        output, masks, presence)[1]["absence"]
+    assert float(same) == pytest.approx(float(plain))
+
+
+@pytest.mark.parametrize("rate, message", [([0.5, 1.5, 0.5], "shares in \\[0, 1\\]"),
+                                           ([0.5, 0.5], "has 2 structures")])
+def test_presence_rates_that_do_not_fit_are_refused(rate, message):
+    masks, presence = labels()
+    with pytest.raises(ValueError, match=message):
+        SADAANLoss(**DEFAULT_WEIGHTS, presence_rate=torch.tensor(rate))(
+            random_output(masks), masks, presence)
