@@ -72,7 +72,11 @@ PIPELINES = {
         ("prepare", {"input_dir": RAW, "output_dir": "data/neuroverse3d",
                      "dataset_name": "x", "modality": "MRI"})]),
     "smalabeller": ("smalabeller", ["demo"], [("generate_data", {})]),
+    # SADAAN with its augmentation on the training device: the loader only reads and resizes.
+    "sadaan_on_device": ("sadaan", ["demo"], [("generate_data", {})]),
 }
+#: Config updates of ``main`` only (the data commands do not know them).
+MAIN_UPDATES = {"sadaan_on_device": {"augmentation": {"on_device": True}}}
 #: Fewer generated cases than the named configs write (their shapes are kept): enough batches
 #: to measure, less generation time.
 FEWER = {
@@ -82,6 +86,7 @@ FEWER = {
     "neuroverse3d": {},
     "smalabeller": {},
 }
+FEWER["sadaan_on_device"] = FEWER["sadaan"]
 #: Smaller generated data for LOADER_HEADROOM_TINY (the test's check that every pipeline runs).
 TINY = {
     "sadaan": {"synthetic": {"num_train": 4, "num_val": 2, "num_test": 2}},
@@ -92,6 +97,7 @@ TINY = {
                      "image_size": [16, 16, 16]},
     "smalabeller": {"synthetic": {"num_cases": 4}},
 }
+TINY["sadaan_on_device"] = TINY["sadaan"]
 
 
 class _Captured(Exception):
@@ -115,7 +121,8 @@ def capture(pipeline: str, tmp: Path, tiny: bool) -> trainer_module.Trainer:
     trainer_module.Trainer.fit = stop
     try:
         no_bar = {} if pipeline == "smalabeller" else {"logging": {"progress_bar": False}}
-        experiment.run("main", named_configs=named, config_updates=_merge(quiet, no_bar))
+        updates = _merge(_merge(quiet, no_bar), MAIN_UPDATES.get(pipeline, {}))
+        experiment.run("main", named_configs=named, config_updates=updates)
     except _Captured:
         pass
     finally:

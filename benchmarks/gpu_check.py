@@ -10,7 +10,9 @@
    not: the second's peak is lower);
 3. a one-GPU ``torchrun`` NCCL run of SADAAN (``info.distributed.backend == "nccl"``);
 4. one aneurysm training epoch on 368 cubes of 32x128x128 at batch 4 (the default DynUNet,
-   random 16x64x64 crops as in training, fp16), timed against the seed's 8-10 s on an RTX 3090.
+   random 16x64x64 crops as in training, fp16), timed against the seed's 8-10 s on an RTX 3090;
+5. SADAAN with ``augmentation.on_device=True`` from the shell (its epoch times beside check 1's),
+   and the batch augmentation alone timed on the GPU at the demo's and the seed's default size.
 
 Without a CUDA device it says so in one line and exits 0, writing nothing.
 """
@@ -193,6 +195,29 @@ def _aneurysm_epoch(count: int = 368, device: str = "cuda", precision: str = "fp
             "seed_rtx3090_epoch_s": SEED_EPOCH_S, "vs_seed_slowest": epoch_s / SEED_EPOCH_S[1]}
 
 
+def _batch_augmentation(device: str = "cuda",
+                        sizes=((4, (64, 64, 32)), (8, (128, 128, 64)))) -> dict:
+    """Milliseconds per batch of SADAAN's on-device augmentation (13 packed masks)."""
+    from medseg.data.batch_augmentation import SADAANBatchAugmentation
+
+    augment = SADAANBatchAugmentation(num_structures=13)
+    figures = {}
+    for batch, size in sizes:
+        image = torch.randn(batch, 1, *size, device=device) * 50 + 100
+        masks = torch.randint(0, 2 ** 13, (batch, 1, *size), device=device).float()
+        augment(image, masks)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(10):
+            augment(image, masks)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        figures[f"batch_{batch}_{'x'.join(map(str, size))}_ms"] = round(
+            (time.perf_counter() - started) * 100, 2)
+    return figures
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device on this machine; nothing checked, nothing written "
@@ -211,6 +236,9 @@ def main() -> int:
                 work, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                        "--nproc_per_node=1"], "nccl", "training.distributed_backend=nccl"),
             "aneurysm_epoch_368_cubes": _aneurysm_epoch,
+            "sadaan_on_device_augmentation_fp16": lambda: _sadaan(
+                work, [sys.executable], "on_device", "augmentation.on_device=True"),
+            "batch_augmentation_ms": _batch_augmentation,
         }
         failed = []
         for name, check in checks.items():

@@ -114,7 +114,9 @@ def generate_data(dataset_path, synthetic):
 
 def _task(config, structure_names, presence_rate=None):
     return SADAANTask(loss_weights.make_loss(presence_rate=presence_rate), structure_names,
-                      presence_threshold=config["model"]["presence_threshold"])
+                      presence_threshold=config["model"]["presence_threshold"],
+                      batch_augmentation=augmentation.make_batch_augmentation(
+                          num_structures=len(structure_names)))
 
 
 def _pipeline(_run, config):

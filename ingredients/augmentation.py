@@ -6,6 +6,7 @@ from typing import Any
 
 from ingredients.fields import Field, FieldIngredient
 from medseg import config as c
+from medseg.data.batch_augmentation import SADAANBatchAugmentation
 from medseg.data.cube_transforms import cube_transforms
 from medseg.data.slice_transforms import SliceAugmentation, slice_transforms
 from medseg.data.transforms import sadaan_transforms
@@ -18,18 +19,37 @@ SADAAN_FIELDS = {
                                    "Random intensity scaling range"),
     "rotation_degrees": Field(5, c.number(minimum=0, maximum=180), "Random rotation range (degrees)"),
     "flip_probability": Field(0.3, c.number(minimum=0, maximum=1), "Random flip probability per axis"),
+    "on_device": Field(False, c.boolean(),
+                       "Augment each training batch on the training device (GPU) instead of "
+                       "each sample in the loader workers: the same transforms, for a GPU that "
+                       "the workers cannot keep fed"),
 }
 
 
 def make_sadaan_transform(image_size, train: bool, enabled: bool, noise_std: float,
                           intensity_scale_range, rotation_degrees: float,
-                          flip_probability: float):
+                          flip_probability: float, on_device: bool):
     """:func:`medseg.data.transforms.sadaan_transforms` at ``image_size`` (the caller's
     ``training.image_size``) for training or evaluation; the rest from ``augmentation.*``."""
     return sadaan_transforms(image_size=tuple(image_size), train=train, augment=enabled,
                              noise_std=noise_std,
                              intensity_scale_range=tuple(intensity_scale_range),
-                             rotation_degrees=rotation_degrees, flip_probability=flip_probability)
+                             rotation_degrees=rotation_degrees, flip_probability=flip_probability,
+                             on_device=on_device)
+
+
+def make_sadaan_batch_augmentation(num_structures: int, enabled: bool, noise_std: float,
+                                   intensity_scale_range, rotation_degrees: float,
+                                   flip_probability: float, on_device: bool):
+    """The training batches' augmentation on the device
+    (:class:`~medseg.data.batch_augmentation.SADAANBatchAugmentation`) when
+    ``augmentation.on_device`` (and ``enabled``), else None: the loader augments."""
+    if not (enabled and on_device):
+        return None
+    return SADAANBatchAugmentation(num_structures=num_structures, noise_std=noise_std,
+                                   intensity_scale_range=tuple(intensity_scale_range),
+                                   rotation_degrees=rotation_degrees,
+                                   flip_probability=flip_probability)
 
 
 class SADAANAugmentationIngredient(FieldIngredient):
@@ -37,6 +57,8 @@ class SADAANAugmentationIngredient(FieldIngredient):
         super().__init__("augmentation", SADAAN_FIELDS, defaults)
         #: ``make_transform(image_size, train=...)``: :func:`make_sadaan_transform`.
         self.make_transform = self.captured(make_sadaan_transform)
+        #: ``make_batch_augmentation(num_structures)``: :func:`make_sadaan_batch_augmentation`.
+        self.make_batch_augmentation = self.captured(make_sadaan_batch_augmentation)
 
 
 CUBES_FIELDS = {

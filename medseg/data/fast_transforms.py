@@ -228,6 +228,8 @@ class FastRand3DElasticd(Rand3DElasticd):
 #: float32 holds integers exactly up to 2 ** 24: that many masks fit in one channel.
 MAX_PACKED_MASKS = 24
 _CHANNELS = "_packed_mask_channels"
+#: The key PackMasksd records its channel counts under (for a pipeline that keeps them packed).
+PACKED_CHANNELS_KEY = _CHANNELS
 
 
 class PackMasksd(MapTransform):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.transforms import (
+    DeleteItemsd,
     EnsureTyped,
     NormalizeIntensityd,
     RandFlipd,
@@ -22,7 +23,12 @@ from monai.transforms import (
 )
 
 from medseg.config import integer, number, number_range, sequence
-from medseg.data.fast_transforms import PackMasksd, UnpackMasksd, UntrackedCompose
+from medseg.data.fast_transforms import (
+    PACKED_CHANNELS_KEY,
+    PackMasksd,
+    UnpackMasksd,
+    UntrackedCompose,
+)
 
 SPATIAL_KEYS = ("image", "mask")
 
@@ -36,6 +42,7 @@ def sadaan_transforms(
     intensity_scale_range: Sequence[float] = (0.95, 1.05),
     rotation_degrees: float = 5.0,
     flip_probability: float = 0.3,
+    on_device: bool = False,
 ) -> UntrackedCompose:
     """Resample to ``image_size``, augment (training with ``augment`` only), z-score the image.
 
@@ -47,12 +54,14 @@ def sadaan_transforms(
     neighbours so they stay binary; ``presence`` is kept as stored even if a rotation or
     resampling hides a tiny structure. Outputs are plain float32 tensors (no MetaTensor
     bookkeeping to collate).
+
+    With ``on_device`` (training with ``augment`` only) the samples are only resized, their
+    masks left folded into one channel of bit flags and their image in raw units: the
+    augmentation and the normalisation then run on the batch on the training device
+    (:class:`medseg.data.batch_augmentation.SADAANBatchAugmentation`).
     """
     sequence(integer(minimum=1), length=3)("image_size", image_size)
-    number(minimum=0)("noise_std", noise_std)
-    number_range(minimum=0)("intensity_scale_range", intensity_scale_range)
-    number(minimum=0, maximum=180)("rotation_degrees", rotation_degrees)
-    number(minimum=0, maximum=1)("flip_probability", flip_probability)
+    check_augmentation(noise_std, intensity_scale_range, rotation_degrees, flip_probability)
 
     augmenting = train and augment
     # The spatial steps move the masks with nearest neighbours only, so they move them folded
@@ -60,6 +69,11 @@ def sadaan_transforms(
     steps = [PackMasksd(keys="mask"),
              Resized(keys=SPATIAL_KEYS, spatial_size=tuple(image_size),
                      mode=("trilinear", "nearest"), anti_aliasing=(True, False))]
+    if augmenting and on_device:
+        return UntrackedCompose([*steps,
+                                 DeleteItemsd(keys=PACKED_CHANNELS_KEY),
+                                 EnsureTyped(keys=(*SPATIAL_KEYS, "presence"),
+                                             dtype=torch.float32, track_meta=False)])
     if augmenting:
         steps += _spatial_and_noise(noise_std, rotation_degrees, flip_probability)
     steps += [UnpackMasksd(keys="mask"), NormalizeIntensityd(keys="image", channel_wise=True)]
@@ -69,6 +83,15 @@ def sadaan_transforms(
                              track_meta=False))
     # No step reads MONAI's metadata and the last one drops it: run them without it.
     return UntrackedCompose(steps)
+
+
+def check_augmentation(noise_std: float, intensity_scale_range: Sequence[float],
+                       rotation_degrees: float, flip_probability: float) -> None:
+    """The augmentation settings' ranges, each refused by name."""
+    number(minimum=0)("noise_std", noise_std)
+    number_range(minimum=0)("intensity_scale_range", intensity_scale_range)
+    number(minimum=0, maximum=180)("rotation_degrees", rotation_degrees)
+    number(minimum=0, maximum=1)("flip_probability", flip_probability)
 
 
 def _spatial_and_noise(noise_std: float, rotation_degrees: float,

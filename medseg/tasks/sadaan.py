@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg.data.batch_augmentation import SADAANBatchAugmentation
 from medseg.engine.evaluation import EvaluationReport, LossMeter, validation_pass
 from medseg.engine.precision import Precision
 from medseg.engine.trainer import StepOutput
@@ -31,8 +32,11 @@ PER_STRUCTURE_METRICS = ("dice", "iou", "presence_accuracy", "dice_present",
 
 class SADAANTask:
     def __init__(self, loss: SADAANLoss, structure_names: Sequence[str], *,
-                 presence_threshold: float = 0.5) -> None:
+                 presence_threshold: float = 0.5,
+                 batch_augmentation: SADAANBatchAugmentation | None = None) -> None:
         self.loss = loss
+        #: Applied to each training batch on the device (``augmentation.on_device``).
+        self.batch_augmentation = batch_augmentation
         self.structure_names = list(structure_names)
         self.presence_threshold = presence_threshold
 
@@ -48,6 +52,8 @@ class SADAANTask:
 
     def training_step(self, model: nn.Module, batch, device: torch.device) -> StepOutput:
         image, mask, presence = self._inputs(batch, device)
+        if self.batch_augmentation is not None:
+            image, mask = self.batch_augmentation(image, mask)
         total, terms = self.loss(model(image), mask, presence)
         return StepOutput(total, terms, image.shape[0])
 

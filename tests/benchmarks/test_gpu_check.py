@@ -37,3 +37,11 @@ def test_its_aneurysm_epoch_runs_on_cpu_and_reports_its_time():
     assert math.isfinite(figures["train_loss_epoch"]) and figures["train_loss_epoch"] > 0
     seed_slowest = figures["seed_rtx3090_epoch_s"][1]
     assert figures["vs_seed_slowest"] == figures["epoch_time_s"] / seed_slowest
+
+
+def test_its_batch_augmentation_timing_runs_on_cpu():
+    from benchmarks.gpu_check import _batch_augmentation
+
+    figures = _batch_augmentation(device="cpu", sizes=((2, (16, 16, 8)), (1, (8, 8, 8))))
+    assert set(figures) == {"batch_2_16x16x8_ms", "batch_1_8x8x8_ms"}
+    assert all(value > 0 for value in figures.values())

@@ -24,6 +24,23 @@ def test_tiny_mode_measures_the_lung_pipelines_own_loader_and_model(monkeypatch)
     assert "gpu_estimate" not in result   # the seed-size timing is left out of the tiny mode
 
 
+def test_sadaan_on_device_measures_a_loader_that_does_not_augment(monkeypatch):
+    monkeypatch.setenv("LOADER_HEADROOM_TINY", "1")
+    monkeypatch.setenv("LOADER_HEADROOM_PIPELINES", "sadaan_on_device")
+    seen = []
+    original = bench.capture
+
+    def capture(pipeline, tmp, tiny):
+        trainer = original(pipeline, tmp, tiny)
+        seen.append(trainer.task.batch_augmentation)
+        return trainer
+
+    monkeypatch.setattr(bench, "capture", capture)
+    entry = bench.run()["pipelines"]["sadaan_on_device"]
+    assert seen and seen[0] is not None          # the training step augments on the device
+    assert entry["consumed_samples_per_s_cpu"] > 0 and entry["batch_size"] == 2
+
+
 def test_gpu_columns_scale_the_cpu_rate_and_count_workers_for_5x():
     columns = bench.gpu_estimate(2.0, {"workers_0": 30.0, "workers_2": 50.0}, speedup=10.0,
                                  batch_size=4)

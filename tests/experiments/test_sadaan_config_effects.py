@@ -185,6 +185,8 @@ EFFECTS = {
     # The whole path: the training split's presence rates reach the absence term.
     "loss_weights.absence_balance": ("run:train_loss", {}, {"loss_weights.absence_balance": True}),
     "augmentation.enabled": ("transform", {}, {"augmentation.enabled": False}),
+    # the loader no longer augments; the run augments on the device (test below)
+    "augmentation.on_device": ("transform", {}, {"augmentation.on_device": True}),
     "augmentation.noise_std": ("transform", {}, {"augmentation.noise_std": 20.0}),
     "augmentation.intensity_scale_range": ("transform", {},
                                            {"augmentation.intensity_scale_range": [0.5, 0.6]}),
@@ -339,6 +341,30 @@ def test_absence_balance_weighs_by_the_training_split_presence_rates(sadaan_data
         expected = (file["presence_labels"][:] > 0).mean(axis=0)
     assert 0 < expected.min() < 1  # the fixture has absent structures
     assert seen and np.allclose(seen[0], expected)
+
+
+def test_on_device_augmentation_runs_in_every_training_step(sadaan_data, tmp_path, monkeypatch):
+    from medseg.data.batch_augmentation import SADAANBatchAugmentation
+
+    seen = []
+    original = SADAANBatchAugmentation.apply
+
+    def spy(self, image, mask, **draws):
+        out = original(self, image, mask, **draws)
+        seen.append((tuple(mask.shape), tuple(out[1].shape), float(out[0].mean())))
+        return out
+
+    monkeypatch.setattr(SADAANBatchAugmentation, "apply", spy)
+    updates = quick_updates(sadaan_data, tmp_path, {"augmentation.on_device": True})
+    run = ex.run("main", config_updates=updates, options={"--capture": "sys"})
+    structures = sadaan.dataset.check_splits(str(sadaan_data), ())["num_structures"]
+    steps = -(-len(sadaan.dataset.open_split(str(sadaan_data), "train")) // 2)
+    assert len(seen) == steps
+    for packed_shape, mask_shape, mean in seen:
+        assert packed_shape[1] == 1 and mask_shape[1] > 1       # bits travel, masks come out
+        assert mask_shape[1] == structures
+        assert abs(mean) < 0.2                                   # z-scored on the device
+    assert np.isfinite(run.result["best_metric"])
 
 
 def test_absence_balance_without_a_training_split_is_refused_up_front(sadaan_data, tmp_path):
