@@ -31,6 +31,15 @@ SADAAN = ROOT / "experiments" / "sadaan.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 #: float32 sums in another order (a gradient reduced over ranks), grown over a few steps
 TOLERANCE = {"rel": 1e-3, "abs": 1e-5}
+#: After the first epoch. The backward pass over one case and over two sums in another order,
+#: and in float32 that moved the gradient by up to 0.4 % on one host (the instance
+#: normalisations' parameters, whose gradients cancel almost to 0; in float64 the two agree
+#: to 4e-15, so the code is exact and the rounding is the host's). SGD carries that into the
+#: weights: by epoch 3 losses differed by up to 0.4 % and the gradient norm, dominated by those
+#: cancelling terms, by 21 %. Losses, scores and the schedule are held to 2 % from there, the
+#: gradient norm only in the first epoch, where a wrongly reduced gradient (a sum over ranks,
+#: or one rank's alone) already shows.
+LATER = {"rel": 2e-2, "abs": 1e-4}
 
 # Rank 1 fails in its third training step (a bad batch, a lost device), as a user's job can.
 FAILING_RANK = textwrap.dedent('''
@@ -166,8 +175,12 @@ def test_two_ranks_train_as_one_process(runs):
         if name.startswith("test_"):  # scored after 2 epochs in one run, 3 in the other
             continue
         a, b = _values(two, name), _values(one, name)
+        first_epoch = len(a) // 2   # the two-rank run trained 2 epochs: its first half of steps
         for step in a:
-            assert a[step] == pytest.approx(b[step], **TOLERANCE), (name, step)
+            if step <= first_epoch:
+                assert a[step] == pytest.approx(b[step], **TOLERANCE), (name, step)
+            elif name != "train_grad_norm":
+                assert a[step] == pytest.approx(b[step], **LATER), (name, step)
     assert len(_values(two, "train_loss")) == 8  # 8 cases, 2 per step, 2 epochs
 
 
@@ -176,11 +189,16 @@ def test_checkpoint_of_two_ranks_resumes_in_one_process(runs):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after, uninterrupted = _metrics(runs["cwd"] / "runs_resumed"), _metrics(runs["cwd"] / "runs_one")
     assert sorted(_values(after, "val_loss")) == [3]
-    # Weights, optimizer and schedule carried over: epoch 3 is the uninterrupted run's.
+    # Weights, optimizer and schedule carried over: epoch 3 is the uninterrupted run's (within
+    # the float32 drift of two ranks against one, see LATER).
     for name in _compared(after, uninterrupted):
+        if name == "train_grad_norm":
+            continue
         a, b = _values(after, name), _values(uninterrupted, name)
         for step in a:
-            assert a[step] == pytest.approx(b[step], **TOLERANCE), (name, step)
+            assert a[step] == pytest.approx(b[step], **LATER), (name, step)
+    lr = _values(after, "lr")
+    assert lr == {step: _values(uninterrupted, "lr")[step] for step in lr}   # the schedule, exactly
 
 
 def test_checkpoint_of_one_process_resumes_under_two_ranks(runs):
