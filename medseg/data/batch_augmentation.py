@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms.utils import create_rotate
 
-from medseg.data.fast_transforms import MAX_PACKED_MASKS
+from medseg.data.fast_transforms import MAX_PACKED_MASKS, unpack_masks
 from medseg.data.transforms import check_augmentation
 
 
@@ -93,9 +93,7 @@ class SADAANBatchAugmentation:
     def _unpacked(self, mask: torch.Tensor) -> torch.Tensor:
         if mask.shape[1] == self.num_structures or self.num_structures > MAX_PACKED_MASKS:
             return mask
-        bits = torch.arange(self.num_structures, dtype=torch.int32, device=mask.device)
-        packed = mask.round().to(torch.int32)
-        return ((packed >> bits.view(1, -1, 1, 1, 1)) & 1).to(torch.float32)
+        return unpack_masks(mask, self.num_structures, channel_dim=1)
 
 
 def _rotation_thetas(angles: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:

@@ -227,9 +227,8 @@ class FastRand3DElasticd(Rand3DElasticd):
 
 #: float32 holds integers exactly up to 2 ** 24: that many masks fit in one channel.
 MAX_PACKED_MASKS = 24
-_CHANNELS = "_packed_mask_channels"
 #: The key PackMasksd records its channel counts under (for a pipeline that keeps them packed).
-PACKED_CHANNELS_KEY = _CHANNELS
+PACKED_CHANNELS_KEY = "_packed_mask_channels"
 
 
 class PackMasksd(MapTransform):
@@ -258,7 +257,7 @@ class PackMasksd(MapTransform):
             if not _binary(flat):
                 continue
             d[key] = (weights @ flat).reshape(1, *masks.shape[1:])
-            d.setdefault(_CHANNELS, {})[key] = count
+            d.setdefault(PACKED_CHANNELS_KEY, {})[key] = count
         return d
 
 
@@ -279,12 +278,20 @@ class UnpackMasksd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        counts = d.pop(_CHANNELS, {})
+        counts = d.pop(PACKED_CHANNELS_KEY, {})
         for key in self.key_iterator(d):
-            if key not in counts:
-                continue
-            # int32 holds the 24 bits; shifting int64 was measured 6x slower.
-            packed = torch.as_tensor(d[key]).round().to(torch.int32)
-            bits = torch.arange(counts[key], dtype=torch.int32).view(-1, *[1] * (packed.ndim - 1))
-            d[key] = ((packed >> bits) & 1).to(torch.float32)
+            if key in counts:
+                d[key] = unpack_masks(torch.as_tensor(d[key]), counts[key], channel_dim=0)
         return d
+
+
+def unpack_masks(packed: torch.Tensor, count: int, channel_dim: int) -> torch.Tensor:
+    """The ``count`` masks folded by :class:`PackMasksd` into the one channel at
+    ``channel_dim`` of ``packed``, unfolded there as float32 0 and 1 (a sample [1, ...] or a
+    batch [B, 1, ...] alike)."""
+    # int32 holds the 24 bits; shifting int64 was measured 6x slower.
+    whole = packed.round().to(torch.int32)
+    shape = [1] * whole.ndim
+    shape[channel_dim] = count
+    bits = torch.arange(count, dtype=torch.int32, device=whole.device).view(shape)
+    return ((whole >> bits) & 1).to(torch.float32)
