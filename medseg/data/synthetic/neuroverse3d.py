@@ -2,8 +2,9 @@
 
 Each dataset is a folder ``DatasetNNN_<Name>`` of cases: a head (ellipsoid brain inside a
 bright skull, a bias field and noise) holding ``structures`` labelled structures (labels
-1..structures). A dataset has its own kinds of structure (ball, box, shell, rod, dark blob),
-each with its own intensity and size, placed at random. Every case of a dataset holds all of
+1..structures). A dataset has its own kinds of structure (ball, box, shell, rod, disc),
+each with its own intensity (well apart from the others' and from the brain's) and size,
+placed at random. Every case of a dataset holds all of
 them, so a target alone does not say which one an episode segments: only the context labels
 do (the episode's foreground is a random subset of the labels). The last dataset
 (``..._HeldOut``) uses kinds and intensities of its own and is meant never to be trained on,
@@ -19,19 +20,45 @@ import numpy as np
 
 from medseg.data.staging import staged_folder
 
-KINDS = ("ball", "box", "shell", "rod", "dark")
+KINDS = ("ball", "box", "shell", "rod", "disc")
+
+
+BRAIN, SKULL = 0.45, 0.9
+LEVELS = (0.05, 1.45)  # range of structure intensities
+LEVEL_GAP = 0.22  # least difference between two structures of a dataset
+TISSUE_GAP = 0.15  # least difference from the brain and the skull
+
+
+def _levels(rng: np.random.Generator, count: int) -> list[float]:
+    """``count`` intensities in ``LEVELS``, ``LEVEL_GAP`` apart and ``TISSUE_GAP`` from brain
+    and skull: with the bias field (+-15 %) and case jitter (+-8 %) each structure of a dataset
+    stays told apart from the others and from the tissue by intensity, so a context of labelled
+    pairs says which one is asked, and one dataset's levels do not fit the next. Drawn one at a
+    time among the candidates still free (a grid of 0.005), starting again on a dead end."""
+    grid = np.arange(LEVELS[0], LEVELS[1] + 1e-9, 0.005)
+    grid = grid[(abs(grid - BRAIN) >= TISSUE_GAP) & (abs(grid - SKULL) >= TISSUE_GAP)]
+    for _ in range(1000):
+        free, levels = grid, []
+        while len(levels) < count and len(free):
+            level = float(free[rng.integers(len(free))])
+            levels.append(level)
+            free = free[abs(free - level) >= LEVEL_GAP]
+        if len(levels) == count:
+            return levels
+    raise ValueError(f"cannot place {count} structure intensities {LEVEL_GAP} apart in {LEVELS}")
 
 
 def _structure_specs(rng: np.random.Generator, count: int, held_out: bool,
                      radius=(0.16, 0.24)) -> list[dict]:
+    """Kinds and intensities of a dataset's ``count`` structures. Intensities are the
+    dataset's own (:func:`_levels`); ``held_out`` draws them from a generator of its own so
+    that adding training datasets does not change the held-out one."""
     kinds = list(rng.permutation(KINDS))[:count] if count <= len(KINDS) else list(
         rng.choice(KINDS, count))
-    specs = []
-    for kind in kinds:
-        base = rng.uniform(0.75, 1.0) if not held_out else rng.uniform(0.85, 1.1)
-        specs.append({"kind": kind, "radius": float(rng.uniform(*radius)),
-                      "intensity": 0.15 if kind == "dark" else float(base)})
-    return specs
+    levels = _levels(np.random.default_rng(rng.integers(2**31) + (7919 if held_out else 0)),
+                     count)
+    return [{"kind": str(kind), "radius": float(rng.uniform(*radius)), "intensity": level}
+            for kind, level in zip(kinds, levels)]
 
 
 def _grid(shape) -> tuple[np.ndarray, ...]:
@@ -51,7 +78,12 @@ def _structure_mask(kind: str, grid, centre, radius, rng) -> np.ndarray:
         parts = [x, y, z]
         stretched = [p / (radius * (2.2 if i == axis else 0.55)) for i, p in enumerate(parts)]
         return sum(p * p for p in stretched) < 1
-    return x * x + y * y + z * z < radius * radius  # ball, dark
+    if kind == "disc":  # flattened along one random axis
+        axis = rng.integers(3)
+        parts = [x, y, z]
+        return sum((p / (radius * (0.5 if i == axis else 1.25))) ** 2
+                   for i, p in enumerate(parts)) < 1
+    return x * x + y * y + z * z < radius * radius  # ball
 
 
 def synthetic_case(rng: np.random.Generator, shape, specs, noise_std: float):
@@ -60,9 +92,9 @@ def synthetic_case(rng: np.random.Generator, shape, specs, noise_std: float):
     x, y, z = grid
     head = (x / 0.9) ** 2 + (y / 0.95) ** 2 + (z / 0.85) ** 2
     image = np.zeros(shape, np.float32)
-    image[head < 1] = 0.9  # skull
+    image[head < 1] = SKULL
     brain = (x / 0.8) ** 2 + (y / 0.85) ** 2 + (z / 0.75) ** 2 < 1
-    image[brain] = 0.45
+    image[brain] = BRAIN
     labels = np.zeros(shape, np.uint8)
     placed: list[np.ndarray] = []
     for value, spec in enumerate(specs, start=1):
