@@ -4,6 +4,7 @@ import argparse
 from collections import Counter
 from dataclasses import replace
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -248,7 +249,6 @@ def test_foreign_objects_and_other_architectures_are_refused(tmp_path):
 
 
 def test_context_size_curve_and_predict_with_multi_class_context(data_dir, tmp_path):
-    import nibabel as nib
 
     from medseg.data.nnunet import NnunetDataset
 
@@ -280,3 +280,23 @@ def test_structure_radius_sets_the_size_of_the_generated_structures(tmp_path):
     assert foreground((0.3, 0.32)) > 3 * foreground((0.12, 0.14))
     with pytest.raises(ValueError, match="structure_radius must be"):
         generate_neuroverse3d_data(tmp_path / "x", structure_radius=(0.3, 0.1))
+
+
+def test_structures_of_a_dataset_are_told_apart_by_intensity(tmp_path):
+    """Which structure a context asks for must be knowable: within every generated dataset
+    the structures' intensities (measured in the written images, before the bias field and
+    noise are undone) differ from one another and from the brain around them."""
+    generate_neuroverse3d_data(tmp_path / "raw", num_datasets=3, cases_per_dataset=2,
+                               volume_shape=(24, 24, 24), structures=4, noise_std=0.0,
+                               structure_radius=(0.25, 0.3), seed=5)
+    for folder in sorted((tmp_path / "raw").iterdir()):
+        image = nib.load(folder / "case_000_img.nii.gz").get_fdata() / 1000
+        labels = np.asarray(nib.load(folder / "case_000_gt.nii.gz").dataobj)
+        centre = np.zeros(labels.shape, bool)
+        centre[tuple(slice(s // 2 - 3, s // 2 + 3) for s in labels.shape)] = True
+        means = [np.median(image[labels == v]) for v in range(1, 5) if (labels == v).any()]
+        brain = np.median(image[(labels == 0) & centre])
+        assert len(means) == 4, folder.name
+        gaps = np.diff(np.sort(means))
+        assert gaps.min() > 0.1, (folder.name, means)  # 0.22 apart, less the +-15 % bias field
+        assert min(abs(m - brain) for m in means) > 0.05, (folder.name, means, brain)

@@ -51,8 +51,8 @@ def _levels(rng: np.random.Generator, count: int) -> list[float]:
 def _structure_specs(rng: np.random.Generator, count: int, held_out: bool,
                      radius=(0.16, 0.24)) -> list[dict]:
     """Kinds and intensities of a dataset's ``count`` structures. Intensities are the
-    dataset's own (:func:`_levels`); ``held_out`` draws them from a generator of its own so
-    that adding training datasets does not change the held-out one."""
+    dataset's own (:func:`_levels`, from a child generator of ``rng``; ``held_out`` seeds it
+    differently)."""
     kinds = list(rng.permutation(KINDS))[:count] if count <= len(KINDS) else list(
         rng.choice(KINDS, count))
     levels = _levels(np.random.default_rng(rng.integers(2**31) + (7919 if held_out else 0)),
